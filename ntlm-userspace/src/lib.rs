@@ -1,1 +1,13 @@
+//! ntlm-splice: a TCP splicer that pairs every client connection with exactly one backend
+//! connection of its own, for connection-authenticated services (NTLM, Negotiate).
+//!
+//! `main` parses the command line and calls [`server::run`]; tests call the same code.
 
+pub mod balance;
+pub mod config;
+pub mod conn;
+pub mod doctor;
+pub mod engine;
+pub mod logging;
+pub mod relay;
+pub mod server;

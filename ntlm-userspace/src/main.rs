@@ -1,1 +1,72 @@
-fn main() {}
+use std::{process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use ntlm_splice::{
+    config::{Cli, Command},
+    engine::Engine,
+    logging, server,
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Doctor) => rt.block_on(async { ntlm_splice::doctor::run() }),
+        None => rt.block_on(proxy(cli.proxy)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn proxy(args: ntlm_splice::config::ProxyArgs) -> anyhow::Result<()> {
+    let config = Arc::new(args.into_config().await?);
+    raise_nofile_limit();
+    let (engine, reason) = Engine::select(&config)?;
+    let listeners = server::bind(&config.listen)?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    log::info!("engine={} reason=\"{reason}\"", engine.name());
+    for l in &listeners {
+        log::info!(
+            "listening addr={} backends={} max_connections={}",
+            l.local_addr()?,
+            config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
+            config.max_connections
+        );
+    }
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => log::info!("received SIGTERM"),
+            _ = sigint.recv() => log::info!("received SIGINT"),
+        }
+    };
+    server::run(listeners, config, Arc::new(engine), shutdown).await
+}
+
+/// Raises the soft open-files limit to the hard limit: each connection holds two sockets.
+fn raise_nofile_limit() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 || l.rlim_cur >= l.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: l.rlim_max, rlim_max: l.rlim_max };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        log::warn!("cannot raise the open-files limit: {}", std::io::Error::last_os_error());
+    }
+}

@@ -1,0 +1,330 @@
+//! Command line and validated runtime configuration.
+//!
+//! Every flag is parsed by clap, then [`Cli::into_config`] checks the values together and
+//! rejects a bad combination before anything is bound or loaded, naming the flag and the fix.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default time allowed for a backend TCP connect before the next backend is tried.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// Default time a connection may carry no byte in either direction before both sides close.
+pub const DEFAULT_IDLE_TIMEOUT: &str = "1h";
+/// Default time live connections get to finish after SIGTERM/SIGINT before they are closed.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
+/// Default cap on concurrent client connections (each also holds one backend socket).
+/// Kept well below the common 20k-65k open-file limits: two descriptors per connection.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default per-connection cap on bytes the kernel holds in flight between the two sockets
+/// (sockmap engine): beyond this the source socket is paused and TCP flow control pushes back.
+pub const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
+/// Default cap on in-flight bytes summed over all sockmap connections.
+pub const DEFAULT_MAX_INFLIGHT_TOTAL: u64 = 256 << 20;
+
+/// Which data engine moves the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EngineChoice {
+    /// sockmap if it loads and passes its self-test, else splice (and the log says why).
+    Auto,
+    /// In-kernel: eBPF sk_skb programs redirect between the paired sockets. Fails if unavailable.
+    Sockmap,
+    /// Userspace: splice(2) through a pipe per direction, driven by tokio readiness.
+    Splice,
+}
+
+/// How a backend is picked for a new client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Balance {
+    /// Each new connection goes to the next backend in turn.
+    RoundRobin,
+    /// The backend with the fewest live connections from this process (ties: in turn).
+    LeastConn,
+    /// A hash of the client IP address, so one client keeps landing on one backend
+    /// (useful when a login spans several TCP connections, e.g. Negotiate retries).
+    SourceHash,
+}
+
+/// ntlm-splice: a TCP splicer that gives every client connection exactly one backend
+/// connection of its own, for its whole life, never pooled or reused, closed together.
+/// Built for connection-authenticated services (NTLM, Negotiate/Kerberos: IIS Windows
+/// Authentication, Exchange, SharePoint). TLS passes through untouched.
+#[derive(Debug, Parser)]
+#[command(name = "ntlm-splice", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// Subcommands besides running the proxy.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print what this host supports (privilege, BPF, sockmap, self-test) and which engine
+    /// `--engine auto` would pick. Exits 0 even when eBPF is unavailable.
+    Doctor,
+}
+
+/// Flags of the proxy itself.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Address to accept clients on, IPv4 or IPv6 (`[::1]:8080`). Repeat for several.
+    /// Port 0 picks a free port (the log says which).
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Backend server (`host:port`, resolved once at start). Repeat for several; each client
+    /// connection is paired with one new connection to one of them.
+    #[arg(long = "backend", value_name = "HOST:PORT")]
+    pub backend: Vec<String>,
+
+    /// Data engine.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+
+    /// Backend selection policy. On connect failure the next backends are tried in turn.
+    #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
+    pub balance: Balance,
+
+    /// Time allowed for each backend connect (e.g. 500ms, 5s) before trying the next.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Close both sides after this long with no byte moving in either direction (e.g. 90s,
+    /// 1h). `0` disables the idle timeout.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_IDLE_TIMEOUT, value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT stop accepting, let live connections finish for up to this long,
+    /// then close them.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Most concurrent client connections. Further clients wait in the listen backlog
+    /// until a connection ends (the kernel refuses them once the backlog is full).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// sockmap engine: most bytes held in the kernel between the two sockets of one
+    /// connection (e.g. 4MiB); past it the sender is paused by TCP flow control.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_INFLIGHT, value_parser = parse_bytes)]
+    pub max_inflight: u64,
+
+    /// sockmap engine: most in-flight bytes summed over all connections (e.g. 256MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_INFLIGHT_TOTAL, value_parser = parse_bytes)]
+    pub max_inflight_total: u64,
+}
+
+/// Validated configuration of a proxy run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on (at least one).
+    pub listen: Vec<SocketAddr>,
+    /// Resolved backend addresses (at least one), in the order given.
+    pub backends: Vec<SocketAddr>,
+    /// Requested engine.
+    pub engine: EngineChoice,
+    /// Balancing policy.
+    pub balance: Balance,
+    /// Per-backend connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle timeout; `None` disables it.
+    pub idle_timeout: Option<Duration>,
+    /// Drain timeout on shutdown.
+    pub drain_timeout: Duration,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// Per-connection kernel in-flight cap (sockmap).
+    pub max_inflight: u64,
+    /// Global kernel in-flight cap (sockmap).
+    pub max_inflight_total: u64,
+}
+
+/// A configuration that cannot run, with the flag at fault and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No `--listen`.
+    #[error("no --listen address given: pass e.g. --listen 0.0.0.0:443 (repeatable)")]
+    NoListen,
+    /// No `--backend`.
+    #[error("no --backend given: pass e.g. --backend 10.0.0.5:443 (repeatable)")]
+    NoBackend,
+    /// A backend that does not resolve.
+    #[error("--backend {spec}: cannot resolve it ({source}); give host:port or ip:port")]
+    Resolve {
+        /// The flag's value.
+        spec: String,
+        /// Resolver error.
+        source: std::io::Error,
+    },
+    /// A value out of range.
+    #[error("{flag} {value}: {why}")]
+    Invalid {
+        /// Which flag.
+        flag: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong and the fix.
+        why: &'static str,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration such as 500ms, 5s, 2m or 1h"))
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 4194304, 512KiB, 4MiB or 1GiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" | "k" => 1 << 10,
+        "M" | "MB" | "MiB" | "m" => 1 << 20,
+        "G" | "GB" | "GiB" | "g" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+impl ProxyArgs {
+    /// Checks every value and resolves backends. Nothing is bound or loaded yet.
+    pub async fn into_config(self) -> Result<Config, ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::NoListen);
+        }
+        if self.backend.is_empty() {
+            return Err(ConfigError::NoBackend);
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "--connect-timeout",
+                value: "0".into(),
+                why: "must be greater than zero, e.g. 5s",
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--max-connections",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        if self.max_inflight < 64 << 10 {
+            return Err(ConfigError::Invalid {
+                flag: "--max-inflight",
+                value: self.max_inflight.to_string(),
+                why: "must be at least 64KiB (one loopback segment), e.g. 4MiB",
+            });
+        }
+        if self.max_inflight_total < self.max_inflight {
+            return Err(ConfigError::Invalid {
+                flag: "--max-inflight-total",
+                value: self.max_inflight_total.to_string(),
+                why: "must be at least --max-inflight",
+            });
+        }
+        let mut backends = Vec::new();
+        for spec in &self.backend {
+            let mut addrs = tokio::net::lookup_host(spec.as_str())
+                .await
+                .map_err(|source| ConfigError::Resolve { spec: spec.clone(), source })?;
+            let addr = addrs.next().ok_or_else(|| ConfigError::Resolve {
+                spec: spec.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            })?;
+            backends.push(addr);
+        }
+        Ok(Config {
+            listen: self.listen,
+            backends,
+            engine: self.engine,
+            balance: self.balance,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            drain_timeout: self.drain_timeout,
+            max_connections: self.max_connections,
+            max_inflight: self.max_inflight,
+            max_inflight_total: self.max_inflight_total,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<ProxyArgs, clap::Error> {
+        let mut v = vec!["ntlm-splice"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).map(|c| c.proxy)
+    }
+
+    #[tokio::test]
+    async fn full_command_line_parses() {
+        let cfg = args(&[
+            "--listen", "127.0.0.1:8080", "--listen", "[::1]:8080",
+            "--backend", "127.0.0.1:18080", "--backend", "[::1]:18081",
+            "--engine", "splice", "--balance", "least-conn",
+            "--connect-timeout", "250ms", "--idle-timeout", "0", "--max-connections", "10",
+            "--max-inflight", "8MiB",
+        ])
+        .unwrap()
+        .into_config()
+        .await
+        .unwrap();
+        assert_eq!(cfg.listen.len(), 2);
+        assert_eq!(cfg.backends[1], "[::1]:18081".parse().unwrap());
+        assert_eq!(cfg.engine, EngineChoice::Splice);
+        assert_eq!(cfg.balance, Balance::LeastConn);
+        assert_eq!(cfg.connect_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.idle_timeout, None);
+        assert_eq!(cfg.max_inflight, 8 << 20);
+    }
+
+    #[tokio::test]
+    async fn missing_backend_names_the_flag() {
+        let e = args(&["--listen", "127.0.0.1:1"]).unwrap().into_config().await.unwrap_err();
+        assert!(e.to_string().contains("--backend"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_says_how_to_write_one() {
+        let e = args(&["--connect-timeout", "5 parsecs"]).unwrap_err().to_string();
+        assert!(e.contains("such as 500ms"), "{e}");
+    }
+
+    #[test]
+    fn bad_engine_is_rejected() {
+        let e = args(&["--engine", "xdp"]).unwrap_err().to_string();
+        assert!(e.contains("possible values"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn zero_connect_timeout_is_rejected() {
+        let e = args(&["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--connect-timeout", "0"])
+            .unwrap()
+            .into_config()
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("--connect-timeout"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_bytes("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert!(parse_bytes("4 furlongs").is_err());
+    }
+}

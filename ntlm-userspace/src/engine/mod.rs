@@ -1,0 +1,95 @@
+//! Data engines. Both run behind the same lifecycle ([`crate::relay`]): the connection
+//! module pairs the sockets, an engine moves the bytes.
+
+pub mod sockmap;
+pub mod splice;
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::{
+    config::{Config, EngineChoice},
+    relay::{self, End, Fault, RelayCtl},
+};
+
+/// The engine a proxy run uses for all its connections.
+pub enum Engine {
+    /// Userspace splice(2).
+    Splice(splice::SpliceEngine),
+    /// In-kernel sockmap redirect.
+    Sockmap(Arc<sockmap::SockmapEngine>),
+}
+
+/// The outcome of one connection's data phase.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Bytes delivered client to backend.
+    pub bytes_up: u64,
+    /// Bytes delivered backend to client.
+    pub bytes_down: u64,
+    /// Why it ended.
+    pub end: End,
+    /// The failure behind a reset or internal end, for the log.
+    pub fault: Option<Fault>,
+    /// Engine that carried the connection (sockmap may hand one to splice, e.g. a client
+    /// that half-closed before it could be inserted).
+    pub engine: &'static str,
+}
+
+/// An engine choice that cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--engine sockmap requested but the eBPF engine is unavailable: {reason}. \
+     Run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with sockmap support, \
+     check the host with `ntlm-splice doctor`, or pass --engine splice"
+)]
+pub struct Unavailable {
+    /// Why sockmap cannot be used here.
+    pub reason: String,
+}
+
+impl Engine {
+    /// Picks the engine for `config.engine`, with the reason for the log line.
+    pub fn select(config: &Config) -> Result<(Engine, String), Unavailable> {
+        match config.engine {
+            EngineChoice::Splice => {
+                Ok((Engine::Splice(splice::SpliceEngine::new()), "requested with --engine splice".into()))
+            }
+            EngineChoice::Sockmap => match sockmap::SockmapEngine::load(config) {
+                Ok(e) => Ok((Engine::Sockmap(Arc::new(e)), "requested with --engine sockmap; self-test passed".into())),
+                Err(e) => Err(Unavailable { reason: format!("{e:#}") }),
+            },
+            EngineChoice::Auto => match sockmap::SockmapEngine::load(config) {
+                Ok(e) => Ok((Engine::Sockmap(Arc::new(e)), "auto: eBPF loaded, attached and passed its self-test".into())),
+                Err(e) => Ok((
+                    Engine::Splice(splice::SpliceEngine::new()),
+                    format!("auto: sockmap unavailable ({e:#}); using userspace splice(2)"),
+                )),
+            },
+        }
+    }
+
+    /// The engine's name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Splice(_) => "splice",
+            Engine::Sockmap(_) => "sockmap",
+        }
+    }
+
+    /// Moves bytes between the paired sockets until the connection ends.
+    pub async fn relay(&self, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
+        match self {
+            Engine::Splice(e) => e.relay(client, backend, ctl).await,
+            Engine::Sockmap(e) => e.relay(id, client, backend, ctl).await,
+        }
+    }
+}
+
+/// Runs a session through the shared lifecycle and collects its outcome.
+pub(crate) async fn run_session<S: relay::Session>(s: &S, ctl: &RelayCtl, engine: &'static str) -> Outcome {
+    let (end, fault) = relay::drive(s, ctl).await;
+    let (bytes_up, bytes_down) = s.bytes();
+    Outcome { bytes_up, bytes_down, end, fault, engine }
+}

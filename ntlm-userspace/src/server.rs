@@ -1,0 +1,163 @@
+//! Listeners, the accept loops, the connection cap and graceful shutdown.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    balance::Balancer,
+    config::Config,
+    conn::{self, Shared},
+    engine::Engine,
+    relay::RelayCtl,
+};
+
+/// Listen backlog: where clients wait while `--max-connections` are busy.
+pub const LISTEN_BACKLOG: u32 = 1024;
+/// First pause after accept fails for lack of descriptors or memory.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between accept retries.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After the drain timeout, how long closed connections get to write their log lines.
+const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Binds every `--listen` address (SO_REUSEADDR, backlog [`LISTEN_BACKLOG`]).
+pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    addrs
+        .iter()
+        .map(|&addr| {
+            let s = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(LISTEN_BACKLOG)
+        })
+        .zip(addrs)
+        .map(|(r, addr)| {
+            r.with_context(|| {
+                format!(
+                    "cannot listen on {addr}: is another process using the port? \
+                     (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                )
+            })
+        })
+        .collect()
+}
+
+/// Serves clients on `listeners` until `shutdown` completes, then drains: stops accepting,
+/// lets live connections finish for up to the drain timeout, closes the rest, returns.
+pub async fn run(
+    listeners: Vec<TcpListener>,
+    config: Arc<Config>,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let force_close = CancellationToken::new();
+    let stop_accept = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        balancer: Balancer::new(config.balance, config.backends.clone()),
+        ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: force_close.clone() },
+        engine,
+        config: config.clone(),
+    });
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let conns = TaskTracker::new();
+    let next_id = Arc::new(AtomicU64::new(1));
+    let mut acceptors = Vec::new();
+    for listener in listeners {
+        acceptors.push(tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            slots.clone(),
+            conns.clone(),
+            next_id.clone(),
+            stop_accept.clone(),
+        )));
+    }
+
+    shutdown.await;
+    let live = conns.len();
+    log::info!(
+        "shutdown: stopped accepting; draining live={live} connections for up to {}",
+        humantime::format_duration(config.drain_timeout)
+    );
+    stop_accept.cancel();
+    for a in acceptors {
+        // The accept loops own the listeners: once they return, the ports are closed.
+        if let Err(e) = a.await {
+            log::error!("accept loop failed: {e}");
+        }
+    }
+    conns.close();
+    if tokio::time::timeout(config.drain_timeout, conns.wait()).await.is_err() {
+        let live = conns.len();
+        log::warn!("shutdown: drain timeout reached; closing live={live} connections");
+        force_close.cancel();
+        if tokio::time::timeout(FORCE_CLOSE_GRACE, conns.wait()).await.is_err() {
+            log::error!("shutdown: connections did not close within {FORCE_CLOSE_GRACE:?}; exiting anyway");
+        }
+    }
+    log::info!("shutdown: done");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    conns: TaskTracker,
+    next_id: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        // Take a slot before accepting: at the cap, clients wait in the listen backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
+            () = stop.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    conn::serve(&shared, id, client, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    log::warn!("accept failed: {e}; backing off and retrying (raise the open-files limit or lower --max-connections)");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            Err(e) => log::debug!("accept: {e}"),
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
