@@ -1,0 +1,260 @@
+//! Runs the real `ntlm-splice` binary as a child process, the way a user would, and reads
+//! its log: the address it listens on and one access-log line per connection.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::Notify,
+};
+
+/// How long a proxy may take to report that it listens.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a proxy may take to exit after SIGTERM (drain included).
+const STOP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The `ntlm-splice` binary under test: `$NTLM_SPLICE_BIN` (set by `cargo xtask test`), or
+/// the workspace's release or debug build.
+pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NTLM_SPLICE_BIN") {
+        return p.into();
+    }
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("ntlm-splice");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no ntlm-splice binary: run `cargo xtask test`, or `cargo build -p ntlm-userspace` first, or set NTLM_SPLICE_BIN");
+}
+
+/// The engines to test on this host: `$NTLM_SPLICE_TEST_ENGINES` (comma separated, set by
+/// `cargo xtask test` from what `ntlm-splice doctor` finds), else `splice` only.
+pub fn engines() -> Vec<String> {
+    match std::env::var("NTLM_SPLICE_TEST_ENGINES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().to_string()).collect(),
+        _ => {
+            eprintln!("NTLM_SPLICE_TEST_ENGINES unset: testing the splice engine only (cargo xtask test sets it)");
+            vec!["splice".to_string()]
+        }
+    }
+}
+
+/// One access-log line (`access: key=value …`).
+#[derive(Clone, Debug)]
+pub struct AccessLine {
+    /// The whole log line.
+    pub raw: String,
+    fields: HashMap<String, String>,
+}
+
+impl AccessLine {
+    fn parse(line: &str) -> Option<AccessLine> {
+        let (_, rest) = line.split_once(" access: ")?;
+        let mut fields = HashMap::new();
+        let mut rest = rest.trim();
+        while !rest.is_empty() {
+            let Some((k, v)) = rest.split_once('=') else { break };
+            let (value, tail) = if let Some(q) = v.strip_prefix('"') {
+                let end = q.find('"').unwrap_or(q.len());
+                (&q[..end], q.get(end + 1..).unwrap_or(""))
+            } else {
+                let end = v.find(' ').unwrap_or(v.len());
+                (&v[..end], &v[end..])
+            };
+            fields.insert(k.trim().to_string(), value.to_string());
+            rest = tail.trim_start();
+        }
+        Some(AccessLine { raw: line.to_string(), fields })
+    }
+
+    /// A logfmt field.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// A numeric field; panics with the line when missing.
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("access line has no numeric {key}: {}", self.raw))
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Notify,
+}
+
+/// A running `ntlm-splice` child. Dropping it kills the child (by its own PID).
+pub struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Log>,
+}
+
+impl Proxy {
+    /// Starts `ntlm-splice --listen 127.0.0.1:0 --engine ENGINE --backend … EXTRA…` and waits
+    /// until it listens.
+    pub async fn start(engine: &str, backends: &[SocketAddr], extra: &[&str]) -> Proxy {
+        let mut args: Vec<String> = vec!["--engine".into(), engine.into()];
+        if !extra.iter().any(|a| *a == "--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        for b in backends {
+            args.extend(["--backend".into(), b.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_args(&args).await
+    }
+
+    /// Starts the binary with exactly `args`.
+    pub async fn start_args(args: &[String]) -> Proxy {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .env("RUST_LOG", std::env::var("NTLM_SPLICE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+        let log = Arc::new(Log::default());
+        for stream in [
+            Box::new(child.stderr.take().expect("stderr")) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stdout.take().expect("stdout")),
+        ] {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("NTLM_SPLICE_TEST_ECHO").is_some() {
+                        eprintln!("[proxy] {line}");
+                    }
+                    log.lines.lock().unwrap().push(line);
+                    log.grew.notify_waiters();
+                }
+                log.grew.notify_waiters();
+            });
+        }
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let grew = log.grew.notified();
+            let found = log.lines.lock().unwrap().iter().find_map(|l| {
+                l.split_once("listening addr=").and_then(|(_, r)| r.split(' ').next()?.parse::<SocketAddr>().ok())
+            });
+            if let Some(addr) = found {
+                drop(grew);
+                return Proxy { child, addr, log };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ntlm-splice {args:?} exited with {status} before listening:\n{}", log.lines.lock().unwrap().join("\n"));
+            }
+            if tokio::time::timeout_at(deadline, grew).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                panic!("ntlm-splice {args:?} did not listen within {START_TIMEOUT:?}:\n{}", log.lines.lock().unwrap().join("\n"));
+            }
+        }
+    }
+
+    /// The address the proxy listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("proxy still running")
+    }
+
+    /// All log output so far.
+    pub fn logs(&self) -> String {
+        self.log.lines.lock().unwrap().join("\n")
+    }
+
+    /// Access-log lines so far, in order.
+    pub fn access_lines(&self) -> Vec<AccessLine> {
+        self.log.lines.lock().unwrap().iter().filter_map(|l| AccessLine::parse(l)).collect()
+    }
+
+    /// Waits until at least `n` access lines were logged; panics with the log on timeout.
+    pub async fn wait_access_lines(&self, n: usize, timeout: Duration) -> Vec<AccessLine> {
+        self.wait_log(timeout, |_| self.access_lines().len() >= n).await;
+        self.access_lines()
+    }
+
+    /// Waits until a log line contains `needle`; panics with the log on timeout.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        self.wait_log(timeout, |lines| lines.iter().any(|l| l.contains(needle))).await;
+    }
+
+    async fn wait_log(&self, timeout: Duration, done: impl Fn(&[String]) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let grew = self.log.grew.notified();
+            if done(&self.log.lines.lock().unwrap()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, grew).await.is_err() {
+                if done(&self.log.lines.lock().unwrap()) {
+                    return;
+                }
+                panic!("timed out after {timeout:?} waiting on the proxy log:\n{}", self.logs());
+            }
+        }
+    }
+
+    /// Sends `sig` to the child.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall; the PID is our own running child.
+        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}): {}", self.pid(), std::io::Error::last_os_error());
+    }
+
+    /// Sends SIGTERM and waits for the exit (bounded).
+    pub async fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit().await
+    }
+
+    /// Waits for the child to exit (bounded); panics with the log on timeout.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                // Let the log readers drain the pipes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                status
+            }
+            Ok(Err(e)) => panic!("waiting for ntlm-splice: {e}"),
+            Err(_) => panic!("ntlm-splice did not exit within {STOP_TIMEOUT:?}:\n{}", self.logs()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_lines_parse_logfmt() {
+        let l = AccessLine::parse(
+            "ts=x level=info access: conn=3 client=127.0.0.1:5 backend=- engine=splice bytes_up=10 bytes_down=0 duration_ms=1 end=connect_failed error=\"Client socket: reset by peer\"",
+        )
+        .unwrap();
+        assert_eq!(l.get("backend"), Some("-"));
+        assert_eq!(l.num("bytes_up"), 10);
+        assert_eq!(l.get("end"), Some("connect_failed"));
+        assert_eq!(l.get("error"), Some("Client socket: reset by peer"));
+        assert!(AccessLine::parse("ts=x level=info server: listening addr=1").is_none());
+    }
+}
