@@ -1,1 +1,211 @@
-fn main() {}
+//! `cargo xtask run|test|bench|setup`: the project's entry points. Each installs what it
+//! needs first (rustup components, bpf-linker, Debian packages) or says exactly what is
+//! missing, so that on a fresh machine one command is the whole set-up.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build (release) and run. With no arguments: an NTLM demo backend on 127.0.0.1:18080
+    /// and ntlm-splice on 127.0.0.1:8080 in front of it. Arguments after `--` go to
+    /// ntlm-splice instead (then no demo backend is started).
+    Run {
+        /// Arguments for ntlm-splice.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Install what the tests need, build, and run the whole test suite for every engine
+    /// this host supports (in CI the sockmap engine is required).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmark the engines against direct connections, nginx stream and HAProxy.
+    Bench(bench::BenchArgs),
+    /// Install the eBPF toolchain and test dependencies only.
+    Setup,
+}
+
+/// Where the demo backend listens.
+const DEMO_BACKEND: &str = "127.0.0.1:18080";
+/// Where the demo proxy listens.
+const DEMO_LISTEN: &str = "127.0.0.1:8080";
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run { args } => run(args),
+        Cmd::Test { args } => test(args),
+        Cmd::Bench(args) => {
+            setup::ensure_ebpf_toolchain()?;
+            build_release()?;
+            bench::run(&root(), args)
+        }
+        Cmd::Setup => {
+            setup::ensure_ebpf_toolchain()?;
+            ensure_test_tools()
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn check(status: std::io::Result<ExitStatus>, what: &str) -> anyhow::Result<()> {
+    let status = status.with_context(|| format!("cannot start: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build_release() -> anyhow::Result<()> {
+    check(cargo().args(["build", "--release", "--workspace", "--exclude", "ntlm-ebpf"]).status(), "cargo build --release")
+}
+
+fn bin(name: &str) -> PathBuf {
+    root().join("target/release").join(name)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(args: Vec<String>) -> anyhow::Result<()> {
+    setup::ensure_ebpf_toolchain()?;
+    build_release()?;
+    if !is_root() {
+        println!("note: not root, so the sockmap engine cannot load; --engine auto will use splice");
+    }
+    if !args.is_empty() {
+        let status = Command::new(bin("ntlm-splice")).args(&args).status();
+        return check(status, "ntlm-splice");
+    }
+    let mut backend = Command::new(bin("ntlm-testd"))
+        .args(["--listen", DEMO_BACKEND])
+        .spawn()
+        .context("cannot start the demo NTLM backend (target/release/ntlm-testd)")?;
+    let _guard = KillOnDrop(&mut backend);
+    println!();
+    println!("Demo: NTLM backend (IIS-like) on {DEMO_BACKEND}, ntlm-splice on {DEMO_LISTEN}. Try:");
+    println!("  curl --ntlm -u 'EXAMPLE\\alice:Alice-Pass-1' http://{DEMO_LISTEN}/whoami");
+    println!("  curl -i http://{DEMO_LISTEN}/whoami        # no credentials: 401");
+    println!("Ctrl-C stops both.");
+    println!();
+    let status = Command::new(bin("ntlm-splice"))
+        .args(["--listen", DEMO_LISTEN, "--backend", DEMO_BACKEND])
+        .status();
+    check(status, "ntlm-splice")
+}
+
+/// Kills a child we started, by its PID, when the guard goes.
+struct KillOnDrop<'a>(&'a mut Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// curl with NTLM support and Python's requests-ntlm: the real clients the tests use.
+fn ensure_test_tools() -> anyhow::Result<()> {
+    let curl_ok = Command::new("curl")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("NTLM"))
+        .unwrap_or(false);
+    if !curl_ok {
+        apt_install(&["curl"])?;
+    }
+    let py = |code: &str| {
+        Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status()
+    };
+    if !py("import sys").map(|s| s.success()).unwrap_or(false) {
+        apt_install(&["python3", "python3-pip"])?;
+    }
+    if !py("import requests_ntlm").map(|s| s.success()).unwrap_or(false) {
+        println!("xtask: installing Python requests-ntlm (pip)");
+        let mut pip = Command::new("python3");
+        pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "requests-ntlm"]);
+        if !pip.status().map(|s| s.success()).unwrap_or(false) {
+            // Debian's system Python refuses pip without this flag (PEP 668).
+            check(
+                Command::new("python3")
+                    .args(["-m", "pip", "install", "--quiet", "--break-system-packages", "requests-ntlm"])
+                    .status(),
+                "pip install requests-ntlm",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("missing {}: run `sudo apt-get install -y {}` and retry", pkgs.join(", "), pkgs.join(" "));
+    }
+    println!("xtask: apt-get install {}", pkgs.join(" "));
+    check(Command::new("apt-get").args(["update", "-qq"]).status(), "apt-get update")?;
+    check(
+        Command::new("apt-get").args(["install", "-y", "-qq"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive").status(),
+        "apt-get install",
+    )
+}
+
+/// Which engines this host can test, from `ntlm-splice doctor`.
+fn engines_to_test() -> anyhow::Result<Vec<&'static str>> {
+    let out = Command::new(bin("ntlm-splice")).arg("doctor").output().context("ntlm-splice doctor")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sockmap = text.lines().any(|l| l.trim() == "auto_engine=sockmap");
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if sockmap {
+        return Ok(vec!["splice", "sockmap"]);
+    }
+    if in_ci {
+        bail!("CI=true but the sockmap engine is unavailable here, and in CI its tests must run:\n{text}");
+    }
+    println!("xtask: SKIPPING the sockmap engine tests: it is unavailable on this host (run as root on a kernel with sockmap). `ntlm-splice doctor` says:\n{text}");
+    Ok(vec!["splice"])
+}
+
+fn test(args: Vec<String>) -> anyhow::Result<()> {
+    setup::ensure_ebpf_toolchain()?;
+    ensure_test_tools()?;
+    build_release()?;
+    let engines = engines_to_test()?;
+    println!("xtask: testing engines: {}", engines.join(","));
+    let status = cargo()
+        .args(["test", "--release", "--workspace", "--exclude", "ntlm-ebpf"])
+        .args(&args)
+        .env("NTLM_SPLICE_BIN", bin("ntlm-splice"))
+        .env("NTLM_SPLICE_TEST_ENGINES", engines.join(","))
+        .status();
+    check(status, "cargo test")
+}
