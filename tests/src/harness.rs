@@ -189,7 +189,8 @@ impl Proxy {
 
     /// Waits until at least `n` access lines were logged; panics with the log on timeout.
     pub async fn wait_access_lines(&self, n: usize, timeout: Duration) -> Vec<AccessLine> {
-        self.wait_log(timeout, |_| self.access_lines().len() >= n).await;
+        self.wait_log(timeout, |lines| lines.iter().filter(|l| AccessLine::parse(l).is_some()).count() >= n)
+            .await;
         self.access_lines()
     }
 
@@ -198,6 +199,8 @@ impl Proxy {
         self.wait_log(timeout, |lines| lines.iter().any(|l| l.contains(needle))).await;
     }
 
+    /// Waits until `done` holds for the log lines. `done` runs under the log lock: it must
+    /// not call back into this `Proxy`.
     async fn wait_log(&self, timeout: Duration, done: impl Fn(&[String]) -> bool) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -1,1 +1,5 @@
-//! End-to-end test support: the proxy harness and the NTLM test backend.
+//! End-to-end test support: the proxy harness, loopback test servers, and the NTLM test
+//! backend (`ntlm-testd`).
+pub mod harness;
+pub mod ntlm;
+pub mod servers;
