@@ -207,5 +207,22 @@ fn test(args: Vec<String>) -> anyhow::Result<()> {
         .env("NTLM_SPLICE_BIN", bin("ntlm-splice"))
         .env("NTLM_SPLICE_TEST_ENGINES", engines.join(","))
         .status();
-    check(status, "cargo test")
+    check(status, "cargo test")?;
+    // The benchmark's regression guard: every workload runs end to end and moves exactly the
+    // bytes it should (timings are not checked: CI machines are noisy).
+    println!("xtask: benchmark smoke run");
+    bench::run(
+        &root(),
+        bench::BenchArgs {
+            quick: false,
+            smoke: true,
+            rounds: None,
+            only: Vec::new(),
+            workloads: Vec::new(),
+            bulk_mib: None,
+            verify: false,
+            no_install: true,
+            out: None,
+        },
+    )
 }
