@@ -125,6 +125,9 @@ pub trait Session: Send + Sync {
     fn last_activity_ns(&self) -> u64;
     /// Makes the close of `side` a reset (SO_LINGER 0), to pass a reset on.
     fn reset_on_close(&self, side: Side);
+    /// The socket of `side`, so that the lifecycle can watch it for errors once the
+    /// direction reading from it has finished.
+    fn socket(&self, side: Side) -> &tokio::net::TcpStream;
 }
 
 /// What the lifecycle hands every session.
@@ -155,9 +158,14 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
     let (mut up_done, mut down_done) = (false, false);
     let mut first_fin = None;
     loop {
+        // Once a direction has finished, nothing reads its source any more: a reset that
+        // arrives there after the FIN (or while the other direction is idle) would go unseen
+        // until the idle timeout, so the lifecycle watches that socket for errors itself.
         let finished = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; r.map(|()| End::ClientFin) }
             r = &mut down, if !down_done => { down_done = true; r.map(|()| End::BackendFin) }
+            e = socket_error(s.socket(Side::Client)), if up_done => Err(Fault::on(Side::Client)(e)),
+            e = socket_error(s.socket(Side::Backend)), if down_done => Err(Fault::on(Side::Backend)(e)),
             () = &mut idle => return (End::IdleTimeout, None),
             () = ctl.force_close.cancelled() => return (End::Shutdown, None),
         };
@@ -183,6 +191,23 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
                 }
                 return (end, Some(fault));
             }
+        }
+    }
+}
+
+/// Resolves when `sock` reports an error (EPOLLERR: a reset, a timeout), with that error.
+async fn socket_error(sock: &tokio::net::TcpStream) -> io::Error {
+    loop {
+        match sock.ready(tokio::io::Interest::ERROR).await {
+            Ok(r) if r.is_error() => {
+                return sock
+                    .take_error()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
+            }
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => return e,
         }
     }
 }
@@ -244,8 +269,11 @@ mod tests {
     use super::*;
 
     /// A scripted session: each direction finishes when told, with the given result.
-    #[derive(Default)]
     struct Script {
+        /// A connected loopback pair standing for the client and backend sockets, and the
+        /// far ends of each (kept open so no error shows).
+        socks: [tokio::net::TcpStream; 2],
+        far: Mutex<Vec<tokio::net::TcpStream>>,
         up: Notify,
         down: Notify,
         up_result: Mutex<Option<Result<(), Fault>>>,
@@ -272,6 +300,32 @@ mod tests {
         fn reset_on_close(&self, side: Side) {
             self.reset.lock().unwrap().push(side);
         }
+        fn socket(&self, side: Side) -> &tokio::net::TcpStream {
+            &self.socks[side as usize]
+        }
+    }
+
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    impl Script {
+        async fn new() -> Script {
+            let (a, fa) = pair().await;
+            let (b, fb) = pair().await;
+            Script {
+                socks: [a, b],
+                far: Mutex::new(vec![fa, fb]),
+                up: Notify::new(),
+                down: Notify::new(),
+                up_result: Mutex::new(None),
+                down_result: Mutex::new(None),
+                last: AtomicU64::new(0),
+                reset: Mutex::new(Vec::new()),
+            }
+        }
     }
 
     fn ctl(idle: Option<Duration>) -> RelayCtl {
@@ -280,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_waits_for_the_other_direction_and_names_the_first_fin() {
-        let s = Script::default();
+        let s = Script::new().await;
         s.last.store(monotonic_ns(), Ordering::Relaxed);
         let c = ctl(None);
         let d = drive(&s, &c);
@@ -297,7 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_reset_resets_the_backend() {
-        let s = Script::default();
+        let s = Script::new().await;
         *s.up_result.lock().unwrap() = Some(Err(Fault::on(Side::Client)(io::ErrorKind::ConnectionReset.into())));
         s.up.notify_one();
         let (end, fault) = drive(&s, &ctl(None)).await;
@@ -308,7 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_timeout_fires_only_after_inactivity() {
-        let s = Script::default();
+        let s = Script::new().await;
         s.last.store(monotonic_ns(), Ordering::Relaxed);
         let started = std::time::Instant::now();
         let (end, _) = drive(&s, &ctl(Some(Duration::from_millis(100)))).await;
@@ -317,8 +371,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reset_after_the_fin_is_passed_on() {
+        let s = Script::new().await;
+        s.last.store(monotonic_ns(), Ordering::Relaxed);
+        let c = ctl(None);
+        let d = drive(&s, &c);
+        tokio::pin!(d);
+        // The client direction ends (client FIN passed on), the backend direction stays open.
+        s.up.notify_one();
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut d).await.is_err());
+        // Now the client resets: its far end closes with SO_LINGER 0.
+        let far = s.far.lock().unwrap().remove(0);
+        set_linger_zero(std::os::fd::AsFd::as_fd(&far)).unwrap();
+        drop(far);
+        let (end, _) = tokio::time::timeout(Duration::from_secs(5), d).await.expect("reset went unseen");
+        assert_eq!(end, End::ClientReset);
+        assert_eq!(*s.reset.lock().unwrap(), [Side::Backend]);
+    }
+
+    #[tokio::test]
     async fn force_close_ends_a_live_session() {
-        let s = Script::default();
+        let s = Script::new().await;
         let c = ctl(None);
         c.force_close.cancel();
         assert_eq!(drive(&s, &c).await.0, End::Shutdown);

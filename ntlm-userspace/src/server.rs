@@ -89,11 +89,6 @@ pub async fn run(
     }
 
     shutdown.await;
-    let live = conns.len();
-    log::info!(
-        "shutdown: stopped accepting; draining live={live} connections for up to {}",
-        humantime::format_duration(config.drain_timeout)
-    );
     stop_accept.cancel();
     for a in acceptors {
         // The accept loops own the listeners: once they return, the ports are closed.
@@ -101,6 +96,11 @@ pub async fn run(
             log::error!("accept loop failed: {e}");
         }
     }
+    log::info!(
+        "shutdown: stopped accepting; draining live={} connections for up to {}",
+        conns.len(),
+        humantime::format_duration(config.drain_timeout)
+    );
     conns.close();
     if tokio::time::timeout(config.drain_timeout, conns.wait()).await.is_err() {
         let live = conns.len();
@@ -126,12 +126,14 @@ async fn accept_loop(
     loop {
         // Take a slot before accepting: at the cap, clients wait in the listen backlog.
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
+            biased;
             () = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
         };
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             () = stop.cancelled() => return,
+            a = listener.accept() => a,
         };
         match accepted {
             Ok((client, peer)) => {

@@ -202,8 +202,12 @@ impl SpliceSession<'_> {
         let mut copy_buf: Option<Box<[u8]>> = None;
         loop {
             src.readable().await.map_err(Fault::on(dir.src()))?;
-            let burst = match (&mut copy_buf, self.engine.take_pipe()) {
-                (None, Ok(pipe)) => {
+            let pipe = match copy_buf {
+                None => self.engine.take_pipe().ok(),
+                Some(_) => None,
+            };
+            let burst = match (&mut copy_buf, pipe) {
+                (None, Some(pipe)) => {
                     let r = self.splice_burst(dir, &pipe).await;
                     // Only an empty pipe may go back to the pool; after a fault it may hold data.
                     if r.is_ok() {
@@ -258,5 +262,9 @@ impl Session for SpliceSession<'_> {
             Side::Client => self.reset_client.store(true, Ordering::Relaxed),
             Side::Backend => self.reset_backend.store(true, Ordering::Relaxed),
         }
+    }
+
+    fn socket(&self, side: Side) -> &TcpStream {
+        self.sock(side)
     }
 }
