@@ -1,2 +1,136 @@
 #![no_std]
 //! Types shared by the kernel programs (`ntlm-ebpf`) and userspace (`ntlm-userspace`).
+//!
+//! Every struct here crosses the user/kernel boundary as raw bytes through a BPF map, so
+//! each one is `#[repr(C)]`, `Copy`, made of fixed-width integers only and laid out without
+//! implicit padding; the `const` asserts at the bottom keep both sides honest.
+//!
+//! The maps, all keyed by a socket cookie (`SO_COOKIE`, `bpf_get_socket_cookie`):
+//!
+//! | name | kind | value | written by |
+//! |---|---|---|---|
+//! | [`FWD_MAP`] | SockHash, programs attached | the socket itself | userspace |
+//! | [`PEER_MAP`] | SockHash, no programs | the paired socket | userspace |
+//! | [`STATS_MAP`] | Hash | [`SockStats`] | kernel (userspace creates/deletes) |
+//! | [`CTL_MAP`] | Hash | [`SockCtl`] | userspace |
+//! | [`EVENTS_MAP`] | RingBuf | [`WakeEvent`] | kernel |
+//! | [`ERRORS_MAP`] | PerCpuArray, index `ERR_*` | `u64` | kernel |
+
+/// SockHash of sockets whose incoming bytes the kernel forwards. The stream verdict program
+/// (and optionally the stream parser) is attached to this map. A socket stays in it for the
+/// whole connection: deleting an entry while bytes arrive makes the kernel drop buffers
+/// (the verdict program pointer turns NULL under a running `tcp_read_skb`), so pausing is
+/// done by the verdict itself (see [`SockCtl`]).
+pub const FWD_MAP: &str = "FWD";
+/// SockHash of redirect targets: the entry under socket A's cookie is socket B. No program is
+/// attached, so inserting here changes nothing for the socket: both PEER entries go in
+/// before either FWD entry, so the verdict always finds its peer.
+pub const PEER_MAP: &str = "PEER";
+/// Hash map cookie -> [`SockStats`], one entry per socket of a live sockmap connection.
+pub const STATS_MAP: &str = "STATS";
+/// Hash map cookie -> [`SockCtl`], the userspace-owned half of a socket's state.
+pub const CTL_MAP: &str = "CTL";
+/// Ring buffer of [`WakeEvent`]s.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU array of `u64` counters for failures that have no per-socket entry to land in,
+/// indexed by the `ERR_*` constants.
+pub const ERRORS_MAP: &str = "ERRORS";
+
+/// Name of the `sk_skb/stream_verdict` program in the object.
+pub const VERDICT_PROG: &str = "ntlm_verdict";
+/// Name of the `sk_skb/stream_parser` program in the object.
+pub const PARSER_PROG: &str = "ntlm_parser";
+
+/// Most sockets the maps hold: two per connection. Userspace caps connections below this.
+pub const MAX_SOCKETS: u32 = 65_536;
+/// Size of the [`EVENTS_MAP`] ring buffer in bytes (a power of two, a multiple of the page
+/// size): 16,384 [`WakeEvent`]s with their 8-byte headers.
+pub const EVENTS_BYTES: u32 = 512 * 1024;
+
+/// [`ERRORS_MAP`] index: the verdict ran for a socket without a [`STATS_MAP`] entry (its
+/// bytes were still forwarded, but not counted).
+pub const ERR_NO_STATS: u32 = 0;
+/// [`ERRORS_MAP`] index: the verdict ran for a socket without a [`CTL_MAP`] entry.
+pub const ERR_NO_CTL: u32 = 1;
+/// [`ERRORS_MAP`] index: a redirect found no peer for a socket that had no stats entry.
+pub const ERR_NO_PEER_UNTRACKED: u32 = 2;
+/// Number of [`ERRORS_MAP`] slots.
+pub const ERR_COUNT: u32 = 3;
+
+/// Per-socket counters kept by the stream verdict program, keyed by the socket's cookie.
+///
+/// Only the program writes an entry once userspace has created it (zeroed) and the verdict
+/// for one socket runs under that socket's lock, so plain increments are exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStats {
+    /// Payload bytes that arrived on this socket and were redirected to its peer's egress.
+    pub bytes: u64,
+    /// Number of socket buffers redirected (segments or coalesced GRO/GSO units).
+    pub segs: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last redirect; 0 if none yet.
+    pub last_ns: u64,
+    /// Socket buffers dropped because the peer had no [`PEER_MAP`] entry (peer closed).
+    pub drop_no_peer: u64,
+    /// Payload bytes in the socket buffers counted by `drop_no_peer`.
+    pub drop_no_peer_bytes: u64,
+    /// Zero-length socket buffers seen (the kernel runs the verdict with one on FIN); dropped,
+    /// never redirected or counted as data.
+    pub empty_skbs: u64,
+    /// [`WakeEvent`]s emitted for this socket.
+    pub events: u64,
+    /// [`WakeEvent`]s that could not be emitted because the ring buffer was full.
+    pub events_lost: u64,
+    /// The [`SockCtl::wake_at`] value the last event was emitted for, so that one threshold
+    /// wakes userspace once.
+    pub fired_at: u64,
+    /// Payload bytes passed to this socket's own receive queue instead of redirected (while
+    /// paused, and until userspace has copied every byte passed before): userspace reads
+    /// them and writes them to the peer itself, in order.
+    pub passed: u64,
+    /// Number of socket buffers counted in `passed`.
+    pub passed_segs: u64,
+}
+
+/// Per-socket settings written by userspace, keyed by the socket's cookie.
+///
+/// The verdict redirects a buffer only when `paused` is 0 and `user_copied` equals
+/// [`SockStats::passed`]: once one buffer was passed to userspace, every later one is too
+/// until userspace has written all of them to the peer, so the peer gets the bytes in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCtl {
+    /// Emit a [`WakeEvent`] once [`SockStats::bytes`] reaches this value (`u64::MAX`: never).
+    pub wake_at: u64,
+    /// Non-zero: pass every buffer to the socket's own receive queue (in-flight cap reached;
+    /// its memory is then charged to the socket and TCP flow control stops the sender).
+    pub paused: u64,
+    /// Passed bytes userspace has read and written to the peer so far.
+    pub user_copied: u64,
+}
+
+/// Ring buffer record: a socket's redirected byte count crossed its `wake_at` threshold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WakeEvent {
+    /// Cookie of the socket the bytes arrived on.
+    pub cookie: u64,
+    /// [`SockStats::bytes`] of that socket right after the redirect that crossed.
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SockStats>() == 11 * 8);
+const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
+const _: () = assert!(core::mem::size_of::<SockCtl>() == 3 * 8);
+const _: () = assert!(core::mem::size_of::<WakeEvent>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made of `u64`s only (no padding, every bit
+    // pattern valid), as the size asserts above check.
+    unsafe impl aya::Pod for super::SockStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockCtl {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WakeEvent {}
+}

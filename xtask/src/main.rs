@@ -183,7 +183,7 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
 fn engines_to_test() -> anyhow::Result<Vec<&'static str>> {
     let out = Command::new(bin("ntlm-splice")).arg("doctor").output().context("ntlm-splice doctor")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let sockmap = text.lines().any(|l| l.trim() == "auto_engine=sockmap");
+    let sockmap = text.lines().any(|l| l.trim() == "sockmap_engine=available");
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if sockmap {
         return Ok(vec!["splice", "sockmap"]);

@@ -1,23 +1,282 @@
-//! In-kernel engine: placeholder until the eBPF programs land.
+//! In-kernel engine: both sockets of a connection go into BPF sockhashes and an `sk_skb`
+//! stream verdict program redirects what arrives on one socket to the egress of the other.
+//! Userspace never reads a payload byte; it only sets the pair up, watches for EOF, keeps
+//! the kernel's in-flight bytes bounded and passes the FIN on once everything was delivered.
+//!
+//! ```text
+//!   client ──TCP──▶ [client sock] ──verdict: redirect──▶ [backend sock] ──TCP──▶ backend
+//!   client ◀──TCP── [client sock] ◀──redirect: verdict── [backend sock] ◀──TCP── backend
+//!
+//!   FWD  (verdict attached): cookie(C) → C, cookie(B) → B      "forward what arrives here"
+//!   PEER (nothing attached): cookie(C) → B, cookie(B) → C      "where it goes"
+//!   STATS: cookie → bytes/segments redirected, drops, last time   (kernel writes)
+//!   CTL:   cookie → wake_at threshold for the next event          (userspace writes)
+//! ```
+//!
+//! The traps this handles (numbers from `shared/notes/sockmap-facts.md`), each in `session`:
+//!
+//! 1. FIN is not forwarded: each direction waits for its source's EOF (a peek that returns
+//!    0: the verdict consumes data, so only EOF or an error wakes it) and then calls
+//!    `shutdown(SHUT_WR)` on the destination.
+//! 2. The FIN must wait for the redirect backlog: before the shutdown the direction waits
+//!    until the destination's TCP has taken every byte that arrived on the source
+//!    (`acked + SIOCOUTQ` of the destination against `bytes_received` of the source).
+//! 3. No memory bound in the kernel: past a per-connection cap (and a global one), the source
+//!    socket is taken out of FWD (its PEER link keeps what was already redirected to it), its
+//!    bytes stay in its TCP receive queue and TCP flow control stops the sender; once the
+//!    destination drained below half the cap it goes back in. Event driven: the verdict
+//!    emits a ring-buffer event when a threshold set by userspace is crossed.
+//! 4. Bytes that arrived before insertion (or during a pause) are kicked through with
+//!    `SO_RCVLOWAT`, whose handler runs the socket's `sk_data_ready` (the verdict).
+//! 5. A verdict without a peer drops data: both PEER entries go in before either FWD entry.
+//! 6. The verdict sees a zero-length buffer on FIN: counted and dropped (passing it breaks
+//!    the pipe when the socket also carries bytes the other way), never redirected.
+//! 7. Side maps do not clean themselves: every entry is deleted when the connection ends.
+//! 8. A socket that already received a FIN cannot be inserted (EOPNOTSUPP): that direction
+//!    is copied in userspace (read/write, never splice(2) on a socket in a map), or the whole
+//!    connection goes to the splice engine if it never entered a map.
+//! 9. Drain condition: as in 2, with the FIN counted once.
+//! 10. aya-log is not used by the programs, so there is no logger whose map could go away.
 
+mod budget;
+mod dispatch;
+mod kernel;
+mod selftest;
+mod session;
+mod sock;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
 use tokio::net::TcpStream;
 
-use super::Outcome;
+use super::{Outcome, splice::SpliceEngine};
 use crate::{config::Config, relay::RelayCtl};
 
-/// The sockmap engine.
+/// Environment variable (test hook) naming trap fixes to switch off, comma separated, to
+/// prove that a test catches the trap: `kick`, `drain`, `fin`, `order`, `backpressure`,
+/// `cleanup`. Never set it in production: each one loses data, hangs or leaks.
+pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
+/// Environment variable: `1` also attaches the stream parser program (measurement only; see
+/// `session` for why the engine runs without one).
+pub const PARSER_ENV: &str = "NTLM_SPLICE_SOCKMAP_PARSER";
+
+/// Trap fixes that [`BREAK_ENV`] can switch off.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Breaks {
+    /// Skip the SO_RCVLOWAT kick after insertion and resume (trap 4).
+    pub(crate) no_kick: bool,
+    /// Shut the destination down right at EOF, without waiting for the backlog (trap 2).
+    pub(crate) no_drain: bool,
+    /// Never pass the FIN on (trap 1).
+    pub(crate) no_fin: bool,
+    /// Insert FWD entries before PEER entries (trap 5).
+    pub(crate) fwd_first: bool,
+    /// Never pause a source (trap 3).
+    pub(crate) no_backpressure: bool,
+    /// Leave STATS/CTL entries behind (trap 7).
+    pub(crate) no_cleanup: bool,
+}
+
+impl Breaks {
+    fn from_env() -> Breaks {
+        let mut b = Breaks::default();
+        let Ok(v) = std::env::var(BREAK_ENV) else { return b };
+        for name in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match name {
+                "kick" => b.no_kick = true,
+                "drain" => b.no_drain = true,
+                "fin" => b.no_fin = true,
+                "order" => b.fwd_first = true,
+                "backpressure" => b.no_backpressure = true,
+                "cleanup" => b.no_cleanup = true,
+                other => log::warn!("{BREAK_ENV}: unknown name {other:?} ignored"),
+            }
+        }
+        log::warn!("{BREAK_ENV}={v}: trap fixes switched OFF for testing ({b:?}); this loses data");
+        b
+    }
+}
+
+/// Engine-wide counters (for `doctor`, tests and debugging).
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Connections carried (fully or partly) in the kernel.
+    pub(crate) kernel_conns: AtomicU64,
+    /// Connections handed whole to the splice engine (a socket not ESTABLISHED at setup).
+    pub(crate) splice_fallbacks: AtomicU64,
+    /// Directions copied in userspace (FIN before insertion or during a pause).
+    pub(crate) copy_directions: AtomicU64,
+    /// Times a source was paused for its in-flight cap.
+    pub(crate) pauses: AtomicU64,
+    /// Map deletions that failed at cleanup (besides "not there").
+    pub(crate) cleanup_failures: AtomicU64,
+    /// Highest in-flight byte count measured on any direction.
+    pub(crate) max_inflight_seen: AtomicU64,
+    /// Payload bytes copied in userspace (passed while paused, or sources whose FIN came
+    /// before insertion).
+    pub(crate) copied_bytes: AtomicU64,
+    /// Zero-length buffers the verdict saw (FIN), summed over finished connections.
+    pub(crate) empty_skbs: AtomicU64,
+    /// Connections reset because the kernel delivered bytes twice (see `session`).
+    pub(crate) duplicates: AtomicU64,
+}
+
+/// What the engine shares with its connections.
+pub(crate) struct Inner {
+    pub(crate) kernel: kernel::Kernel,
+    pub(crate) registry: Arc<dispatch::Registry>,
+    pub(crate) budget: budget::Budget,
+    pub(crate) max_inflight: u64,
+    pub(crate) counters: Counters,
+    pub(crate) breaks: Breaks,
+    pub(crate) splice: SpliceEngine,
+    // Declared last: stops the event thread before the maps go.
+    _dispatcher: dispatch::Dispatcher,
+}
+
+/// The sockmap engine: the loaded programs, their maps and the event thread.
 pub struct SockmapEngine {
-    _private: (),
+    inner: Arc<Inner>,
+}
+
+/// A snapshot of the engine's state (for `doctor` and tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Entries in FWD, PEER, STATS and CTL.
+    pub fwd: usize,
+    /// Entries in PEER.
+    pub peer: usize,
+    /// Entries in STATS.
+    pub stats: usize,
+    /// Entries in CTL.
+    pub ctl: usize,
+    /// Cookies registered for events.
+    pub waiters: usize,
+    /// Bytes reserved in the global in-flight budget.
+    pub reserved: u64,
+    /// Kernel error counters (`ERR_*` of ntlm-common).
+    pub kernel_errors: Vec<u64>,
+    /// Wake events received.
+    pub events: u64,
+    /// Connections carried in the kernel.
+    pub kernel_conns: u64,
+    /// Connections handed to splice.
+    pub splice_fallbacks: u64,
+    /// Directions copied in userspace.
+    pub copy_directions: u64,
+    /// Pauses for the in-flight cap.
+    pub pauses: u64,
+    /// Failed map deletions at cleanup.
+    pub cleanup_failures: u64,
+    /// Highest in-flight bytes measured on one direction.
+    pub max_inflight_seen: u64,
+    /// Payload bytes copied in userspace.
+    pub copied_bytes: u64,
+    /// Zero-length (FIN) buffers the verdict saw, over finished connections.
+    pub empty_skbs: u64,
+    /// Connections reset because the kernel delivered bytes twice.
+    pub duplicates: u64,
 }
 
 impl SockmapEngine {
-    /// Loads and self-tests the eBPF programs.
-    pub fn load(_config: &Config) -> anyhow::Result<SockmapEngine> {
-        anyhow::bail!("this build has no eBPF engine yet")
+    /// Loads and attaches the eBPF programs, starts the event thread and runs the start-up
+    /// self-test (a loopback connection spliced through the maps). Any failure comes back as
+    /// an error saying why, so that `--engine auto` can fall back to splice.
+    pub fn load(config: &Config) -> anyhow::Result<SockmapEngine> {
+        let started = Instant::now();
+        let inner = Self::load_untested(config)?;
+        let loaded = started.elapsed();
+        let test_time = selftest::run(&inner).context("sockmap self-test failed")?;
+        log::info!(
+            "sockmap: programs loaded and attached in {} ms, self-test passed in {} ms",
+            loaded.as_millis(),
+            test_time.as_millis()
+        );
+        Ok(SockmapEngine { inner })
     }
 
-    /// Relays one connection.
-    pub async fn relay(&self, _id: u64, _client: TcpStream, _backend: TcpStream, _ctl: &RelayCtl) -> Outcome {
-        unreachable!("SockmapEngine cannot be constructed yet")
+    /// Loads, attaches and starts the event thread; no self-test.
+    fn load_untested(config: &Config) -> anyhow::Result<Arc<Inner>> {
+        Self::load_with(config, Breaks::from_env())
+    }
+
+    /// [`Self::load_untested`] with the given trap fixes switched off.
+    fn load_with(config: &Config, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
+        let with_parser = std::env::var(PARSER_ENV).is_ok_and(|v| v == "1");
+        let kernel::Loaded { kernel, events } = kernel::Kernel::load(with_parser)?;
+        let registry = Arc::new(dispatch::Registry::default());
+        let dispatcher = dispatch::Dispatcher::start(events, Arc::clone(&registry))
+            .context("cannot start the sockmap event thread")?;
+        let inner = Arc::new(Inner {
+            kernel,
+            registry,
+            budget: budget::Budget::new(config.max_inflight_total),
+            max_inflight: config.max_inflight,
+            counters: Counters::default(),
+            breaks,
+            splice: SpliceEngine::new(),
+            _dispatcher: dispatcher,
+        });
+        if with_parser {
+            log::warn!(
+                "sockmap: {PARSER_ENV}=1: stream parser attached (measurement only: pausing is not safe with it)"
+            );
+        }
+        Ok(inner)
+    }
+
+    /// Relays one connection: in the kernel where it can, in userspace where it must.
+    pub async fn relay(&self, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
+        session::relay(&self.inner, id, client, backend, ctl).await
+    }
+
+    /// The engine's maps and counters now.
+    pub fn snapshot(&self) -> Snapshot {
+        snapshot(&self.inner)
     }
 }
+
+pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
+    let k = &inner.kernel;
+    let n = |m: kernel::RawMap| m.len().unwrap_or(usize::MAX);
+    let c = &inner.counters;
+    Snapshot {
+        fwd: n(k.fwd),
+        peer: n(k.peer),
+        stats: n(k.stats),
+        ctl: n(k.ctl),
+        waiters: inner.registry.len(),
+        reserved: inner.budget.reserved(),
+        kernel_errors: k.errors().to_vec(),
+        events: inner.registry.events.load(Ordering::Relaxed),
+        kernel_conns: c.kernel_conns.load(Ordering::Relaxed),
+        splice_fallbacks: c.splice_fallbacks.load(Ordering::Relaxed),
+        copy_directions: c.copy_directions.load(Ordering::Relaxed),
+        pauses: c.pauses.load(Ordering::Relaxed),
+        cleanup_failures: c.cleanup_failures.load(Ordering::Relaxed),
+        max_inflight_seen: c.max_inflight_seen.load(Ordering::Relaxed),
+        copied_bytes: c.copied_bytes.load(Ordering::Relaxed),
+        empty_skbs: c.empty_skbs.load(Ordering::Relaxed),
+        duplicates: c.duplicates.load(Ordering::Relaxed),
+    }
+}
+
+/// Whether this binary carries the eBPF object, and if not, why (for `doctor`).
+pub fn embedded_object() -> Result<usize, &'static str> {
+    match kernel::UNAVAILABLE {
+        Some(reason) => Err(reason),
+        None => Ok(kernel::object_len()),
+    }
+}
+
+/// How long the start-up self-test may take before the engine is declared unusable.
+pub const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(5);

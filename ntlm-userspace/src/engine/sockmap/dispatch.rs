@@ -1,0 +1,148 @@
+//! One thread reads the kernel's wake events and wakes the connection they are for.
+//!
+//! The verdict program emits a `WakeEvent` when a socket's redirected byte count crosses the
+//! threshold its connection set (see `budget`). This thread sleeps in `epoll_wait` on the
+//! ring buffer, so an idle connection costs nothing: no timer, no poll. A plain thread (not a
+//! tokio task) so that the engine works under any runtime, including the self-test's own.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use aya::maps::{MapData, RingBuf};
+use ntlm_common::WakeEvent;
+use tokio::sync::Notify;
+
+/// Connections waiting for events, by socket cookie.
+#[derive(Default)]
+pub(crate) struct Registry {
+    waiters: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// Events read from the ring buffer.
+    pub(crate) events: AtomicU64,
+    /// Events for a cookie nobody waits for (a connection that just ended).
+    pub(crate) orphans: AtomicU64,
+}
+
+impl Registry {
+    /// Registers `cookie`; its events notify the returned `Notify` (a permit is stored when
+    /// nobody is waiting, so no event is lost between two waits).
+    pub(crate) fn register(&self, cookie: u64) -> Arc<Notify> {
+        let n = Arc::new(Notify::new());
+        self.lock().insert(cookie, Arc::clone(&n));
+        n
+    }
+
+    /// Forgets `cookie`.
+    pub(crate) fn unregister(&self, cookie: u64) {
+        self.lock().remove(&cookie);
+    }
+
+    /// Number of registered cookies (tests).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
+        self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wake(&self, cookie: u64) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        match self.lock().get(&cookie) {
+            Some(n) => n.notify_one(),
+            None => {
+                self.orphans.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The dispatcher thread; stopped and joined on drop.
+pub(crate) struct Dispatcher {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Dispatcher {
+    /// Starts the thread reading `ring` into `registry`.
+    pub(crate) fn start(ring: RingBuf<MapData>, registry: Arc<Registry>) -> io::Result<Dispatcher> {
+        // SAFETY: eventfd has no memory preconditions.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop_wait = stop.try_clone()?;
+        let thread = std::thread::Builder::new().name("sockmap-events".into()).spawn(move || {
+            if let Err(e) = run(ring, &registry, &stop_wait) {
+                log::error!("sockmap event dispatcher stopped: {e}; in-flight limits now rely on polling");
+            }
+        })?;
+        Ok(Dispatcher { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&raw const one).cast(), 8) };
+        if rc != 8 {
+            log::warn!("cannot stop the sockmap event thread: {}", io::Error::last_os_error());
+            return;
+        }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::warn!("the sockmap event thread panicked");
+        }
+    }
+}
+
+fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &OwnedFd) -> io::Result<()> {
+    // SAFETY: epoll_create1 has no memory preconditions.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for (fd, token) in [(ring.as_raw_fd(), 0u64), (stop.as_fd().as_raw_fd(), 1)] {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: valid descriptors and event struct.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    loop {
+        // Drain first: events may have been queued before the first wait.
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<WakeEvent>() {
+                // SAFETY: the record holds at least one WakeEvent; read unaligned.
+                let ev: WakeEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                registry.wake(ev.cookie);
+            }
+        }
+        // SAFETY: valid epoll descriptor and output array.
+        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if events[..n as usize].iter().any(|e| e.u64 == 1) {
+            return Ok(());
+        }
+    }
+}

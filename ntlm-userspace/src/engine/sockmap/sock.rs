@@ -1,0 +1,178 @@
+//! The few socket facts the sockmap engine reads from the kernel, each one syscall.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// `SO_COOKIE`: the socket's 64-bit cookie, the key of every map.
+const SO_COOKIE: libc::c_int = 57;
+/// `SIOCOUTQ`: bytes in the send queue not yet acknowledged by the peer (sent or not).
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+/// `SIOCINQ` (FIONREAD): bytes in the receive queue not yet read. Meaningful only before
+/// the socket enters a sockmap (afterwards it reports the psock queue).
+const SIOCINQ: libc::c_ulong = 0x541B;
+/// `TCP_CLOSE_WAIT` in `tcpi_state`.
+pub(super) const TCP_CLOSE_WAIT: u8 = 8;
+/// `TCP_CLOSE` in `tcpi_state`.
+pub(super) const TCP_CLOSE: u8 = 7;
+/// `TCP_TIME_WAIT`, `TCP_LAST_ACK`, `TCP_CLOSING` in `tcpi_state`.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// Whether a socket in `state` has received its peer's FIN.
+pub(super) fn fin_received(state: u8) -> bool {
+    matches!(state, TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT)
+}
+/// `TCP_ESTABLISHED` in `tcpi_state`.
+pub(super) const TCP_ESTABLISHED: u8 = 1;
+
+/// The prefix of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to
+/// `tcpi_bytes_retrans`, with the uapi layout; libc's struct stops before the byte counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct TcpInfo {
+    pub state: u8,
+    pub ca_state: u8,
+    pub retransmits: u8,
+    pub probes: u8,
+    pub backoff: u8,
+    pub options: u8,
+    pub wscale: u8,
+    pub flags: u8,
+    pub rto: u32,
+    pub ato: u32,
+    pub snd_mss: u32,
+    pub rcv_mss: u32,
+    pub unacked: u32,
+    pub sacked: u32,
+    pub lost: u32,
+    pub retrans: u32,
+    pub fackets: u32,
+    pub last_data_sent: u32,
+    pub last_ack_sent: u32,
+    pub last_data_recv: u32,
+    pub last_ack_recv: u32,
+    pub pmtu: u32,
+    pub rcv_ssthresh: u32,
+    pub rtt: u32,
+    pub rttvar: u32,
+    pub snd_ssthresh: u32,
+    pub snd_cwnd: u32,
+    pub advmss: u32,
+    pub reordering: u32,
+    pub rcv_rtt: u32,
+    pub rcv_space: u32,
+    pub total_retrans: u32,
+    pub pacing_rate: u64,
+    pub max_pacing_rate: u64,
+    /// Bytes the peer acknowledged (RFC 4898 tcpEStatsAppHCThruOctetsAcked).
+    pub bytes_acked: u64,
+    /// Bytes received in sequence, the FIN included (tcpEStatsAppHCThruOctetsReceived).
+    pub bytes_received: u64,
+    pub segs_out: u32,
+    pub segs_in: u32,
+    pub notsent_bytes: u32,
+    pub min_rtt: u32,
+    pub data_segs_in: u32,
+    pub data_segs_out: u32,
+    pub delivery_rate: u64,
+    pub busy_time: u64,
+    pub rwnd_limited: u64,
+    pub sndbuf_limited: u64,
+    pub delivered: u32,
+    pub delivered_ce: u32,
+    pub bytes_sent: u64,
+    pub bytes_retrans: u64,
+}
+
+const _: () = assert!(std::mem::offset_of!(TcpInfo, bytes_acked) == 120);
+const _: () = assert!(std::mem::offset_of!(TcpInfo, bytes_received) == 128);
+const _: () = assert!(std::mem::size_of::<TcpInfo>() == 216);
+
+fn getsockopt<T: Copy + Default>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<(T, usize)> {
+    let mut v = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: v is a valid, writable buffer of `len` bytes.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
+    if rc == 0 { Ok((v, len as usize)) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The socket's cookie (`SO_COOKIE`).
+pub(super) fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_COOKIE).map(|(c, _)| c)
+}
+
+/// `TCP_INFO`, checked to include the byte counters.
+pub(super) fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    let (info, len) = getsockopt::<TcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    if len < std::mem::offset_of!(TcpInfo, bytes_received) + 8 {
+        return Err(io::Error::other(format!("TCP_INFO too short ({len} bytes): kernel older than 4.1")));
+    }
+    Ok(info)
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: both requests write one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v) };
+    if rc == 0 { Ok(v.max(0) as u64) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Every byte written into this socket so far (its TCP took them): acknowledged plus still
+/// queued. TCP_INFO is read before SIOCOUTQ so that bytes acknowledged in between make the
+/// sum smaller, never larger: a drain check built on it can wait too long, never too little.
+pub(super) fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    Ok(acked + ioctl_int(fd, SIOCOUTQ)?)
+}
+
+/// Data bytes (the FIN not counted) that arrived on this socket and were taken out of its
+/// receive queue by a reader: `bytes_received - SIOCINQ - FIN`, read until stable so that no
+/// byte arriving between the reads skews it. Valid only while the socket is in no sockmap.
+pub(super) fn bytes_consumed(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    for _ in 0..16 {
+        let before = tcp_info(fd)?.bytes_received;
+        let inq = ioctl_int(fd, SIOCINQ)?;
+        let after = tcp_info(fd)?;
+        if after.bytes_received == before {
+            // bytes_received counts the FIN; SIOCINQ never does.
+            let fin = u64::from(fin_received(after.state));
+            return Ok(before.saturating_sub(inq + fin));
+        }
+    }
+    Err(io::Error::other("receive counters kept moving while reading them"))
+}
+
+/// Sets `SO_RCVLOWAT` to 1. On TCP this calls `tcp_data_ready()`, which runs the socket's
+/// `sk_data_ready` when it has unread bytes: inside a sockmap that is the verdict, so bytes
+/// that arrived before the socket was inserted (or while it was paused) are forwarded now
+/// instead of waiting for the next segment, which may never come.
+pub(super) fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The pending socket error (`SO_ERROR`, which also clears it), as an `io::Error`.
+pub(super) fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let (e, _) = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((e != 0).then(|| io::Error::from_raw_os_error(e)))
+}
+
+/// `recv(MSG_DONTWAIT)` into `buf`.
+pub(super) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
