@@ -49,6 +49,12 @@ pub fn engines() -> Vec<String> {
     }
 }
 
+/// Whether the sockmap engine's own suite runs here: `$NTLM_SPLICE_TEST_SOCKMAP=1`, set by
+/// `cargo xtask test` when `ntlm-splice doctor` finds the engine usable (required in CI).
+pub fn sockmap_suite() -> bool {
+    std::env::var("NTLM_SPLICE_TEST_SOCKMAP").is_ok_and(|v| v == "1")
+}
+
 /// One access-log line (`access: key=value …`).
 #[derive(Clone, Debug)]
 pub struct AccessLine {
