@@ -560,84 +560,44 @@ pub fn table(res: &Results) -> String {
         };
         let g = |s: &str, metric: &str| find(res, s, &w.label, metric);
         let (headers, rows): (Vec<&str>, Vec<Vec<String>>) = match w.kind {
-            WKind::Bulk => (
-                vec![
-                    "subject",
-                    "ok",
-                    "MB/s",
-                    "×peer",
-                    "×direct",
-                    "host CPU s/GB",
-                    "×peer",
-                    "×direct",
-                    "proxy CPU s/GB",
-                    "×peer",
-                    "steal %",
-                ],
-                live.iter()
-                    .map(|s| {
-                        let (tp, hc, pc) = (
-                            g(&s.name, "throughput"),
-                            g(&s.name, "host_cpu"),
-                            g(&s.name, "proxy_cpu"),
-                        );
-                        vec![
-                            s.name.clone(),
-                            ok(&s.name),
-                            spread(tp),
-                            ratio(tp.and_then(|x| x.vs_best_peer)),
-                            ratio(tp.and_then(|x| x.vs_direct)),
-                            spread(hc),
-                            ratio(hc.and_then(|x| x.vs_best_peer)),
-                            ratio(hc.and_then(|x| x.vs_direct)),
-                            spread(pc),
-                            ratio(pc.and_then(|x| x.vs_best_peer)),
-                            g(&s.name, "steal")
-                                .and_then(|x| x.median)
-                                .map_or("-".into(), |v| format!("{v:.0}")),
-                        ]
-                    })
-                    .collect(),
-            ),
-            WKind::Rate => (
-                vec![
-                    "subject",
-                    "ok",
-                    "conn/s",
-                    "×peer",
-                    "×direct",
-                    "host CPU µs/conn",
-                    "×peer",
-                    "×direct",
-                    "proxy CPU µs/conn",
-                    "×peer",
-                    "steal %",
-                ],
-                live.iter()
-                    .map(|s| {
-                        let (r, hc, pc) = (
-                            g(&s.name, "rate"),
-                            g(&s.name, "host_cpu"),
-                            g(&s.name, "proxy_cpu"),
-                        );
-                        vec![
-                            s.name.clone(),
-                            ok(&s.name),
-                            spread(r),
-                            ratio(r.and_then(|x| x.vs_best_peer)),
-                            ratio(r.and_then(|x| x.vs_direct)),
-                            spread(hc),
-                            ratio(hc.and_then(|x| x.vs_best_peer)),
-                            ratio(hc.and_then(|x| x.vs_direct)),
-                            spread(pc),
-                            ratio(pc.and_then(|x| x.vs_best_peer)),
-                            g(&s.name, "steal")
-                                .and_then(|x| x.median)
-                                .map_or("-".into(), |v| format!("{v:.0}")),
-                        ]
-                    })
-                    .collect(),
-            ),
+            WKind::Bulk | WKind::Rate => {
+                // Bulk and rate tables differ only in their main metric and units.
+                let (metric, main, cpu) = if w.kind == WKind::Bulk {
+                    ("throughput", "MB/s", ["host CPU s/GB", "proxy CPU s/GB"])
+                } else {
+                    ("rate", "conn/s", ["host CPU µs/conn", "proxy CPU µs/conn"])
+                };
+                (
+                    vec![
+                        "subject", "ok", main, "×peer", "×direct", cpu[0], "×peer", "×direct", cpu[1],
+                        "×peer", "steal %",
+                    ],
+                    live.iter()
+                        .map(|s| {
+                            let (m, hc, pc) = (
+                                g(&s.name, metric),
+                                g(&s.name, "host_cpu"),
+                                g(&s.name, "proxy_cpu"),
+                            );
+                            vec![
+                                s.name.clone(),
+                                ok(&s.name),
+                                spread(m),
+                                ratio(m.and_then(|x| x.vs_best_peer)),
+                                ratio(m.and_then(|x| x.vs_direct)),
+                                spread(hc),
+                                ratio(hc.and_then(|x| x.vs_best_peer)),
+                                ratio(hc.and_then(|x| x.vs_direct)),
+                                spread(pc),
+                                ratio(pc.and_then(|x| x.vs_best_peer)),
+                                g(&s.name, "steal")
+                                    .and_then(|x| x.median)
+                                    .map_or("-".into(), |v| format!("{v:.0}")),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
             WKind::Lat => (
                 vec![
                     "subject", "ok", "p50 µs", "×peer", "×direct", "p99 µs", "×peer", "×direct",
