@@ -227,6 +227,30 @@ async fn idle_watch<S: Session>(s: &S, timeout: Option<Duration>) {
     }
 }
 
+/// Which sockets of a pair must close with a reset ([`Session::reset_on_close`]); the
+/// engines' sessions keep one and apply it right before their sockets close.
+#[derive(Debug, Default)]
+pub struct ResetOnClose([std::sync::atomic::AtomicBool; 2]);
+
+impl ResetOnClose {
+    /// Marks `side` to close with a reset.
+    pub fn set(&self, side: Side) {
+        self.0[side as usize].store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets SO_LINGER 0 on every marked socket; `fd` gives the socket of a side, `id` names
+    /// the connection in the log.
+    pub fn apply<'a>(&self, id: u64, fd: impl Fn(Side) -> std::os::fd::BorrowedFd<'a>) {
+        for side in [Side::Client, Side::Backend] {
+            if self.0[side as usize].load(std::sync::atomic::Ordering::Relaxed)
+                && let Err(e) = set_linger_zero(fd(side))
+            {
+                log::debug!("conn={id} SO_LINGER on {side:?} socket failed: {e}");
+            }
+        }
+    }
+}
+
 /// Sets SO_LINGER {on, 0} so that closing `fd` sends a reset instead of a FIN.
 pub fn set_linger_zero(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd;

@@ -86,7 +86,7 @@ impl Engine {
     /// Moves bytes between the paired sockets until the connection ends.
     pub async fn relay(&self, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
         match self {
-            Engine::Splice(e) => e.relay(client, backend, ctl).await,
+            Engine::Splice(e) => e.relay(id, client, backend, ctl).await,
             Engine::Sockmap(e) => e.relay(id, client, backend, ctl).await,
         }
     }

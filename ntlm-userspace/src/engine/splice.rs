@@ -12,7 +12,7 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -60,7 +60,7 @@ impl SpliceEngine {
     }
 
     /// Relays one paired connection to its end.
-    pub async fn relay(&self, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
+    pub async fn relay(&self, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
         let s = SpliceSession {
             engine: self,
             client,
@@ -68,8 +68,8 @@ impl SpliceEngine {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             last: AtomicU64::new(monotonic_ns()),
-            reset_client: AtomicBool::new(false),
-            reset_backend: AtomicBool::new(false),
+            reset: relay::ResetOnClose::default(),
+            id,
         };
         let outcome = run_session(&s, ctl, "splice").await;
         s.close();
@@ -117,8 +117,9 @@ struct SpliceSession<'e> {
     up: AtomicU64,
     down: AtomicU64,
     last: AtomicU64,
-    reset_client: AtomicBool,
-    reset_backend: AtomicBool,
+    reset: relay::ResetOnClose,
+    /// Connection id, for the log.
+    id: u64,
 }
 
 /// How a burst ended.
@@ -234,13 +235,7 @@ impl SpliceSession<'_> {
 
     /// Closes both sockets, with a reset where one was asked for.
     fn close(self) {
-        for (side, flag) in [(Side::Client, &self.reset_client), (Side::Backend, &self.reset_backend)] {
-            if flag.load(Ordering::Relaxed)
-                && let Err(e) = relay::set_linger_zero(self.sock(side).as_fd())
-            {
-                log::debug!("SO_LINGER on {side:?} socket failed: {e}");
-            }
-        }
+        self.reset.apply(self.id, |side| self.sock(side).as_fd());
     }
 }
 
@@ -258,10 +253,7 @@ impl Session for SpliceSession<'_> {
     }
 
     fn reset_on_close(&self, side: Side) {
-        match side {
-            Side::Client => self.reset_client.store(true, Ordering::Relaxed),
-            Side::Backend => self.reset_backend.store(true, Ordering::Relaxed),
-        }
+        self.reset.set(side);
     }
 
     fn socket(&self, side: Side) -> &TcpStream {

@@ -147,7 +147,7 @@ struct Conn<'e> {
     /// CLOCK_MONOTONIC ns of the last byte moved that the kernel's `last_ns` does not show
     /// (userspace copy, drain progress).
     last_user: AtomicU64,
-    reset: [AtomicBool; 2],
+    reset: relay::ResetOnClose,
 }
 
 /// Relays one connection (the engine's `relay`).
@@ -157,7 +157,7 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
         Err((client, backend, why)) => {
             log::debug!("conn={id} sockmap: {why}; handing the connection to the splice engine");
             eng.counters.splice_fallbacks.fetch_add(1, Ordering::Relaxed);
-            return eng.splice.relay(client, backend, ctl).await;
+            return eng.splice.relay(id, client, backend, ctl).await;
         }
     };
     eng.counters.kernel_conns.fetch_add(1, Ordering::Relaxed);
@@ -756,13 +756,7 @@ async fn write_all(dst: &TcpStream, buf: &[u8]) -> io::Result<()> {
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         // The fields drop after this: `maps` (every entry) and then the sockets.
-        for side in [Side::Client, Side::Backend] {
-            if self.reset[si(side)].load(Ordering::Relaxed)
-                && let Err(e) = relay::set_linger_zero(self.fd(side))
-            {
-                log::debug!("conn={} SO_LINGER on {side:?} socket failed: {e}", self.id);
-            }
-        }
+        self.reset.apply(self.id, |side| self.fd(side));
     }
 }
 
@@ -785,7 +779,7 @@ impl Session for Conn<'_> {
     }
 
     fn reset_on_close(&self, side: Side) {
-        self.reset[si(side)].store(true, Ordering::Relaxed);
+        self.reset.set(side);
     }
 
     fn socket(&self, side: Side) -> &TcpStream {
