@@ -26,8 +26,10 @@ use crate::{
     relay::RelayCtl,
 };
 
-/// Listen backlog: where clients wait while `--max-connections` are busy.
-pub const LISTEN_BACKLOG: u32 = 1024;
+/// Listen backlog: where clients wait while `--max-connections` are busy. The kernel clamps
+/// it to `net.core.somaxconn` (4096 by default since Linux 5.4); 1,024 overflowed when 1,000
+/// clients connected at once (TcpExtListenOverflows, then syncookies).
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// First pause after accept fails for lack of descriptors or memory.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest pause between accept retries.

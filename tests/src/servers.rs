@@ -104,6 +104,20 @@ pub async fn recv_pattern<R: AsyncReadExt + Unpin>(r: &mut R, seed: u64) -> std:
     }
 }
 
+/// Accept-queue length of the test servers: as deep as the kernel allows (it clamps to
+/// `net.core.somaxconn`, 4096 by default). A real backend (IIS: 1,000 and up) does not
+/// overflow when 1,000 connections arrive at once; with tokio's default of 1,024 this one
+/// did (TcpExtListenOverflows, then SyncookiesFailed = the connections it reset).
+const TEST_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> TcpListener {
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .expect("test server socket");
+    s.set_reuseaddr(true).expect("SO_REUSEADDR");
+    s.bind(addr).expect("bind test server");
+    s.listen(TEST_BACKLOG).expect("listen test server")
+}
+
 /// A loopback server; dropping it stops accepting (live connections finish on their own).
 pub struct Server {
     addr: SocketAddr,
@@ -142,7 +156,7 @@ impl Server {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let l = TcpListener::bind(addr).await.expect("bind test server");
+        let l = listen(addr);
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
         let count = accepted.clone();

@@ -299,7 +299,6 @@ async fn client_that_half_closes_immediately_gets_its_answer() {
 
 /// 1,000 connections at once, each with its own pattern, each byte-exact both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap engine (issue 3, open): about 5% of 1,000 concurrent connections end backend_reset at set-up; run with --ignored"]
 async fn a_thousand_concurrent_connections_are_each_byte_exact() {
     if !sockmap_enabled() {
         return;
