@@ -90,6 +90,15 @@ pub struct SockStats {
     pub passed: u64,
     /// Number of socket buffers counted in `passed`.
     pub passed_segs: u64,
+    /// Messages the stream parser cut (0 without a parser).
+    pub parsed_msgs: u64,
+    /// Length the stream parser gave the message the verdict runs for next: with a parser
+    /// this, not the buffer's length, is what a verdict forwards (a strparser message may
+    /// start inside its first buffer).
+    pub msg_len: u64,
+    /// Verdict runs whose buffer length differed from the parsed message length (the
+    /// verdict counted the parsed length).
+    pub len_mismatch: u64,
 }
 
 /// Per-socket settings written by userspace, keyed by the socket's cookie.
@@ -119,7 +128,7 @@ pub struct WakeEvent {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockStats>() == 11 * 8);
+const _: () = assert!(core::mem::size_of::<SockStats>() == 14 * 8);
 const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
 const _: () = assert!(core::mem::size_of::<SockCtl>() == 3 * 8);
 const _: () = assert!(core::mem::size_of::<WakeEvent>() == 16);

@@ -44,16 +44,30 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERR_COUNT, 0);
 
-/// Stream parser: every socket buffer is one whole message (no framing).
+/// Set to 1 by the loader when the stream parser is attached: the verdict then forwards
+/// whole strparser messages and counts the length the parser gave each one.
+#[unsafe(no_mangle)]
+static PARSER_ATTACHED: u8 = 0;
+
+/// Stream parser: every socket buffer is one whole message (no framing). With a parser the
+/// kernel reads the socket with `tcp_read_sock()`, which starts at the reader's position in a
+/// buffer, so a retransmitted segment that overlaps bytes already read is not delivered
+/// twice (`tcp_read_skb()`, the verdict-only path, hands over whole buffers).
 #[stream_parser]
 pub fn ntlm_parser(ctx: SkBuffContext) -> u32 {
-    match try_parser(&ctx) {
-        Ok(v) | Err(v) => v,
+    let len = ctx.len();
+    // SAFETY: sk_skb programs may call bpf_get_socket_cookie with their own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match STATS.get_ptr_mut(cookie) {
+        // SAFETY: a map value pointer from a successful lookup; the parser and the verdict of
+        // one socket run under that socket's lock, one message at a time.
+        Some(s) => unsafe {
+            (*s).msg_len = u64::from(len);
+            (*s).parsed_msgs += 1;
+        },
+        None => count_error(ERR_NO_STATS),
     }
-}
-
-fn try_parser(ctx: &SkBuffContext) -> Result<u32, u32> {
-    Ok(ctx.len())
+    len
 }
 
 /// Stream verdict: redirect to the peer's egress and count, or keep the bytes for userspace
@@ -66,7 +80,9 @@ pub fn ntlm_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
-    let len = u64::from(ctx.len());
+    let buf_len = u64::from(ctx.len());
+    // SAFETY: a plain read of a constant the loader may have patched.
+    let parser = unsafe { core::ptr::read_volatile(&raw const PARSER_ATTACHED) } != 0;
     // SAFETY: sk_skb programs may call bpf_get_socket_cookie with their own context; the
     // kernel sets skb->sk to the receiving socket before running the verdict.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -77,7 +93,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // it: passed (SK_PASS), it is queued behind any bytes redirected *to* this socket, and
     // the psock backlog then takes its 0-byte delivery for a hard error, reports EPIPE on
     // the socket and stops sending (measured: the start-up self-test failed that way).
-    if len == 0 {
+    if buf_len == 0 {
         match stats {
             // SAFETY: a map value pointer from a successful lookup, valid for this run.
             Some(s) => unsafe { (*s).empty_skbs += 1 },
@@ -99,6 +115,12 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: a map value pointer from a successful lookup; the verdict of one socket runs
     // under that socket's lock, so nothing else writes this entry meanwhile.
     let s = unsafe { &mut *s };
+    // With a parser the kernel forwards the message the parser cut, which may start inside
+    // this buffer: count that length.
+    let len = if parser { s.msg_len } else { buf_len };
+    if parser && len != buf_len {
+        s.len_mismatch += 1;
+    }
     let ctl = match CTL.get_ptr(cookie) {
         // SAFETY: a map value pointer from a successful lookup; copied out at once.
         Some(c) => unsafe { *c },

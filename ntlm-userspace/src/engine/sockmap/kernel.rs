@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
@@ -154,7 +154,11 @@ impl Kernel {
         if let Some(reason) = UNAVAILABLE {
             return Err(anyhow!("this binary was built without the eBPF object: {reason}"));
         }
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object (creating its maps) failed")?;
+        let attached = u8::from(with_parser);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("PARSER_ATTACHED", &attached, true)
+            .load(OBJECT)
+            .context("loading the eBPF object (creating its maps) failed")?;
         let (fwd_fd, fwd) = match take(&mut ebpf, FWD_MAP)? {
             Map::SockHash(m) => (fd_of(&m), SockHash::<MapData, u64>::try_from(Map::SockHash(m))?),
             _ => return Err(anyhow!("{FWD_MAP} is not a SockHash")),
