@@ -19,14 +19,22 @@ pub struct Balancer {
     backends: Vec<SocketAddr>,
     next: AtomicUsize,
     /// Live connections per backend (least-conn), indexed like `backends`.
-    live: Arc<[AtomicUsize]>,
+    live: Arc<Vec<AtomicUsize>>,
 }
 
 /// Holds one live-connection count on a backend until dropped.
 #[derive(Debug)]
 pub struct BackendLease {
-    live: Arc<[AtomicUsize]>,
+    // A thin Arc: the lease lives in every connection's task.
+    live: Arc<Vec<AtomicUsize>>,
     index: usize,
+}
+
+impl BackendLease {
+    /// The backend this lease counts on, as an index for [`Balancer::addr`].
+    pub fn index(&self) -> usize {
+        self.index
+    }
 }
 
 impl Drop for BackendLease {
@@ -39,7 +47,7 @@ impl Balancer {
     /// A balancer over `backends` (must not be empty; `Config` guarantees it).
     pub fn new(policy: Balance, backends: Vec<SocketAddr>) -> Self {
         assert!(!backends.is_empty(), "balancer needs at least one backend");
-        let live = backends.iter().map(|_| AtomicUsize::new(0)).collect();
+        let live = Arc::new(backends.iter().map(|_| AtomicUsize::new(0)).collect());
         Self { policy, backends, next: AtomicUsize::new(0), live }
     }
 
@@ -61,6 +69,11 @@ impl Balancer {
             let idx = (start + i) % n;
             (idx, self.backends[idx])
         })
+    }
+
+    /// The address of backend `index`.
+    pub fn addr(&self, index: usize) -> SocketAddr {
+        self.backends[index]
     }
 
     /// Counts a live connection on backend `index` until the lease is dropped.

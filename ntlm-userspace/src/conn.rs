@@ -6,12 +6,13 @@
 //! project exists for (NTLM and Negotiate authenticate the TCP connection).
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
 
 use crate::{
     balance::{BackendLease, Balancer},
@@ -32,40 +33,66 @@ pub struct Shared {
     pub ctl: RelayCtl,
 }
 
-/// Serves one accepted client connection to its end.
-pub async fn serve(shared: &Shared, id: u64, client: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
-    let connected = tokio::select! {
-        c = connect_backend(shared, id, peer) => c,
-        () = shared.ctl.force_close.cancelled() => None,
-    };
-    let Some((backend, backend_addr, _lease)) = connected else {
-        // Dropping the client closes it at once: no backend would take it.
-        access_log(id, peer, None, shared.engine.name(), &Outcome {
-            bytes_up: 0,
-            bytes_down: 0,
-            end: End::ConnectFailed,
-            fault: None,
-            engine: shared.engine.name(),
-        }, started.elapsed());
-        return;
-    };
-    if let Err(e) = client.set_nodelay(true).and_then(|()| backend.set_nodelay(true)) {
-        log::debug!("conn={id} TCP_NODELAY: {e}");
+/// Serves one accepted client connection to its end, then releases its connection slot
+/// (`permit`).
+///
+/// Everything is owned by this one future, which is the connection's task: while the
+/// connection is idle its size is what the connection costs in memory. So the connect phase
+/// (timeouts, failover) is boxed and freed once connected, and this is not an `async fn`,
+/// which would store its by-value arguments a second time.
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
+    shared: Arc<Shared>,
+    id: u64,
+    client: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let started = Instant::now();
+        // The connect phase (timeouts, failover) is one boxed future, freed once connected.
+        // Its output is destructured in place: a named local holding the backend or the lease
+        // (or borrowed, as by set_nodelay) would keep its slot in this task for the
+        // connection's whole life.
+        let Some((backend, lease)) = Box::pin(async {
+            let c = tokio::select! {
+                c = connect_backend(&shared, id, peer) => c,
+                () = shared.ctl.force_close.cancelled() => None,
+            };
+            if let Some((backend, _)) = &c
+                && let Err(e) = client.set_nodelay(true).and_then(|()| backend.set_nodelay(true))
+            {
+                log::debug!("conn={id} TCP_NODELAY: {e}");
+            }
+            c
+        })
+        .await
+        else {
+            // Dropping the client closes it at once: no backend would take it.
+            drop(client);
+            access_log(id, peer, None, shared.engine.name(), &Outcome {
+                bytes_up: 0,
+                bytes_down: 0,
+                end: End::ConnectFailed,
+                fault: None,
+                engine: shared.engine.name(),
+            }, started.elapsed());
+            drop(permit);
+            return;
+        };
+        let outcome = shared.engine.relay(id, client, backend, &shared.ctl).await;
+        let backend_addr = shared.balancer.addr(lease.index());
+        drop(lease);
+        access_log(id, peer, Some(backend_addr), outcome.engine, &outcome, started.elapsed());
+        drop(permit);
     }
-    let outcome = shared.engine.relay(id, client, backend, &shared.ctl).await;
-    access_log(id, peer, Some(backend_addr), outcome.engine, &outcome, started.elapsed());
 }
 
-async fn connect_backend(
-    shared: &Shared,
-    id: u64,
-    peer: SocketAddr,
-) -> Option<(TcpStream, SocketAddr, BackendLease)> {
+async fn connect_backend(shared: &Shared, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
     let timeout = shared.config.connect_timeout;
     for (index, addr) in shared.balancer.order(peer) {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => return Some((s, addr, shared.balancer.lease(index))),
+            Ok(Ok(s)) => return Some((s, shared.balancer.lease(index))),
             Ok(Err(e)) => log::warn!("conn={id} backend={addr} connect failed: {e}; trying the next backend"),
             Err(_) => log::warn!(
                 "conn={id} backend={addr} connect timed out after {}; trying the next backend",
@@ -97,4 +124,52 @@ fn access_log(
         elapsed.as_millis(),
         o.end.as_str(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::{Balance, EngineChoice};
+
+    /// What an idle connection costs the process is mostly its task, i.e. this future (plus
+    /// tokio's two socket registrations). The bound is there so that a change that bloats it
+    /// (an unboxed engine future, a large local held across the relay) is noticed.
+    #[tokio::test]
+    async fn connection_task_is_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let config = Arc::new(Config {
+            listen: vec![addr],
+            backends: vec![addr],
+            engine: EngineChoice::Splice,
+            balance: Balance::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            drain_timeout: Duration::from_secs(1),
+            max_connections: 1,
+            max_inflight: 1 << 20,
+            max_inflight_total: 1 << 20,
+        });
+        let shared = Arc::new(Shared {
+            balancer: crate::balance::Balancer::new(config.balance, config.backends.clone()),
+            ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: CancellationToken::new() },
+            engine: Arc::new(Engine::select(&config).unwrap().0),
+            config,
+        });
+        let client = TcpStream::connect(addr).await.unwrap();
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        {
+            let c2 = TcpStream::connect(addr).await.unwrap();
+            let c3 = TcpStream::connect(addr).await.unwrap();
+            eprintln!("engine relay {}", size_of_val(&shared.engine.relay(1, c2, c3, &shared.ctl)));
+            eprintln!("outcome {}", size_of::<Outcome>());
+        }
+        let task = serve(shared, 1, client, addr, permit);
+        let size = size_of_val(&task);
+        eprintln!("connection task future: {size} bytes");
+        assert!(size <= 600, "the connection task grew to {size} bytes");
+    }
 }

@@ -196,7 +196,7 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
 }
 
 /// Resolves when `sock` reports an error (EPOLLERR: a reset, a timeout), with that error.
-async fn socket_error(sock: &tokio::net::TcpStream) -> io::Error {
+pub(crate) async fn socket_error(sock: &tokio::net::TcpStream) -> io::Error {
     loop {
         match sock.ready(tokio::io::Interest::ERROR).await {
             Ok(r) if r.is_error() => {

@@ -141,11 +141,7 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    conn::serve(&shared, id, client, peer).await;
-                    drop(permit);
-                });
+                conns.spawn(conn::serve(shared.clone(), id, client, peer, permit));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff == ACCEPT_BACKOFF_MIN {

@@ -4,9 +4,10 @@
 pub mod sockmap;
 pub mod splice;
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::{
     config::{Config, EngineChoice},
@@ -84,10 +85,20 @@ impl Engine {
     }
 
     /// Moves bytes between the paired sockets until the connection ends.
-    pub async fn relay(&self, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
+    ///
+    /// The sockmap future is boxed: it is several KiB, and unboxed it would set the size of
+    /// every connection task, splice ones included (an idle connection's memory is mostly its
+    /// task). Not an `async fn`, whose by-value arguments would be stored a second time.
+    pub fn relay<'a>(
+        &'a self,
+        id: u64,
+        client: TcpStream,
+        backend: TcpStream,
+        ctl: &'a RelayCtl,
+    ) -> impl Future<Output = Outcome> + Send + 'a {
         match self {
-            Engine::Splice(e) => e.relay(id, client, backend, ctl).await,
-            Engine::Sockmap(e) => e.relay(id, client, backend, ctl).await,
+            Engine::Splice(e) => Either::Left(e.relay(id, client, backend, ctl)),
+            Engine::Sockmap(e) => Either::Right(Box::pin(e.relay(id, client, backend, ctl))),
         }
     }
 }
