@@ -59,8 +59,9 @@ pub fn serve(
                 c = connect_backend(&shared, id, peer) => c,
                 () = shared.ctl.force_close.cancelled() => None,
             };
+            // The client socket has TCP_NODELAY from the listener (server::bind).
             if let Some((backend, _)) = &c
-                && let Err(e) = client.set_nodelay(true).and_then(|()| backend.set_nodelay(true))
+                && let Err(e) = backend.set_nodelay(true)
             {
                 log::debug!("conn={id} TCP_NODELAY: {e}");
             }

@@ -328,6 +328,16 @@ impl<'a> Conn<'a> {
             match r {
                 Ok(0) => {
                     self.give_back(dir);
+                    let other = match dir {
+                        Dir::Up => Dir::Down,
+                        Dir::Down => Dir::Up,
+                    };
+                    if self.done[other as usize] {
+                        // The last direction: both sockets are closed right after, and close(2)
+                        // sends this FIN (no RST: each socket's source side reached EOF, so
+                        // neither has unread bytes). One syscall per connection saved.
+                        return Poll::Ready(Ok(()));
+                    }
                     return Poll::Ready(relay::shutdown_write(dst.as_fd()).map_err(Fault::on(dir.dst())));
                 }
                 Ok(n) => lane.pending = n as u32,
