@@ -365,20 +365,15 @@ fn one_exchange(addr: SocketAddr, req: &[u8], want: &[u8], resp: &mut [u8]) -> R
     Ok(())
 }
 
+/// The header of one echo exchange of `size` bytes each way.
+fn echo_header(size: u32) -> [u8; proto::HEADER_LEN] {
+    Header { mode: Mode::Echo { req: size, resp: size }, flags: 0, n: 0 }.encode()
+}
+
 fn echo_request(size: u32, pat: &[u8], with_header: bool) -> Vec<u8> {
     let mut req = Vec::new();
     if with_header {
-        req.extend_from_slice(
-            &Header {
-                mode: Mode::Echo {
-                    req: size,
-                    resp: size,
-                },
-                flags: 0,
-                n: 0,
-            }
-            .encode(),
-        );
+        req.extend_from_slice(&echo_header(size));
     }
     req.extend_from_slice(&pat[..size as usize]);
     req
@@ -452,17 +447,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 fn lat(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
     let size = a.size.clamp(1, CHUNK as u32);
     let mut s = connect(a.target)?;
-    s.write_all(
-        &Header {
-            mode: Mode::Echo {
-                req: size,
-                resp: size,
-            },
-            flags: 0,
-            n: 0,
-        }
-        .encode(),
-    )
+    s.write_all(&echo_header(size))
     .map_err(|e| io_err("header", e))?;
     let req = echo_request(size, pat, false);
     let want = &pat[..size as usize];
