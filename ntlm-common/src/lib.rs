@@ -54,8 +54,11 @@ pub const ERR_NO_STATS: u32 = 0;
 pub const ERR_NO_CTL: u32 = 1;
 /// [`ERRORS_MAP`] index: a redirect found no peer for a socket that had no stats entry.
 pub const ERR_NO_PEER_UNTRACKED: u32 = 2;
+/// [`ERRORS_MAP`] index: a buffer started after [`SockStats::seq_next`] (a gap: bytes the
+/// verdict never saw). Not expected; counted so that a kernel change would show up.
+pub const ERR_SEQ_GAP: u32 = 3;
 /// Number of [`ERRORS_MAP`] slots.
-pub const ERR_COUNT: u32 = 3;
+pub const ERR_COUNT: u32 = 4;
 
 /// Per-socket counters kept by the stream verdict program, keyed by the socket's cookie.
 ///
@@ -99,6 +102,45 @@ pub struct SockStats {
     /// Verdict runs whose buffer length differed from the parsed message length (the
     /// verdict counted the parsed length).
     pub len_mismatch: u64,
+    /// TCP sequence number just past the last payload byte the verdict has seen on this
+    /// socket, plus [`SEQ_KNOWN`] once set (0: not yet; the first verdict starts it at the
+    /// socket's `copied_seq`). Verdict-only mode with the overlap guard on (see
+    /// [`SEQ_GUARD_GLOBAL`]).
+    pub seq_next: u64,
+    /// Socket buffers that started before `seq_next`: retransmitted segments overlapping
+    /// bytes already taken from this socket. The verdict cut the overlap off before
+    /// forwarding (`tcp_read_skb()` hands over whole buffers and would deliver it twice).
+    pub overlap_skbs: u64,
+    /// Payload bytes cut off by the overlap guard (counted in neither `bytes` nor `passed`).
+    pub overlap_bytes: u64,
+    /// Overlapping buffers the guard could not cut (`bpf_skb_adjust_room` failed, or a
+    /// kernel read failed): the buffer was dropped and userspace resets the connection,
+    /// because the stream is no longer intact.
+    pub guard_failed: u64,
+}
+
+/// Flag added to [`SockStats::seq_next`] once it holds a sequence number.
+pub const SEQ_KNOWN: u64 = 1 << 32;
+
+/// Name of the loader-patched global (a [`SeqGuard`]) that turns the overlap guard on.
+pub const SEQ_GUARD_GLOBAL: &str = "SEQ_GUARD";
+
+/// Byte offsets in the running kernel's structs, read by userspace from its BTF
+/// (`/sys/kernel/btf/vmlinux`) and patched into the verdict before loading, for the overlap
+/// guard. `enabled` 0 (no BTF): the guard is off and the verdict forwards whole buffers as
+/// the kernel hands them over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqGuard {
+    /// Non-zero: the offsets below are valid and the guard is on.
+    pub enabled: u32,
+    /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, seq)`: the buffer's first
+    /// sequence number.
+    pub skb_seq: u32,
+    /// `offsetof(struct sk_buff, sk)`.
+    pub skb_sk: u32,
+    /// `offsetof(struct tcp_sock, copied_seq)`: where the reader of the socket stands.
+    pub tcp_copied_seq: u32,
 }
 
 /// Per-socket settings written by userspace, keyed by the socket's cookie.
@@ -128,7 +170,8 @@ pub struct WakeEvent {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockStats>() == 14 * 8);
+const _: () = assert!(core::mem::size_of::<SockStats>() == 18 * 8);
+const _: () = assert!(core::mem::size_of::<SeqGuard>() == 4 * 4);
 const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
 const _: () = assert!(core::mem::size_of::<SockCtl>() == 3 * 8);
 const _: () = assert!(core::mem::size_of::<WakeEvent>() == 16);
@@ -142,4 +185,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockCtl {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WakeEvent {}
+    // SAFETY: `#[repr(C)]`, `Copy`, four `u32`s (no padding, every bit pattern valid).
+    unsafe impl aya::Pod for super::SeqGuard {}
 }

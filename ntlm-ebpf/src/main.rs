@@ -9,6 +9,14 @@
 //! `ntlm-userspace/src/engine/sockmap`). When userspace pauses A (in-flight cap reached) the
 //! verdict passes A's buffers to A's own receive queue instead, where they are charged to A
 //! so that TCP flow control stops the sender; userspace copies them to B in order.
+//!
+//! Overlap guard (verdict-only mode): `tcp_read_skb()` hands the verdict whole buffers from the
+//! receive queue, and TCP queues a retransmitted segment that partly overlaps bytes already
+//! received without trimming it (`tcp_recvmsg()` skips the overlap by sequence number; the
+//! sockmap path does not), so the overlap would be forwarded twice. The verdict therefore
+//! tracks each socket's next expected sequence number and cuts the overlap off the head of
+//! the buffer before forwarding it. The struct offsets it needs come from the kernel's BTF
+//! via the loader ([`SEQ_GUARD`]).
 
 #![no_std]
 #![no_main]
@@ -16,14 +24,14 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, stream_parser, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use ntlm_common::{
-    ERR_COUNT, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, EVENTS_BYTES, MAX_SOCKETS, SockCtl, SockStats,
-    WakeEvent,
+    ERR_COUNT, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, ERR_SEQ_GAP, EVENTS_BYTES,
+    MAX_SOCKETS, SEQ_KNOWN, SeqGuard, SockCtl, SockStats, WakeEvent,
 };
 
 #[map]
@@ -48,6 +56,22 @@ static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERR_COUNT, 0);
 /// whole strparser messages and counts the length the parser gave each one.
 #[unsafe(no_mangle)]
 static PARSER_ATTACHED: u8 = 0;
+
+/// Kernel struct offsets for the overlap guard, patched by the loader from the running
+/// kernel's BTF (`enabled` stays 0 when it has none: the guard is off).
+#[unsafe(no_mangle)]
+static SEQ_GUARD: SeqGuard = SeqGuard {
+    enabled: 0,
+    skb_seq: 0,
+    skb_sk: 0,
+    tcp_copied_seq: 0,
+};
+
+/// Most bytes one `bpf_skb_adjust_room` call may cut from an sk_skb buffer (kernel limit).
+const CUT_STEP: u32 = 0xfff;
+/// Most cut steps per buffer: 32 x 4095 bytes covers a 128 KiB overlap, twice the largest
+/// segment loopback GSO sends. A larger overlap counts as `guard_failed`.
+const CUT_STEPS: u32 = 32;
 
 /// Stream parser: every socket buffer is one whole message (no framing). With a parser the
 /// kernel reads the socket with `tcp_read_sock()`, which starts at the reader's position in a
@@ -115,6 +139,24 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: a map value pointer from a successful lookup; the verdict of one socket runs
     // under that socket's lock, so nothing else writes this entry meanwhile.
     let s = unsafe { &mut *s };
+    let mut buf_len = buf_len;
+    if !parser {
+        // SAFETY: a plain read of a constant the loader may have patched.
+        let guard = unsafe { core::ptr::read_volatile(&raw const SEQ_GUARD) };
+        if guard.enabled != 0 {
+            match cut_overlap(ctx, s, &guard, buf_len as u32) {
+                Ok(left) => buf_len = u64::from(left),
+                Err(()) => {
+                    s.guard_failed += 1;
+                    return Err(SK_DROP);
+                }
+            }
+            if buf_len == 0 {
+                // Entirely bytes this socket had already handed over.
+                return Ok(SK_DROP);
+            }
+        }
+    }
     // With a parser the kernel forwards the message the parser cut, which may start inside
     // this buffer: count that length.
     let len = if parser { s.msg_len } else { buf_len };
@@ -161,6 +203,106 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         }
     }
     Ok(SK_PASS)
+}
+
+/// The overlap guard: cuts off the head of this buffer the bytes before `s.seq_next` (already
+/// taken from the socket) and advances `s.seq_next`. Returns the buffer's length after the
+/// cut; `Err` if a kernel read or a cut failed (the buffer is then no longer usable).
+fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -> Result<u32, ()> {
+    let skb = ctx.as_ptr().cast::<u8>();
+    // SAFETY: reads through bpf_probe_read_kernel (faults return an error); the offsets come
+    // from the running kernel's BTF: the buffer's TCP_SKB_CB(skb)->seq.
+    let seq: u32 =
+        unsafe { bpf_probe_read_kernel(skb.wrapping_add(g.skb_seq as usize).cast::<u32>()) }
+            .map_err(|_| ())?;
+    if s.seq_next & SEQ_KNOWN == 0 {
+        // First buffer since insertion: it continues from where the socket's reader stood.
+        // SAFETY: as above: skb->sk, then tcp_sk(sk)->copied_seq.
+        let sk: *const u8 = unsafe {
+            bpf_probe_read_kernel(skb.wrapping_add(g.skb_sk as usize).cast::<*const u8>())
+        }
+        .map_err(|_| ())?;
+        // SAFETY: as above.
+        let copied: u32 = unsafe {
+            bpf_probe_read_kernel(sk.wrapping_add(g.tcp_copied_seq as usize).cast::<u32>())
+        }
+        .map_err(|_| ())?;
+        s.seq_next = SEQ_KNOWN | u64::from(copied);
+    }
+    let next = s.seq_next as u32;
+    let end = seq.wrapping_add(len);
+    let ahead = next.wrapping_sub(seq) as i32;
+    let mut left = len;
+    if ahead < 0 {
+        count_error(ERR_SEQ_GAP);
+    } else if ahead > 0 {
+        let overlap = (ahead as u32).min(len);
+        if !cut_head(ctx.as_ptr(), overlap) {
+            return Err(());
+        }
+        s.overlap_skbs += 1;
+        s.overlap_bytes += u64::from(overlap);
+        left = len - overlap;
+    }
+    if end.wrapping_sub(next) as i32 > 0 {
+        s.seq_next = SEQ_KNOWN | u64::from(end);
+    }
+    Ok(left)
+}
+
+/// State of one [`cut_head`] for its [`cut_step`] callback.
+#[repr(C)]
+struct Cut {
+    /// This program's context (`struct sk_buff`).
+    skb: *mut core::ffi::c_void,
+    /// Bytes still to cut.
+    todo: u32,
+    /// Non-zero once a helper call failed.
+    failed: u32,
+}
+
+/// Cuts `n` bytes off the head of the buffer, in the steps `bpf_skb_adjust_room` accepts.
+/// The steps run under `bpf_loop`, so the verifier checks one step, not each of up to
+/// [`CUT_STEPS`] unrolled with every path through the rest of the verdict. Returns `true` if
+/// all `n` bytes were cut.
+fn cut_head(skb: *mut core::ffi::c_void, n: u32) -> bool {
+    let mut cut = Cut {
+        skb,
+        todo: n,
+        failed: 0,
+    };
+    // SAFETY: `cut_step` matches bpf_loop's callback signature and only reads `cut`, which
+    // lives on this stack for the whole call.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            CUT_STEPS,
+            cut_step as *mut core::ffi::c_void,
+            (&raw mut cut).cast(),
+            0,
+        )
+    };
+    rc >= 0 && cut.failed == 0 && cut.todo == 0
+}
+
+/// One step of [`cut_head`]: cuts up to [`CUT_STEP`] bytes. Returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn cut_step(_index: u64, cut: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `Cut` that `cut_head` gave it.
+    let cut = unsafe { &mut *cut.cast::<Cut>() };
+    let step = cut.todo.min(CUT_STEP);
+    if step == 0 {
+        return 1;
+    }
+    // SAFETY: `cut.skb` is the program's context, as the helper requires.
+    if unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_adjust_room(cut.skb.cast(), -(step as i32), 0, 0)
+    } != 0
+    {
+        cut.failed = 1;
+        return 1;
+    }
+    cut.todo -= step;
+    0
 }
 
 fn count_error(index: u32) {

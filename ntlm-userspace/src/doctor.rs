@@ -93,7 +93,22 @@ pub fn run() -> anyhow::Result<()> {
                 line("programs", "loaded and attached");
                 line("self_test", format!("passed ({} ms including load)", started.elapsed().as_millis()));
                 let s = e.snapshot();
-                line("maps_after_self_test", format!("fwd={} peer={} stats={} ctl={}", s.fwd, s.peer, s.stats, s.ctl));
+                line(
+                    "maps_after_self_test",
+                    format!(
+                        "fwd={} peer={} stats={} ctl={}",
+                        s.fwd, s.peer, s.stats, s.ctl
+                    ),
+                );
+                line(
+                    "overlap_guard",
+                    match &s.guard_off {
+                        None => "on (struct offsets from the kernel's BTF)".to_string(),
+                        Some(why) => {
+                            format!("off: {why}; a retransmit overlap resets the connection")
+                        }
+                    },
+                );
                 line("sockmap_engine", "available");
                 ("splice", crate::engine::AUTO_REASON.to_string())
             }

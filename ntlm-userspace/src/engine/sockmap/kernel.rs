@@ -17,8 +17,11 @@ use aya::{
     programs::SkSkb,
 };
 use ntlm_common::{
-    CTL_MAP, ERR_COUNT, ERRORS_MAP, EVENTS_MAP, FWD_MAP, PARSER_PROG, PEER_MAP, STATS_MAP, SockStats, VERDICT_PROG,
+    CTL_MAP, ERR_COUNT, ERRORS_MAP, EVENTS_MAP, FWD_MAP, PARSER_PROG, PEER_MAP, SEQ_GUARD_GLOBAL,
+    STATS_MAP, SeqGuard, SockStats, VERDICT_PROG,
 };
+
+use super::btf;
 
 /// The eBPF object built by `build.rs` (empty when the build had no eBPF toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntlm-ebpf"));
@@ -131,6 +134,8 @@ pub(crate) struct Kernel {
     pub(crate) peer: RawMap,
     pub(crate) stats: RawMap,
     pub(crate) ctl: RawMap,
+    /// Why the overlap guard is off (`None`: on).
+    pub(crate) guard_off: Option<String>,
 }
 
 /// What [`Kernel::load`] hands over besides the kernel itself.
@@ -149,14 +154,34 @@ fn fd_of(map: &MapData) -> RawFd {
 
 impl Kernel {
     /// Loads the embedded object, creates its maps and attaches the verdict (and, with
-    /// `with_parser`, the stream parser) to FWD.
-    pub(crate) fn load(with_parser: bool) -> anyhow::Result<Loaded> {
+    /// `with_parser`, the stream parser) to FWD. `overlap_guard`: switch the verdict's
+    /// retransmit overlap guard on where the kernel's BTF allows (false only in tests).
+    pub(crate) fn load(with_parser: bool, overlap_guard: bool) -> anyhow::Result<Loaded> {
         if let Some(reason) = UNAVAILABLE {
             return Err(anyhow!("this binary was built without the eBPF object: {reason}"));
         }
         let attached = u8::from(with_parser);
+        // The overlap guard is for the verdict-only path; a stream parser reads the socket with
+        // tcp_read_sock(), which skips overlaps itself.
+        let (guard, guard_off) = if with_parser {
+            (
+                SeqGuard::default(),
+                Some("not needed with a stream parser".to_owned()),
+            )
+        } else if !overlap_guard {
+            (
+                SeqGuard::default(),
+                Some("switched off for testing".to_owned()),
+            )
+        } else {
+            match btf::running_kernel() {
+                Ok(g) => (g, None),
+                Err(e) => (SeqGuard::default(), Some(e.to_string())),
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("PARSER_ATTACHED", &attached, true)
+            .override_global(SEQ_GUARD_GLOBAL, &guard, true)
             .load(OBJECT)
             .context("loading the eBPF object (creating its maps) failed")?;
         let (fwd_fd, fwd) = match take(&mut ebpf, FWD_MAP)? {
@@ -201,6 +226,7 @@ impl Kernel {
             _stats: stats,
             _ctl: ctl,
             errors,
+            guard_off,
         };
         Ok(Loaded { kernel, events })
     }

@@ -38,6 +38,7 @@
 //! 9. Drain condition: as in 2, with the FIN counted once.
 //! 10. aya-log is not used by the programs, so there is no logger whose map could go away.
 
+mod btf;
 mod budget;
 mod dispatch;
 mod kernel;
@@ -63,7 +64,7 @@ use crate::{config::Config, relay::RelayCtl};
 
 /// Environment variable (test hook) naming trap fixes to switch off, comma separated, to
 /// prove that a test catches the trap: `kick`, `drain`, `fin`, `order`, `backpressure`,
-/// `cleanup`. Never set it in production: each one loses data, hangs or leaks.
+/// `cleanup`, `overlap`. Never set it in production: each one loses data, hangs or leaks.
 pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
 /// Environment variable: `1` also attaches the stream parser program (measurement only; see
 /// `session` for why the engine runs without one).
@@ -84,6 +85,8 @@ pub(crate) struct Breaks {
     pub(crate) no_backpressure: bool,
     /// Leave STATS/CTL entries behind (trap 7).
     pub(crate) no_cleanup: bool,
+    /// Load the verdict with its retransmit overlap guard off.
+    pub(crate) no_overlap_guard: bool,
 }
 
 impl Breaks {
@@ -98,6 +101,7 @@ impl Breaks {
                 "order" => b.fwd_first = true,
                 "backpressure" => b.no_backpressure = true,
                 "cleanup" => b.no_cleanup = true,
+                "overlap" => b.no_overlap_guard = true,
                 other => log::warn!("{BREAK_ENV}: unknown name {other:?} ignored"),
             }
         }
@@ -128,6 +132,10 @@ pub(crate) struct Counters {
     pub(crate) empty_skbs: AtomicU64,
     /// Connections reset because the kernel delivered bytes twice (see `session`).
     pub(crate) duplicates: AtomicU64,
+    /// Retransmitted buffers whose overlap the verdict cut off, over finished connections.
+    pub(crate) overlap_skbs: AtomicU64,
+    /// Bytes those cuts removed.
+    pub(crate) overlap_bytes: AtomicU64,
 }
 
 /// What the engine shares with its connections.
@@ -185,6 +193,12 @@ pub struct Snapshot {
     pub empty_skbs: u64,
     /// Connections reset because the kernel delivered bytes twice.
     pub duplicates: u64,
+    /// Retransmitted buffers whose overlap the verdict cut off (finished connections).
+    pub overlap_skbs: u64,
+    /// Bytes those cuts removed.
+    pub overlap_bytes: u64,
+    /// Why the verdict's overlap guard is off (`None`: on).
+    pub guard_off: Option<String>,
 }
 
 impl SockmapEngine {
@@ -201,6 +215,12 @@ impl SockmapEngine {
             loaded.as_millis(),
             test_time.as_millis()
         );
+        if let Some(why) = &inner.kernel.guard_off {
+            log::warn!(
+                "sockmap: retransmit overlap guard off ({why}): a retransmitted segment that overlaps bytes \
+                 already forwarded makes the engine reset that connection instead of forwarding it once"
+            );
+        }
         Ok(SockmapEngine { inner })
     }
 
@@ -212,7 +232,8 @@ impl SockmapEngine {
     /// [`Self::load_untested`] with the given trap fixes switched off.
     fn load_with(config: &Config, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
         let with_parser = std::env::var(PARSER_ENV).is_ok_and(|v| v == "1");
-        let kernel::Loaded { kernel, events } = kernel::Kernel::load(with_parser)?;
+        let kernel::Loaded { kernel, events } =
+            kernel::Kernel::load(with_parser, !breaks.no_overlap_guard)?;
         let registry = Arc::new(dispatch::Registry::default());
         let dispatcher = dispatch::Dispatcher::start(events, Arc::clone(&registry))
             .context("cannot start the sockmap event thread")?;
@@ -267,6 +288,9 @@ pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
         copied_bytes: c.copied_bytes.load(Ordering::Relaxed),
         empty_skbs: c.empty_skbs.load(Ordering::Relaxed),
         duplicates: c.duplicates.load(Ordering::Relaxed),
+        overlap_skbs: c.overlap_skbs.load(Ordering::Relaxed),
+        overlap_bytes: c.overlap_bytes.load(Ordering::Relaxed),
+        guard_off: k.guard_off.clone(),
     }
 }
 

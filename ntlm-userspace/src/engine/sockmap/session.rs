@@ -325,7 +325,20 @@ impl Entries<'_> {
             self.eng.registry.unregister(self.cookie[i]);
             if self.tracked[i].swap(false, Ordering::Relaxed) && !self.eng.breaks.no_cleanup {
                 if let Ok(st) = self.eng.kernel.stats_of(self.cookie[i]) {
-                    self.eng.counters.empty_skbs.fetch_add(st.empty_skbs, Ordering::Relaxed);
+                    let c = &self.eng.counters;
+                    c.empty_skbs.fetch_add(st.empty_skbs, Ordering::Relaxed);
+                    c.overlap_skbs.fetch_add(st.overlap_skbs, Ordering::Relaxed);
+                    c.overlap_bytes
+                        .fetch_add(st.overlap_bytes, Ordering::Relaxed);
+                    if st.overlap_skbs != 0 {
+                        log::debug!(
+                            "conn={} sockmap: cut {} overlapping bytes off {} retransmitted buffers from the {:?} socket",
+                            self.id,
+                            st.overlap_bytes,
+                            st.overlap_skbs,
+                            if i == 0 { Side::Client } else { Side::Backend }
+                        );
+                    }
                 }
                 if let Err(e) = k.stats.delete(self.cookie[i]) {
                     fail("a STATS entry", e);
@@ -415,25 +428,41 @@ impl<'e> Conn<'e> {
         Ok(info.bytes_received.saturating_sub(fin).saturating_sub(self.base_consumed[si(src)]))
     }
 
-    /// Fails if the kernel handed the verdict more bytes than TCP received in sequence.
+    /// Fails if the kernel handed the verdict more bytes than TCP received in sequence, or if
+    /// the verdict's overlap guard met a buffer it could not cut.
     ///
     /// `tcp_read_skb()` (the verdict path) passes whole socket buffers and ignores where the
-    /// reader stands in them; after a spurious retransmission TCP queues a buffer whose head
-    /// overlaps bytes already delivered, and those bytes reach the verdict twice (seen here
-    /// under load: a duplicated 65,483-byte segment). Redirected plus passed can then exceed
-    /// what arrived. `extra`: bytes userspace took out of the source besides the verdict's.
-    /// Read in this order (stats, then TCP_INFO) the check has no false alarms.
+    /// reader stands in them; after a retransmission TCP queues a buffer whose head overlaps
+    /// bytes already delivered (seen here under load: a duplicated 65,483-byte segment). The
+    /// verdict cuts that overlap off by sequence number (`ntlm-ebpf`, overlap guard); this
+    /// check is what stands when the guard is off (no kernel BTF) or failed: redirected plus
+    /// passed would then exceed what arrived. `extra`: bytes userspace took out of the source
+    /// besides the verdict's. Read in this order (stats, then TCP_INFO) the check has no
+    /// false alarms.
     fn check_no_duplicate(&self, dir: Dir, extra: u64) -> Result<(), Fault> {
         let st = self.stats(dir.src())?;
+        if st.guard_failed != 0 {
+            self.eng.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Err(Fault::Internal(io::Error::other(format!(
+                "the overlap guard could not cut a retransmitted segment from the {:?} socket (it dropped it); \
+                 the stream is no longer intact, resetting the connection",
+                dir.src()
+            ))));
+        }
         let delivered = st.bytes + extra;
         let arrived = self.arrived(dir.src())?;
         if delivered > arrived {
             self.eng.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return Err(Fault::Internal(io::Error::other(format!(
                 "the kernel delivered {} bytes twice from the {:?} socket (tcp_read_skb ignores the overlap of a \
-                 retransmitted segment); resetting the connection rather than passing them on",
+                 retransmitted segment{}); resetting the connection rather than passing them on",
                 delivered - arrived,
-                dir.src()
+                dir.src(),
+                if self.eng.kernel.guard_off.is_some() {
+                    ", and the overlap guard is off"
+                } else {
+                    ""
+                }
             ))));
         }
         Ok(())

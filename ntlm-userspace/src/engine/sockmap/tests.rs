@@ -470,3 +470,307 @@ async fn backend_reset_while_draining_is_reported() {
     assert_eq!(o.end, End::BackendReset, "{o:?}");
     sender.abort();
 }
+
+/// Forging a TCP retransmission on loopback: the sender's real sequence numbers (TCP_REPAIR
+/// lets root read them from a live socket) and a raw socket to send the segment with.
+mod retransmit {
+    use std::{io, net::SocketAddr, os::fd::AsRawFd};
+
+    /// TCP_REPAIR_QUEUE values (linux/tcp.h).
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+
+    fn setopt(fd: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+        // SAFETY: a valid fd and a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&raw const v).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// (next sequence number this socket will send, next one it expects to receive).
+    pub(super) fn seqs(s: &impl AsRawFd) -> io::Result<(u32, u32)> {
+        let fd = s.as_raw_fd();
+        setopt(fd, libc::TCP_REPAIR, 1)?;
+        let get = |queue| -> io::Result<u32> {
+            setopt(fd, libc::TCP_REPAIR_QUEUE, queue)?;
+            let mut v: u32 = 0;
+            let mut len = size_of::<u32>() as u32;
+            // SAFETY: valid fd, out-pointer and length.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_QUEUE_SEQ,
+                    (&raw mut v).cast(),
+                    &mut len,
+                )
+            };
+            if rc == 0 {
+                Ok(v)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let r = get(TCP_SEND_QUEUE).and_then(|snd| Ok((snd, get(TCP_RECV_QUEUE)?)));
+        setopt(fd, libc::TCP_REPAIR, 0)?;
+        r
+    }
+
+    fn fold(mut sum: u32, b: &[u8]) -> u32 {
+        for c in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        sum
+    }
+
+    /// Sends one TCP segment (ACK|PSH, `payload`) from `from` to `to` through a raw socket.
+    pub(super) fn send(
+        from: SocketAddr,
+        to: SocketAddr,
+        seq: u32,
+        ack: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
+            panic!("IPv4 only")
+        };
+        let mut seg = Vec::with_capacity(20 + payload.len());
+        seg.extend_from_slice(&from.port().to_be_bytes());
+        seg.extend_from_slice(&to.port().to_be_bytes());
+        seg.extend_from_slice(&seq.to_be_bytes());
+        seg.extend_from_slice(&ack.to_be_bytes());
+        seg.extend_from_slice(&[5 << 4, 0x18]); // 20-byte header; ACK|PSH
+        seg.extend_from_slice(&65_535u16.to_be_bytes()); // window
+        seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+        seg.extend_from_slice(payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&from.ip().octets());
+        pseudo.extend_from_slice(&to.ip().octets());
+        pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+        pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+        let mut sum = fold(fold(0, &pseudo), &seg);
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        seg[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_TCP,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(to.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid fd, buffer and address.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                seg.as_ptr().cast(),
+                seg.len(),
+                0,
+                (&raw const dst).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        let r = if n == seg.len() as isize {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
+        // SAFETY: our own fd, closed once.
+        unsafe { libc::close(fd) };
+        r
+    }
+}
+
+/// Pattern bytes for the overlap test (distinct per position, so a duplicate shows).
+fn bytes(seed: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+/// Sends `first` through `from` and waits for it at `to`; then, as if a segment had been
+/// lost and retransmitted with other boundaries, forges one segment carrying the last
+/// `overlap` bytes of `first` again plus `next`, waits for `next` at `to`, and has `from`
+/// send `next` itself (a plain duplicate TCP drops) so that both TCP ends stay in step.
+async fn retransmit_over(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    first: &[u8],
+    overlap: usize,
+    next: &[u8],
+) {
+    let (snd, _) = retransmit::seqs(from).expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
+    from.write_all(first).await.unwrap();
+    let mut got = vec![0u8; first.len()];
+    tokio::time::timeout(Duration::from_secs(5), to.read_exact(&mut got))
+        .await
+        .expect("first part")
+        .unwrap();
+    assert!(got == first, "first part corrupted");
+    let (_, rcv) = retransmit::seqs(from).unwrap();
+    let mut payload = first[first.len() - overlap..].to_vec();
+    payload.extend_from_slice(next);
+    let seq = snd.wrapping_add((first.len() - overlap) as u32);
+    retransmit::send(
+        from.local_addr().unwrap(),
+        from.peer_addr().unwrap(),
+        seq,
+        rcv,
+        &payload,
+    )
+    .unwrap();
+    let mut got = vec![0u8; next.len()];
+    let r = tokio::time::timeout(Duration::from_secs(5), to.read_exact(&mut got)).await;
+    assert!(
+        matches!(r, Ok(Ok(_))),
+        "the forged segment's new bytes did not arrive: {r:?}"
+    );
+    assert!(
+        got == next,
+        "bytes after the overlap differ: the overlap was delivered again"
+    );
+    from.write_all(next).await.unwrap();
+}
+
+/// One connection, each direction gets a retransmitted segment whose head overlaps bytes
+/// already forwarded (12,000 bytes up: three cuts of the helper's 4,095-byte limit; 500
+/// down). Returns what the relay ended with, the stream each end read after the exchange
+/// (must be empty), and the engine's snapshot.
+async fn overlap_exchange(e: &Arc<Inner>) -> (Outcome, Vec<u8>, Vec<u8>, Snapshot) {
+    let (mut user, pc, pb, mut server) = pair().await;
+    let r = tokio::spawn({
+        let e = Arc::clone(e);
+        async move { relay(&e, pc, pb).await }
+    });
+    retransmit_over(
+        &mut user,
+        &mut server,
+        &bytes(1, 20_000),
+        12_000,
+        &bytes(2, 5_000),
+    )
+    .await;
+    retransmit_over(
+        &mut server,
+        &mut user,
+        &bytes(3, 20_000),
+        500,
+        &bytes(4, 5_000),
+    )
+    .await;
+    user.shutdown().await.unwrap();
+    let mut up_rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut up_rest)).await;
+    server.shutdown().await.unwrap();
+    let mut down_rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), user.read_to_end(&mut down_rest)).await;
+    let o = tokio::time::timeout(Duration::from_secs(5), r)
+        .await
+        .expect("relay end")
+        .unwrap();
+    (o, up_rest, down_rest, snapshot(e))
+}
+
+/// A retransmitted segment that overlaps bytes already forwarded (TCP queues it untrimmed;
+/// `tcp_read_skb()` hands it to the verdict whole) is forwarded once: the verdict cuts the
+/// overlap off by sequence number, nothing is duplicated, nothing lost, the counts are the
+/// bytes each end sent.
+#[tokio::test]
+async fn retransmitted_overlap_is_forwarded_once() {
+    let Some(e) = engine(4 << 20, 64 << 20) else {
+        return;
+    };
+    if let Some(why) = &e.kernel.guard_off {
+        panic!("the overlap guard is off on this kernel: {why}");
+    }
+    let (o, up_rest, down_rest, snap) = overlap_exchange(&e).await;
+    assert_eq!(
+        (up_rest.len(), down_rest.len()),
+        (0, 0),
+        "bytes after the exchange: {o:?} {snap:?}"
+    );
+    assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
+    assert_eq!((o.bytes_up, o.bytes_down), (25_000, 25_000), "{snap:?}");
+    assert_eq!(
+        (snap.overlap_skbs, snap.overlap_bytes),
+        (2, 12_500),
+        "{snap:?}"
+    );
+    assert_eq!(snap.duplicates, 0);
+    assert_eq!(
+        snap.kernel_errors[ntlm_common::ERR_SEQ_GAP as usize],
+        0,
+        "{snap:?}"
+    );
+}
+
+/// The same exchange with the guard off: the kernel hands the overlap over again and the
+/// engine's duplicate check resets the connection (this is what the guard prevents).
+#[tokio::test]
+async fn without_the_guard_the_overlap_is_delivered_twice() {
+    let Some(e) = engine_with(
+        4 << 20,
+        64 << 20,
+        Breaks {
+            no_overlap_guard: true,
+            ..Breaks::default()
+        },
+    ) else {
+        return;
+    };
+    let (mut user, pc, pb, mut server) = pair().await;
+    let r = tokio::spawn({
+        let e = Arc::clone(&e);
+        async move { relay(&e, pc, pb).await }
+    });
+    let (first, next) = (bytes(1, 20_000), bytes(2, 5_000));
+    let (snd, _) = retransmit::seqs(&user).expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
+    user.write_all(&first).await.unwrap();
+    let mut got = vec![0u8; first.len()];
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
+        .await
+        .expect("first part")
+        .unwrap();
+    let (_, rcv) = retransmit::seqs(&user).unwrap();
+    let mut payload = first[8_000..].to_vec();
+    payload.extend_from_slice(&next);
+    retransmit::send(
+        user.local_addr().unwrap(),
+        user.peer_addr().unwrap(),
+        snd + 8_000,
+        rcv,
+        &payload,
+    )
+    .unwrap();
+    let o = tokio::time::timeout(Duration::from_secs(5), r)
+        .await
+        .expect("relay end")
+        .unwrap();
+    assert_eq!(o.end, End::Internal, "{o:?}");
+    assert!(format!("{:?}", o.fault).contains("twice"), "{o:?}");
+    assert_eq!(snapshot(&e).duplicates, 1);
+}
