@@ -103,7 +103,6 @@ async fn upload(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap engine (issue 3, open): bulk transfers under load intermittently hit a duplicated retransmitted segment (tcp_read_skb overlap) and the engine resets the connection; run with --ignored"]
 async fn ten_uploads_of_1_gib_are_byte_exact_and_counted() {
     if !sockmap_enabled() {
         return;
@@ -124,7 +123,6 @@ async fn ten_uploads_of_1_gib_are_byte_exact_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap engine (issue 3, open): bulk transfers under load intermittently hit a duplicated retransmitted segment (tcp_read_skb overlap) and the engine resets the connection; run with --ignored"]
 async fn echo_of_1_gib_is_byte_exact_both_ways() {
     if !sockmap_enabled() {
         return;
@@ -151,7 +149,6 @@ async fn echo_of_1_gib_is_byte_exact_both_ways() {
 /// must cost at most tens of MiB (process and kernel), and every byte must arrive once the
 /// backend speeds up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap engine (issue 3, open): bulk transfers under load intermittently hit a duplicated retransmitted segment (tcp_read_skb overlap) and the engine resets the connection; run with --ignored"]
 async fn slow_backend_costs_tens_of_mib_and_loses_nothing() {
     if !sockmap_enabled() {
         return;

@@ -42,16 +42,18 @@
 //!   re-initialises a strparser whose work item may still be queued.
 //! - Leaving passed bytes queued while waiting made TCP drop segments.
 //!
-//! # A kernel bug the checks catch
+//! # A kernel bug the verdict works around
 //!
 //! `tcp_read_skb()` hands whole buffers to the verdict and ignores the reader's offset in
-//! them. When the sender retransmits a segment spuriously (seen under CPU load: drops with
-//! reason TCP_OLD_SEQUENCE/TCP_OLD_DATA), TCP queues a buffer whose head overlaps bytes
-//! already delivered and the verdict forwards them a second time. Redirected plus copied
-//! can then exceed what TCP received in sequence; every check compares the two and resets
-//! the connection when that happens, before passed duplicates are written, and within one
-//! check for redirected ones. `NTLM_SPLICE_SOCKMAP_PARSER=1` attaches the stream parser for
-//! comparison measurements only.
+//! them. When the sender retransmits a segment with other boundaries (seen under CPU load:
+//! drops with reason TCP_OLD_SEQUENCE/TCP_OLD_DATA), TCP queues a buffer whose head overlaps
+//! bytes already delivered. The verdict's overlap guard (`ntlm-ebpf`) compares the buffer's
+//! sequence number with the socket's next expected one and cuts the overlap off before
+//! forwarding. Where it cannot (no kernel BTF, or a cut failed), every check still compares
+//! redirected plus copied with what TCP received in sequence and resets the connection when
+//! they disagree, before passed duplicates are written, and within one check for redirected
+//! ones. `NTLM_SPLICE_SOCKMAP_PARSER=1` attaches the stream parser (which reads with
+//! `tcp_read_sock` and skips overlaps itself) for comparison measurements only.
 
 use std::{
     io,

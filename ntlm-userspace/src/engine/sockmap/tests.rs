@@ -178,13 +178,11 @@ async fn recv(r: &mut (impl tokio::io::AsyncRead + Unpin), seed: u64) -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap engine (issue 3, open): bulk transfers under load intermittently hit a duplicated retransmitted segment (tcp_read_skb overlap) and the engine resets the connection; run with --ignored"]
 async fn upload_one_gib_is_exact() {
     upload(4 << 20, 1 << 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap engine (issue 3, open): bulk transfers under load intermittently hit a duplicated retransmitted segment (tcp_read_skb overlap) and the engine resets the connection; run with --ignored"]
 async fn upload_with_a_small_cap_pauses_often_and_is_exact() {
     upload(256 << 10, 256 << 20).await;
 }
