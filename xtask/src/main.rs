@@ -139,7 +139,8 @@ impl Drop for KillOnDrop<'_> {
     }
 }
 
-/// curl with NTLM support and Python's requests-ntlm: the real clients the tests use.
+/// curl with NTLM support and Python's requests-ntlm (the real clients the tests use), and
+/// strace.
 fn ensure_test_tools() -> anyhow::Result<()> {
     let curl_ok = Command::new("curl")
         .arg("-V")
@@ -148,6 +149,10 @@ fn ensure_test_tools() -> anyhow::Result<()> {
         .unwrap_or(false);
     if !curl_ok {
         apt_install(&["curl"])?;
+    }
+    // The sockmap suite counts the proxy's read syscalls with strace.
+    if Command::new("strace").arg("-V").output().is_err() {
+        apt_install(&["strace"])?;
     }
     let py = |code: &str| {
         Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status()
