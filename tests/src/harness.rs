@@ -114,7 +114,7 @@ impl Proxy {
     /// until it listens.
     pub async fn start(engine: &str, backends: &[SocketAddr], extra: &[&str]) -> Proxy {
         let mut args: Vec<String> = vec!["--engine".into(), engine.into()];
-        if !extra.iter().any(|a| *a == "--listen") {
+        if !extra.contains(&"--listen") {
             args.extend(["--listen".into(), "127.0.0.1:0".into()]);
         }
         for b in backends {
