@@ -336,6 +336,37 @@ async fn a_thousand_concurrent_connections_are_each_byte_exact() {
     proxy.stop().await;
 }
 
+/// `ntlm-splice doctor` run as an unprivileged user holding only `caps` (ambient), through
+/// capsh; its stdout.
+fn doctor_with_caps(caps: &str) -> String {
+    let out = std::process::Command::new("capsh")
+        .arg(format!("--caps={caps}+eip cap_setpcap,cap_setuid,cap_setgid+ep"))
+        .args(["--keep=1", "--user=nobody"])
+        .arg(format!("--addamb={caps}"))
+        .args(["--", "-c"])
+        .arg(format!("exec {} doctor", harness::bin().display()))
+        .output()
+        .expect("capsh (cargo xtask test installs libcap2-bin)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// In a container with CAP_BPF + CAP_NET_ADMIN but not CAP_PERFMON the verifier refuses the
+/// overlap guard (it reads kernel memory); the engine then loads without it and says why,
+/// rather than becoming unavailable. With CAP_PERFMON as well the guard is on.
+#[test]
+fn without_cap_perfmon_the_engine_runs_with_the_guard_off_and_says_why() {
+    if !sockmap_enabled() {
+        return;
+    }
+    let out = doctor_with_caps("cap_bpf,cap_net_admin");
+    assert!(out.contains("uid=65534"), "not run as nobody:\n{out}");
+    assert!(out.contains("sockmap_engine=available"), "{out}");
+    assert!(out.contains("overlap_guard=\"off: the verifier refused it (it reads kernel memory: needs CAP_PERFMON"), "{out}");
+    let out = doctor_with_caps("cap_bpf,cap_net_admin,cap_perfmon");
+    assert!(out.contains("sockmap_engine=available"), "{out}");
+    assert!(out.contains("overlap_guard=\"on"), "{out}");
+}
+
 /// Counts the bytes a process's read-family syscalls return, by tracing it with strace
 /// (`/proc/PID/io`'s rchar would not do: recv(2) on a socket does not count there).
 struct ReadTrace {

@@ -140,7 +140,7 @@ impl Drop for KillOnDrop<'_> {
 }
 
 /// curl with NTLM support and Python's requests-ntlm (the real clients the tests use), and
-/// strace.
+/// strace and capsh.
 fn ensure_test_tools() -> anyhow::Result<()> {
     let curl_ok = Command::new("curl")
         .arg("-V")
@@ -153,6 +153,10 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     // The sockmap suite counts the proxy's read syscalls with strace.
     if Command::new("strace").arg("-V").output().is_err() {
         apt_install(&["strace"])?;
+    }
+    // ... and runs `doctor` with only some capabilities through capsh.
+    if Command::new("capsh").arg("--help").output().is_err() {
+        apt_install(&["libcap2-bin"])?;
     }
     let py = |code: &str| {
         Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status()

@@ -160,28 +160,38 @@ impl Kernel {
         if let Some(reason) = UNAVAILABLE {
             return Err(anyhow!("this binary was built without the eBPF object: {reason}"));
         }
-        let attached = u8::from(with_parser);
         // The overlap guard is for the verdict-only path; a stream parser reads the socket with
         // tcp_read_sock(), which skips overlaps itself.
         let (guard, guard_off) = if with_parser {
-            (
-                SeqGuard::default(),
-                Some("not needed with a stream parser".to_owned()),
-            )
+            (SeqGuard::default(), Some("not needed with a stream parser".to_owned()))
         } else if !overlap_guard {
-            (
-                SeqGuard::default(),
-                Some("switched off for testing".to_owned()),
-            )
+            (SeqGuard::default(), Some("switched off for testing".to_owned()))
         } else {
             match btf::running_kernel() {
                 Ok(g) => (g, None),
                 Err(e) => (SeqGuard::default(), Some(e.to_string())),
             }
         };
+        match Self::load_with(with_parser, &guard, guard_off.clone()) {
+            Err(e) if guard.enabled != 0 => {
+                // The guard reads kernel memory (bpf_probe_read_kernel), which the verifier
+                // allows only with CAP_PERFMON; with the guard off its code is dead and is not
+                // checked, so CAP_BPF + CAP_NET_ADMIN suffice.
+                let err = format!("{e:#}");
+                let err = err.split(" Verifier output").next().unwrap_or_default();
+                let why =
+                    format!("the verifier refused it (it reads kernel memory: needs CAP_PERFMON or root): {err}");
+                Self::load_with(with_parser, &SeqGuard::default(), Some(why))
+            }
+            r => r,
+        }
+    }
+
+    fn load_with(with_parser: bool, guard: &SeqGuard, guard_off: Option<String>) -> anyhow::Result<Loaded> {
+        let attached = u8::from(with_parser);
         let mut ebpf = EbpfLoader::new()
             .override_global("PARSER_ATTACHED", &attached, true)
-            .override_global(SEQ_GUARD_GLOBAL, &guard, true)
+            .override_global(SEQ_GUARD_GLOBAL, guard, true)
             .load(OBJECT)
             .context("loading the eBPF object (creating its maps) failed")?;
         let (fwd_fd, fwd) = match take(&mut ebpf, FWD_MAP)? {
