@@ -172,7 +172,7 @@ impl Kernel {
                 Err(e) => (SeqGuard::default(), Some(e.to_string())),
             }
         };
-        match Self::load_with(with_parser, &guard, guard_off.clone()) {
+        match Self::load_with(with_parser, &guard, guard_off) {
             Err(e) if guard.enabled != 0 => {
                 // The guard reads kernel memory (bpf_probe_read_kernel), which the verifier
                 // allows only with CAP_PERFMON; with the guard off its code is dead and is not

@@ -611,46 +611,29 @@ fn bytes(seed: u8, n: usize) -> Vec<u8> {
 }
 
 /// Sends `first` through `from` and waits for it at `to`; then, as if a segment had been
-/// lost and retransmitted with other boundaries, forges one segment carrying the last
-/// `overlap` bytes of `first` again plus `next`, waits for `next` at `to`, and has `from`
-/// send `next` itself (a plain duplicate TCP drops) so that both TCP ends stay in step.
-async fn retransmit_over(
-    from: &mut TcpStream,
-    to: &mut TcpStream,
-    first: &[u8],
-    overlap: usize,
-    next: &[u8],
-) {
+/// lost and retransmitted with other boundaries, forges one segment from `from` carrying the
+/// last `overlap` bytes of `first` again plus `next`.
+async fn forge_overlap(from: &mut TcpStream, to: &mut TcpStream, first: &[u8], overlap: usize, next: &[u8]) {
     let (snd, _) = retransmit::seqs(from).expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
     from.write_all(first).await.unwrap();
     let mut got = vec![0u8; first.len()];
-    tokio::time::timeout(Duration::from_secs(5), to.read_exact(&mut got))
-        .await
-        .expect("first part")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), to.read_exact(&mut got)).await.expect("first part").unwrap();
     assert!(got == first, "first part corrupted");
     let (_, rcv) = retransmit::seqs(from).unwrap();
     let mut payload = first[first.len() - overlap..].to_vec();
     payload.extend_from_slice(next);
     let seq = snd.wrapping_add((first.len() - overlap) as u32);
-    retransmit::send(
-        from.local_addr().unwrap(),
-        from.peer_addr().unwrap(),
-        seq,
-        rcv,
-        &payload,
-    )
-    .unwrap();
+    retransmit::send(from.local_addr().unwrap(), from.peer_addr().unwrap(), seq, rcv, &payload).unwrap();
+}
+
+/// [`forge_overlap`], then waits for `next` at `to` and has `from` send `next` itself (a
+/// plain duplicate TCP drops) so that both TCP ends stay in step.
+async fn retransmit_over(from: &mut TcpStream, to: &mut TcpStream, first: &[u8], overlap: usize, next: &[u8]) {
+    forge_overlap(from, to, first, overlap, next).await;
     let mut got = vec![0u8; next.len()];
     let r = tokio::time::timeout(Duration::from_secs(5), to.read_exact(&mut got)).await;
-    assert!(
-        matches!(r, Ok(Ok(_))),
-        "the forged segment's new bytes did not arrive: {r:?}"
-    );
-    assert!(
-        got == next,
-        "bytes after the overlap differ: the overlap was delivered again"
-    );
+    assert!(matches!(r, Ok(Ok(_))), "the forged segment's new bytes did not arrive: {r:?}");
+    assert!(got == next, "bytes after the overlap differ: the overlap was delivered again");
     from.write_all(next).await.unwrap();
 }
 
@@ -660,10 +643,7 @@ async fn retransmit_over(
 /// (must be empty), and the engine's snapshot.
 async fn overlap_exchange(e: &Arc<Inner>) -> (Outcome, Vec<u8>, Vec<u8>, Snapshot) {
     let (mut user, pc, pb, mut server) = pair().await;
-    let r = tokio::spawn({
-        let e = Arc::clone(e);
-        async move { relay(&e, pc, pb).await }
-    });
+    let r = spawn_relay(e, pc, pb);
     retransmit_over(
         &mut user,
         &mut server,
@@ -730,40 +710,12 @@ async fn retransmitted_overlap_is_forwarded_once() {
 /// engine's duplicate check resets the connection (this is what the guard prevents).
 #[tokio::test]
 async fn without_the_guard_the_overlap_is_delivered_twice() {
-    let Some(e) = engine_with(
-        4 << 20,
-        64 << 20,
-        Breaks {
-            no_overlap_guard: true,
-            ..Breaks::default()
-        },
-    ) else {
+    let Some(e) = engine_with(4 << 20, 64 << 20, Breaks { no_overlap_guard: true, ..Breaks::default() }) else {
         return;
     };
     let (mut user, pc, pb, mut server) = pair().await;
-    let r = tokio::spawn({
-        let e = Arc::clone(&e);
-        async move { relay(&e, pc, pb).await }
-    });
-    let (first, next) = (bytes(1, 20_000), bytes(2, 5_000));
-    let (snd, _) = retransmit::seqs(&user).expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
-    user.write_all(&first).await.unwrap();
-    let mut got = vec![0u8; first.len()];
-    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
-        .await
-        .expect("first part")
-        .unwrap();
-    let (_, rcv) = retransmit::seqs(&user).unwrap();
-    let mut payload = first[8_000..].to_vec();
-    payload.extend_from_slice(&next);
-    retransmit::send(
-        user.local_addr().unwrap(),
-        user.peer_addr().unwrap(),
-        snd + 8_000,
-        rcv,
-        &payload,
-    )
-    .unwrap();
+    let r = spawn_relay(&e, pc, pb);
+    forge_overlap(&mut user, &mut server, &bytes(1, 20_000), 12_000, &bytes(2, 5_000)).await;
     let o = tokio::time::timeout(Duration::from_secs(5), r)
         .await
         .expect("relay end")
