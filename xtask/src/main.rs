@@ -243,6 +243,7 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
             verify: false,
             no_install: true,
             out: None,
+            baseline: None,
         },
     )
 }

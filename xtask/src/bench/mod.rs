@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// --smoke: target/bench-smoke/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Also run the splice engine from this other ntlm-splice binary, as subject
+    /// `ntlm-splice-baseline`, interleaved with the rest: a before/after comparison of two
+    /// builds within one run (copy the "before" binary out of target/release first).
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
 }
 
 /// Largest number of idle connections measured ("10k"), before the open-files limit.
@@ -372,10 +377,23 @@ fn run_in(
             bail!("--only: unknown subject `{o}`; known: {}", known.join(", "));
         }
     }
-    let chosen: Vec<Subject> = all
+    let mut chosen: Vec<Subject> = all
         .into_iter()
         .filter(|s| args.only.is_empty() || args.only.contains(&s.name()))
         .collect();
+    if let Some(bin) = &args.baseline {
+        if !bin.is_file() {
+            bail!(
+                "--baseline {}: no such file; give the path of another ntlm-splice binary",
+                bin.display()
+            );
+        }
+        let at = chosen
+            .iter()
+            .position(|s| s.kind() != Kind::Direct)
+            .unwrap_or(chosen.len());
+        chosen.insert(at, Subject::Baseline { bin: bin.clone() });
+    }
     println!(
         "bench: {} mode, {} round(s), subjects: {}",
         plan.mode,

@@ -47,6 +47,9 @@ pub enum Subject {
     Direct,
     /// ntlm-splice `--engine <engine>`.
     Ntlm { engine: &'static str },
+    /// ntlm-splice `--engine splice` from another build (`--baseline`), to compare two
+    /// builds within one interleaved run.
+    Baseline { bin: PathBuf },
     /// nginx stream; `workers: None` is `worker_processes auto` (Debian's shipped default).
     Nginx { workers: Option<u32> },
     /// HAProxy mode tcp; `threads: None` is its default (one per CPU).
@@ -86,6 +89,7 @@ impl Subject {
         match self {
             Subject::Direct => "direct".into(),
             Subject::Ntlm { engine } => format!("ntlm-{engine}"),
+            Subject::Baseline { .. } => "ntlm-splice-baseline".into(),
             Subject::Nginx { workers: Some(n) } => format!("nginx-{n}w"),
             Subject::Nginx { workers: None } => "nginx-auto".into(),
             Subject::Haproxy { threads, splice } => format!(
@@ -100,7 +104,7 @@ impl Subject {
     pub fn kind(&self) -> Kind {
         match self {
             Subject::Direct => Kind::Direct,
-            Subject::Ntlm { .. } => Kind::Ours,
+            Subject::Ntlm { .. } | Subject::Baseline { .. } => Kind::Ours,
             _ => Kind::Peer,
         }
     }
@@ -112,6 +116,12 @@ impl Subject {
             Subject::Ntlm { engine } => {
                 format!(
                     "ntlm-splice --engine {engine}, --max-connections raised for the idle runs, defaults otherwise (access log on, to a file)"
+                )
+            }
+            Subject::Baseline { bin } => {
+                format!(
+                    "ntlm-splice --engine splice from {} (--baseline), settings as ntlm-splice",
+                    bin.display()
                 )
             }
             Subject::Nginx { workers: Some(n) } => {
@@ -320,16 +330,21 @@ pub fn start(s: &Subject, env: &Env, tag: &str) -> anyhow::Result<Running> {
             log: None,
             proc: None,
         }),
-        Subject::Ntlm { engine } => start_ntlm(engine, env, tag),
+        Subject::Ntlm { engine } => start_ntlm(
+            &env.root.join("target/release/ntlm-splice"),
+            engine,
+            env,
+            tag,
+        ),
+        Subject::Baseline { bin } => start_ntlm(bin, "splice", env, tag),
         Subject::Nginx { workers } => start_nginx(*workers, env, tag),
         Subject::Haproxy { threads, splice } => start_haproxy(*threads, *splice, env, tag),
     }
 }
 
-fn start_ntlm(engine: &str, env: &Env, tag: &str) -> anyhow::Result<Running> {
+fn start_ntlm(bin: &Path, engine: &str, env: &Env, tag: &str) -> anyhow::Result<Running> {
     let log = env.dir.join(format!("{tag}.log"));
-    let bin = env.root.join("target/release/ntlm-splice");
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.args([
         "--listen",
         "127.0.0.1:0",
