@@ -7,12 +7,14 @@
 
 use std::{
     future::Future,
+    io,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{io::Interest, net::TcpStream, sync::OwnedSemaphorePermit};
 
 use crate::{
     balance::{BackendLease, Balancer},
@@ -55,17 +57,10 @@ pub fn serve(
         // (or borrowed, as by set_nodelay) would keep its slot in this task for the
         // connection's whole life.
         let Some((backend, lease)) = Box::pin(async {
-            let c = tokio::select! {
+            tokio::select! {
                 c = connect_backend(&shared, id, peer) => c,
                 () = shared.ctl.force_close.cancelled() => None,
-            };
-            // The client socket has TCP_NODELAY from the listener (server::bind).
-            if let Some((backend, _)) = &c
-                && let Err(e) = backend.set_nodelay(true)
-            {
-                log::debug!("conn={id} TCP_NODELAY: {e}");
             }
-            c
         })
         .await
         else {
@@ -92,7 +87,7 @@ pub fn serve(
 async fn connect_backend(shared: &Shared, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
     let timeout = shared.config.connect_timeout;
     for (index, addr) in shared.balancer.order(peer) {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(timeout, connect(id, addr)).await {
             Ok(Ok(s)) => return Some((s, shared.balancer.lease(index))),
             Ok(Err(e)) => log::warn!("conn={id} backend={addr} connect failed: {e}; trying the next backend"),
             Err(_) => log::warn!(
@@ -102,6 +97,33 @@ async fn connect_backend(shared: &Shared, id: u64, peer: SocketAddr) -> Option<(
         }
     }
     None
+}
+
+/// Opens a backend connection with TCP_NODELAY (the client socket has it from the listener,
+/// see `server::bind`).
+///
+/// Not `TcpStream::connect`, which reads SO_ERROR after every connect, one getsockopt(2) per
+/// connection: here the outcome comes from what epoll reports when the handshake ends
+/// (EPOLLOUT alone: connected; with EPOLLERR or EPOLLHUP: failed), and SO_ERROR is read only
+/// after a failure, for its message.
+async fn connect(id: u64, addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if let Err(e) = s.set_tcp_nodelay(true) {
+        log::debug!("conn={id} TCP_NODELAY: {e}");
+    }
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(s))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::ConnectionAborted, "the connection closed while connecting")));
+    }
+    Ok(stream)
 }
 
 fn access_log(
@@ -134,6 +156,28 @@ mod tests {
 
     use super::*;
     use crate::config::{Balance, EngineChoice};
+
+    #[tokio::test]
+    async fn backend_connect_sets_nodelay_and_reports_refusal() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = connect(1, addr).await.unwrap();
+        assert!(s.nodelay().unwrap());
+        let (mut far, _) = l.accept().await.unwrap();
+        assert_eq!(far.peer_addr().unwrap(), s.local_addr().unwrap());
+        // The stream is usable both ways.
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = s;
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        far.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        drop(l);
+        // Nothing listens there any more: refused, with the kernel's error.
+        drop((s, far));
+        let e = connect(2, addr).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    }
 
     /// What an idle connection costs the process is mostly its task, i.e. this future (plus
     /// tokio's two socket registrations). The bound is there so that a change that bloats it
