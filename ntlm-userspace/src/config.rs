@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
 /// Default cap on in-flight bytes summed over all sockmap connections.
 pub const DEFAULT_MAX_INFLIGHT_TOTAL: u64 = 256 << 20;
+/// Most `--threads`: more threads than cores only cost memory.
+pub const MAX_THREADS: usize = 1024;
 
 /// Which data engine moves the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -116,6 +118,12 @@ pub struct ProxyArgs {
     /// sockmap engine: most in-flight bytes summed over all connections (e.g. 256MiB).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_INFLIGHT_TOTAL, value_parser = parse_bytes)]
     pub max_inflight_total: u64,
+
+    /// Worker threads that serve the connections (default: one per CPU). On a small machine
+    /// shared with other busy processes, 1 costs less CPU per connection (fewer wake-ups
+    /// between threads) but can use only one core.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// Validated configuration of a proxy run.
@@ -198,8 +206,25 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 impl ProxyArgs {
+    /// The number of worker threads: `--threads`, else one per CPU.
+    ///
+    /// Not part of [`Config`]: it sizes the runtime, which has to exist before the rest of
+    /// the configuration can be checked (backends are resolved on it).
+    pub fn worker_threads(&self) -> Result<usize, ConfigError> {
+        match self.threads {
+            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            Some(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+            Some(n) => Err(ConfigError::Invalid {
+                flag: "--threads",
+                value: n.to_string(),
+                why: "must be from 1 to 1024; leave it out for one per CPU",
+            }),
+        }
+    }
+
     /// Checks every value and resolves backends. Nothing is bound or loaded yet.
     pub async fn into_config(self) -> Result<Config, ConfigError> {
+        self.worker_threads()?;
         if self.listen.is_empty() {
             return Err(ConfigError::NoListen);
         }
@@ -318,6 +343,26 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("--connect-timeout"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn thread_count_is_checked() {
+        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
+        for bad in ["0", "1025"] {
+            let a = args(&[&base[..], &["--threads", bad]].concat()).unwrap();
+            let e = a.worker_threads().unwrap_err().to_string();
+            assert!(e.contains("--threads") && e.contains("from 1 to 1024"), "{e}");
+            let e = a.into_config().await.unwrap_err().to_string();
+            assert!(e.contains("--threads"), "{e}");
+        }
+        let e = args(&[&base[..], &["--threads", "two"]].concat()).unwrap_err().to_string();
+        assert!(e.contains("--threads"), "{e}");
+        let a = args(&[&base[..], &["--threads", "1"]].concat()).unwrap();
+        assert_eq!(a.worker_threads().unwrap(), 1);
+        a.into_config().await.unwrap();
+        let a = args(&base).unwrap();
+        assert_eq!(a.worker_threads().unwrap(), std::thread::available_parallelism().unwrap().get());
+        assert_eq!(MAX_THREADS, 1024, "the message above names the limit");
     }
 
     #[test]

@@ -12,7 +12,17 @@ use tokio::signal::unix::{SignalKind, signal};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let threads = match &cli.command {
+        Some(Command::Doctor) => 1,
+        None => match cli.proxy.worker_threads() {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             log::error!("cannot start the runtime: {e}");
@@ -21,7 +31,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Doctor) => rt.block_on(async { ntlm_splice::doctor::run() }),
-        None => rt.block_on(proxy(cli.proxy)),
+        None => rt.block_on(proxy(cli.proxy, threads)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -32,7 +42,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn proxy(args: ntlm_splice::config::ProxyArgs) -> anyhow::Result<()> {
+async fn proxy(args: ntlm_splice::config::ProxyArgs, threads: usize) -> anyhow::Result<()> {
     let config = Arc::new(args.into_config().await?);
     raise_nofile_limit();
     let (engine, reason) = Engine::select(&config)?;
@@ -42,7 +52,7 @@ async fn proxy(args: ntlm_splice::config::ProxyArgs) -> anyhow::Result<()> {
     log::info!("engine={} reason=\"{reason}\"", engine.name());
     for l in &listeners {
         log::info!(
-            "listening addr={} backends={} max_connections={}",
+            "listening addr={} backends={} max_connections={} threads={threads}",
             l.local_addr()?,
             config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
             config.max_connections

@@ -954,6 +954,40 @@ async fn every_client_gets_its_own_backend_connection() {
     }
 }
 
+/// `--threads 1`: one worker thread serves many clients at once, each exactly, and the
+/// start-up line says how many threads run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_serves_concurrent_clients() {
+    const N: usize = 16;
+    for engine in harness::engines() {
+        let echo = Server::echo().await;
+        let proxy = Proxy::start(&engine, &[echo.addr()], &["--threads", "1"]).await;
+        proxy.wait_for_log("threads=1", QUICK).await;
+        let mut clients = Vec::new();
+        for _ in 0..N {
+            clients.push(connect(proxy.addr()).await);
+        }
+        // Every client has a request in flight before any answer is read.
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.write_all(format!("client-{i:02}").as_bytes()).await.expect("write");
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            let mut b = [0u8; 9];
+            within(QUICK, &format!("[{engine}] answer to client {i}"), c.read_exact(&mut b)).await.expect("read");
+            assert_eq!(&b, format!("client-{i:02}").as_bytes(), "[{engine}] client {i}");
+        }
+        for c in &mut clients {
+            let me = c.local_addr().unwrap();
+            c.shutdown().await.unwrap();
+            expect_eof(c, QUICK, "client of a one-thread proxy").await;
+            let line = access_line(&proxy, me).await;
+            assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", "9".into()), ("bytes_down", "9".into())]);
+        }
+        assert_eq!(echo.accepted(), N as u64, "[{engine}] one backend connection per client");
+        stop_ok(proxy).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 13. Bad command lines
 // ---------------------------------------------------------------------------------------
@@ -984,6 +1018,8 @@ async fn bad_command_lines_name_the_flag() {
         assert!(e.contains("--connect-timeout"), "[{engine}] bad duration: {e}");
         let e = run_failing(&with(&["--backend", "127.0.0.1:9", "--max-connections", "0"])).await;
         assert!(e.contains("--max-connections"), "[{engine}] zero connections: {e}");
+        let e = run_failing(&with(&["--backend", "127.0.0.1:9", "--threads", "0"])).await;
+        assert!(e.contains("--threads") && e.contains("from 1 to"), "[{engine}] zero threads: {e}");
     }
     // `--engine sockmap` without eBPF is covered by the engine-selection tests.
 }
