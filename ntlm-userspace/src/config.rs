@@ -21,6 +21,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_MAX_INFLIGHT: u64 = 4 << 20;
 /// Default cap on in-flight bytes summed over all sockmap connections.
 pub const DEFAULT_MAX_INFLIGHT_TOTAL: u64 = 256 << 20;
+/// Default send buffer of each socket of a sockmap connection (see `--sockmap-sndbuf`).
+pub const DEFAULT_SOCKMAP_SNDBUF: u64 = 8 << 20;
+/// Most `--sockmap-sndbuf` (the kernel takes it as an int, then doubles half of it).
+pub const MAX_SOCKMAP_SNDBUF: u64 = 1 << 30;
 /// Most `--threads`: more threads than cores only cost memory.
 pub const MAX_THREADS: usize = 1024;
 
@@ -119,6 +123,14 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_INFLIGHT_TOTAL, value_parser = parse_bytes)]
     pub max_inflight_total: u64,
 
+    /// sockmap engine: send buffer of both sockets of a connection (e.g. 8MiB; 0 keeps the
+    /// kernel's autotuning, net.ipv4.tcp_wmem). The kernel moves redirected bytes into a
+    /// socket only while less than half of this is queued on it and otherwise tries again a
+    /// timer tick later (4 ms at HZ=250), so a buffer smaller than about 8 ms of traffic
+    /// leaves the socket idle between refills. Memory is used only while bytes are queued.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SOCKMAP_SNDBUF, value_parser = parse_bytes)]
+    pub sockmap_sndbuf: u64,
+
     /// Worker threads that serve the connections (default: one per CPU). On a small machine
     /// shared with other busy processes, 1 costs less CPU per connection (fewer wake-ups
     /// between threads) but can use only one core.
@@ -149,6 +161,8 @@ pub struct Config {
     pub max_inflight: u64,
     /// Global kernel in-flight cap (sockmap).
     pub max_inflight_total: u64,
+    /// Send buffer of sockmap sockets; 0: the kernel's autotuning.
+    pub sockmap_sndbuf: u64,
 }
 
 /// A configuration that cannot run, with the flag at fault and what to do.
@@ -259,6 +273,13 @@ impl ProxyArgs {
                 why: "must be at least --max-inflight",
             });
         }
+        if self.sockmap_sndbuf != 0 && !(64 << 10..=MAX_SOCKMAP_SNDBUF).contains(&self.sockmap_sndbuf) {
+            return Err(ConfigError::Invalid {
+                flag: "--sockmap-sndbuf",
+                value: self.sockmap_sndbuf.to_string(),
+                why: "must be 0 (kernel autotuning) or from 64KiB to 1GiB, e.g. 8MiB",
+            });
+        }
         let mut backends = Vec::new();
         for spec in &self.backend {
             let mut addrs = tokio::net::lookup_host(spec.as_str())
@@ -281,6 +302,7 @@ impl ProxyArgs {
             max_connections: self.max_connections,
             max_inflight: self.max_inflight,
             max_inflight_total: self.max_inflight_total,
+            sockmap_sndbuf: self.sockmap_sndbuf,
         })
     }
 }
@@ -363,6 +385,21 @@ mod tests {
         let a = args(&base).unwrap();
         assert_eq!(a.worker_threads().unwrap(), std::thread::available_parallelism().unwrap().get());
         assert_eq!(MAX_THREADS, 1024, "the message above names the limit");
+    }
+
+    #[tokio::test]
+    async fn sockmap_sndbuf_is_checked() {
+        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
+        for bad in ["1KiB", "2GiB"] {
+            let e = args(&[&base[..], &["--sockmap-sndbuf", bad]].concat()).unwrap().into_config().await.unwrap_err();
+            assert!(e.to_string().contains("--sockmap-sndbuf") && e.to_string().contains("64KiB to 1GiB"), "{e}");
+        }
+        for (ok, want) in [("0", 0), ("16MiB", 16 << 20)] {
+            let c = args(&[&base[..], &["--sockmap-sndbuf", ok]].concat()).unwrap().into_config().await.unwrap();
+            assert_eq!(c.sockmap_sndbuf, want);
+        }
+        let c = args(&base).unwrap().into_config().await.unwrap();
+        assert_eq!(c.sockmap_sndbuf, DEFAULT_SOCKMAP_SNDBUF);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya::maps::MapType;
 
 use crate::{
     config::{
-        Balance, Config, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_TOTAL, EngineChoice,
+        Balance, Config, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_SOCKMAP_SNDBUF, EngineChoice,
     },
     engine::sockmap::{self, SockmapEngine},
 };
@@ -139,5 +139,6 @@ fn default_config() -> Config {
         max_connections: DEFAULT_MAX_CONNECTIONS,
         max_inflight: DEFAULT_MAX_INFLIGHT,
         max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
+        sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
     }
 }

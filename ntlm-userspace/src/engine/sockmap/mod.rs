@@ -144,6 +144,10 @@ pub(crate) struct Inner {
     pub(crate) registry: Arc<dispatch::Registry>,
     pub(crate) budget: budget::Budget,
     pub(crate) max_inflight: u64,
+    /// SO_SNDBUF (as the kernel reports it) for both sockets; 0: leave autotuning on.
+    pub(crate) sndbuf: u64,
+    /// Set once a socket got a smaller send buffer than asked, so that it is logged once.
+    pub(crate) sndbuf_short: std::sync::atomic::AtomicBool,
     pub(crate) counters: Counters,
     pub(crate) breaks: Breaks,
     pub(crate) splice: SpliceEngine,
@@ -242,6 +246,8 @@ impl SockmapEngine {
             registry,
             budget: budget::Budget::new(config.max_inflight_total),
             max_inflight: config.max_inflight,
+            sndbuf: config.sockmap_sndbuf,
+            sndbuf_short: Default::default(),
             counters: Counters::default(),
             breaks,
             splice: SpliceEngine::new(),

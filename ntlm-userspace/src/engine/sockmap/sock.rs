@@ -164,6 +164,33 @@ pub(super) fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Gives the socket a send buffer of `bytes` as the kernel counts it (SO_SNDBUF reads back
+/// twice what was set: the kernel doubles it for its own overhead) and returns what it got.
+///
+/// SO_SNDBUFFORCE first, which is not capped by net.core.wmem_max (it needs CAP_NET_ADMIN,
+/// which the sockmap engine has), then SO_SNDBUF, which is.
+pub(super) fn set_sndbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<u64> {
+    let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
+    let set = |name| {
+        // SAFETY: valid fd and a correctly sized option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&raw const half).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    };
+    if set(libc::SO_SNDBUFFORCE).is_err() {
+        set(libc::SO_SNDBUF)?;
+    }
+    let (got, _) = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
+    Ok(u64::try_from(got).unwrap_or(0))
+}
+
 /// The pending socket error (`SO_ERROR`, which also clears it), as an `io::Error`.
 pub(super) fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let (e, _) = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;

@@ -32,6 +32,7 @@ fn config(max_inflight: u64, total: u64) -> Config {
         max_connections: 16,
         max_inflight,
         max_inflight_total: total,
+        sockmap_sndbuf: crate::config::DEFAULT_SOCKMAP_SNDBUF,
     }
 }
 
@@ -43,10 +44,15 @@ fn engine(max_inflight: u64, total: u64) -> Option<Arc<Inner>> {
 
 /// [`engine`] with trap fixes switched off, to show a test catches the trap.
 fn engine_with(max_inflight: u64, total: u64, breaks: Breaks) -> Option<Arc<Inner>> {
+    engine_from(&config(max_inflight, total), breaks)
+}
+
+/// The engine for `cfg`, or `None` as in [`engine`].
+fn engine_from(cfg: &Config, breaks: Breaks) -> Option<Arc<Inner>> {
     if env_logger::builder().is_test(true).try_init().is_err() {
         // Another test of this binary set it up already.
     }
-    match SockmapEngine::load_with(&config(max_inflight, total), breaks) {
+    match SockmapEngine::load_with(cfg, breaks) {
         Ok(e) => Some(e),
         Err(e) => {
             if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
@@ -231,6 +237,38 @@ async fn spawn_relay_ready(e: &Arc<Inner>, pc: TcpStream, pb: TcpStream) -> toki
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     r
+}
+
+fn sndbuf(fd: &std::os::fd::OwnedFd) -> u64 {
+    socket2::SockRef::from(fd).send_buffer_size().unwrap() as u64
+}
+
+/// `--sockmap-sndbuf`: both sockets of a kernel-spliced connection get it (as SO_SNDBUF reads
+/// back), beyond net.core.wmem_max too; 0 leaves the kernel's choice alone.
+#[tokio::test]
+async fn sockets_get_the_configured_send_buffer() {
+    for want in [crate::config::DEFAULT_SOCKMAP_SNDBUF, 48 << 20, 0] {
+        let mut cfg = config(4 << 20, 64 << 20);
+        cfg.sockmap_sndbuf = want;
+        let Some(e) = engine_from(&cfg, Breaks::default()) else { return };
+        let (mut user, pc, pb, mut server) = pair().await;
+        let fds = [pc.as_fd().try_clone_to_owned().unwrap(), pb.as_fd().try_clone_to_owned().unwrap()];
+        let before = [sndbuf(&fds[0]), sndbuf(&fds[1])];
+        let r = spawn_relay_ready(&e, pc, pb).await;
+        for (i, fd) in fds.iter().enumerate() {
+            let got = sndbuf(fd);
+            if want == 0 {
+                assert_eq!(got, before[i], "socket {i}: autotuning left alone");
+            } else {
+                assert_eq!(got, want, "socket {i}: SO_SNDBUF {got}, asked for {want}");
+            }
+        }
+        user.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        tokio::time::timeout(STEP, server.read_exact(&mut b)).await.expect("forwarded").unwrap();
+        drop((user, server));
+        tokio::time::timeout(STEP, r).await.expect("relay end").unwrap();
+    }
 }
 
 /// Trap 4: bytes queued before insertion must go through without any later byte to wake
