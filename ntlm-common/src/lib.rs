@@ -117,6 +117,10 @@ pub struct SockStats {
     /// kernel read failed): the buffer was dropped and userspace resets the connection,
     /// because the stream is no longer intact.
     pub guard_failed: u64,
+    /// Buffers passed because redirecting them would have taken [`SockStats::bytes`] past
+    /// [`SockCtl::stop_at`]: the in-flight cap enforced by the kernel while userspace had
+    /// not yet reacted.
+    pub cap_stops: u64,
 }
 
 /// Flag added to [`SockStats::seq_next`] once it holds a sequence number.
@@ -145,9 +149,10 @@ pub struct SeqGuard {
 
 /// Per-socket settings written by userspace, keyed by the socket's cookie.
 ///
-/// The verdict redirects a buffer only when `paused` is 0 and `user_copied` equals
-/// [`SockStats::passed`]: once one buffer was passed to userspace, every later one is too
-/// until userspace has written all of them to the peer, so the peer gets the bytes in order.
+/// The verdict redirects a buffer only when `paused` is 0, `user_copied` equals
+/// [`SockStats::passed`] and the buffer keeps [`SockStats::bytes`] within `stop_at`: once one
+/// buffer was passed to userspace, every later one is too until userspace has written all of
+/// them to the peer, so the peer gets the bytes in order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockCtl {
@@ -158,6 +163,11 @@ pub struct SockCtl {
     pub paused: u64,
     /// Passed bytes userspace has read and written to the peer so far.
     pub user_copied: u64,
+    /// Redirect only while [`SockStats::bytes`] stays at or below this (`u64::MAX`: no
+    /// limit); a buffer that would go past it is passed as if paused. Userspace sets it to
+    /// the redirected count plus the cap minus what was in flight when it last looked, so
+    /// the in-flight cap holds however late userspace reacts.
+    pub stop_at: u64,
 }
 
 /// Ring buffer record: a socket's redirected byte count crossed its `wake_at` threshold.
@@ -170,10 +180,10 @@ pub struct WakeEvent {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockStats>() == 18 * 8);
+const _: () = assert!(core::mem::size_of::<SockStats>() == 19 * 8);
 const _: () = assert!(core::mem::size_of::<SeqGuard>() == 4 * 4);
 const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
-const _: () = assert!(core::mem::size_of::<SockCtl>() == 3 * 8);
+const _: () = assert!(core::mem::size_of::<SockCtl>() == 4 * 8);
 const _: () = assert!(core::mem::size_of::<WakeEvent>() == 16);
 
 #[cfg(feature = "user")]

@@ -6,9 +6,11 @@
 //! buffer to the egress of `PEER[cookie of A]`, counts it in `STATS[cookie of A]`, and when the
 //! count crosses the threshold userspace put in `CTL[cookie of A]` it emits one `WakeEvent`
 //! so that userspace can check how much the kernel holds in flight (see
-//! `ntlm-userspace/src/engine/sockmap`). When userspace pauses A (in-flight cap reached) the
-//! verdict passes A's buffers to A's own receive queue instead, where they are charged to A
-//! so that TCP flow control stops the sender; userspace copies them to B in order.
+//! `ntlm-userspace/src/engine/sockmap`). When userspace pauses A (in-flight cap reached), or
+//! when a buffer would take A's redirected count past the limit userspace set (so that the
+//! cap holds even before userspace reacts), the verdict passes A's buffers to A's own
+//! receive queue instead, where they are charged to A so that TCP flow control stops the
+//! sender; userspace copies them to B in order.
 //!
 //! Overlap guard (verdict-only mode): `tcp_read_skb()` hands the verdict whole buffers from the
 //! receive queue, and TCP queues a retransmitted segment that partly overlaps bytes already
@@ -168,13 +170,18 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         Some(c) => unsafe { *c },
         None => {
             count_error(ERR_NO_CTL);
-            SockCtl { wake_at: u64::MAX, paused: 0, user_copied: s.passed }
+            SockCtl { wake_at: u64::MAX, paused: 0, user_copied: s.passed, stop_at: u64::MAX }
         }
     };
 
-    // Paused, or userspace still has passed bytes to write first: keep this buffer on the
-    // socket (its memory is charged there, so TCP closes the window) for userspace to copy.
-    if ctl.paused != 0 || ctl.user_copied != s.passed {
+    // Paused, userspace still has passed bytes to write first, or this buffer would take the
+    // in-flight count past the cap: keep it on the socket (its memory is charged there, so
+    // TCP closes the window) for userspace to copy.
+    let over_cap = s.bytes.saturating_add(len) > ctl.stop_at;
+    if ctl.paused != 0 || ctl.user_copied != s.passed || over_cap {
+        if ctl.paused == 0 && ctl.user_copied == s.passed {
+            s.cap_stops += 1;
+        }
         s.passed += len;
         s.passed_segs += 1;
         return Ok(SK_PASS);

@@ -64,7 +64,7 @@ use crate::{config::Config, relay::RelayCtl};
 
 /// Environment variable (test hook) naming trap fixes to switch off, comma separated, to
 /// prove that a test catches the trap: `kick`, `drain`, `fin`, `order`, `backpressure`,
-/// `cleanup`, `overlap`. Never set it in production: each one loses data, hangs or leaks.
+/// `cleanup`, `overlap`, `softpause`. Never set it in production: each one loses data, hangs or leaks.
 pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
 /// Environment variable: `1` also attaches the stream parser program (measurement only; see
 /// `session` for why the engine runs without one).
@@ -81,8 +81,11 @@ pub(crate) struct Breaks {
     pub(crate) no_fin: bool,
     /// Insert FWD entries before PEER entries (trap 5).
     pub(crate) fwd_first: bool,
-    /// Never pause a source (trap 3).
+    /// Never pause a source, and no in-flight limit in the verdict either (trap 3).
     pub(crate) no_backpressure: bool,
+    /// Userspace never pauses a source; only the verdict's own limit (`SockCtl::stop_at`)
+    /// holds the cap. Shows that the kernel enforces it without userspace reacting.
+    pub(crate) no_soft_pause: bool,
     /// Leave STATS/CTL entries behind (trap 7).
     pub(crate) no_cleanup: bool,
     /// Load the verdict with its retransmit overlap guard off.
@@ -100,6 +103,7 @@ impl Breaks {
                 "fin" => b.no_fin = true,
                 "order" => b.fwd_first = true,
                 "backpressure" => b.no_backpressure = true,
+                "softpause" => b.no_soft_pause = true,
                 "cleanup" => b.no_cleanup = true,
                 "overlap" => b.no_overlap_guard = true,
                 other => log::warn!("{BREAK_ENV}: unknown name {other:?} ignored"),
@@ -136,6 +140,8 @@ pub(crate) struct Counters {
     pub(crate) overlap_skbs: AtomicU64,
     /// Bytes those cuts removed.
     pub(crate) overlap_bytes: AtomicU64,
+    /// Buffers the verdict passed because of its in-flight limit (finished connections).
+    pub(crate) cap_stops: AtomicU64,
 }
 
 /// What the engine shares with its connections.
@@ -201,6 +207,8 @@ pub struct Snapshot {
     pub overlap_skbs: u64,
     /// Bytes those cuts removed.
     pub overlap_bytes: u64,
+    /// Buffers the verdict passed because of its in-flight limit (finished connections).
+    pub cap_stops: u64,
     /// Why the verdict's overlap guard is off (`None`: on).
     pub guard_off: Option<String>,
 }
@@ -295,6 +303,7 @@ pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
         empty_skbs: c.empty_skbs.load(Ordering::Relaxed),
         duplicates: c.duplicates.load(Ordering::Relaxed),
         overlap_skbs: c.overlap_skbs.load(Ordering::Relaxed),
+        cap_stops: c.cap_stops.load(Ordering::Relaxed),
         overlap_bytes: c.overlap_bytes.load(Ordering::Relaxed),
         guard_off: k.guard_off.clone(),
     }

@@ -269,7 +269,7 @@ impl Entries<'_> {
             k.stats.put(self.cookie[i], &fresh, BPF_NOEXIST).map_err(|e| format!("creating the STATS entry: {e}"))?;
             self.tracked[i].store(true, Ordering::Relaxed);
             // The first redirected byte wakes us; the first check grants budget.
-            let ctl = SockCtl { wake_at: 1, paused: 0, user_copied: 0 };
+            let ctl = SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(self.eng, 0, 0) };
             k.ctl.put(self.cookie[i], &ctl, BPF_NOEXIST).map_err(|e| format!("creating the CTL entry: {e}"))?;
         }
         if self.eng.breaks.fwd_first {
@@ -335,6 +335,7 @@ impl Entries<'_> {
                     let c = &self.eng.counters;
                     c.empty_skbs.fetch_add(st.empty_skbs, Ordering::Relaxed);
                     c.overlap_skbs.fetch_add(st.overlap_skbs, Ordering::Relaxed);
+                    c.cap_stops.fetch_add(st.cap_stops, Ordering::Relaxed);
                     c.overlap_bytes
                         .fetch_add(st.overlap_bytes, Ordering::Relaxed);
                     if st.overlap_skbs != 0 {
@@ -530,7 +531,7 @@ impl<'e> Conn<'e> {
         let cap = self.eng.max_inflight;
         let lane_max = lane_max(cap);
         let mut flow = Flow {
-            ctl: SockCtl { wake_at: 1, paused: 0, user_copied: 0 },
+            ctl: SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(self.eng, 0, 0) },
             paused: false,
             copied: 0,
             last_r: u64::MAX,
@@ -577,6 +578,12 @@ impl<'e> Conn<'e> {
                             }
                         }
                         Ok(n) => {
+                            if lane.is_empty() && !flow.paused {
+                                // Passed without a pause of ours: the verdict's own limit
+                                // (or bytes still behind an earlier pass). Look now, so that
+                                // the source pauses or gets a new limit once drained.
+                                self.check(dir, &mut flow, false)?;
+                            }
                             if lane.is_empty() && !lane.flushed {
                                 // While anything passed is unwritten the verdict redirects
                                 // nothing, so once the in-flight count reaches zero it stays
@@ -667,6 +674,7 @@ impl<'e> Conn<'e> {
                         flow.paused = false;
                         flow.ctl.paused = 0;
                         flow.ctl.wake_at = r + (new - f).max(1);
+                        flow.ctl.stop_at = stop_at(self.eng, r, f);
                         self.write_ctl(dir, &flow.ctl)?;
                         log::trace!("conn={} sockmap: {dir:?} resumed at {r} redirected, {f} in flight", self.id);
                         flow.last_r = r;
@@ -691,6 +699,7 @@ impl<'e> Conn<'e> {
                 // budget back; the next byte wakes us.
                 self.eng.budget.release(reserved.swap(0, Ordering::Relaxed));
                 flow.ctl.wake_at = r + 1;
+                flow.ctl.stop_at = stop_at(self.eng, r, 0);
                 self.write_ctl(dir, &flow.ctl)?;
                 flow.recheck = None;
                 if self.stats(dir.src())?.bytes > r {
@@ -701,7 +710,7 @@ impl<'e> Conn<'e> {
             let new = self.eng.budget.resize(old, f, high(cap).min(f + chunk(cap)));
             reserved.store(new, Ordering::Relaxed);
             let headroom = new - f;
-            if headroom < min_headroom(cap) && !self.eng.breaks.no_backpressure {
+            if headroom < min_headroom(cap) && !self.eng.breaks.no_backpressure && !self.eng.breaks.no_soft_pause {
                 // Pause: from the next buffer on the verdict keeps the bytes on the source.
                 flow.paused = true;
                 flow.ctl.paused = 1;
@@ -716,6 +725,7 @@ impl<'e> Conn<'e> {
             }
             let wake_at = r + headroom.max(min_headroom(cap));
             flow.ctl.wake_at = wake_at;
+            flow.ctl.stop_at = stop_at(self.eng, r, f);
             self.write_ctl(dir, &flow.ctl)?;
             flow.last_r = r;
             flow.recheck = Some(Instant::now() + flow.interval);
@@ -897,6 +907,14 @@ struct Flow {
     recheck: Option<Instant>,
     /// Current recheck interval.
     interval: Duration,
+}
+
+/// The verdict's limit for a source (`SockCtl::stop_at`) when `r` bytes were redirected and
+/// `f` of them were still in flight: redirecting stops where in flight would pass the cap,
+/// whether or not userspace has reacted by then (in flight only falls between looks, except
+/// by new redirects).
+fn stop_at(eng: &Inner, r: u64, f: u64) -> u64 {
+    if eng.breaks.no_backpressure { u64::MAX } else { r + eng.max_inflight.saturating_sub(f) }
 }
 
 /// In flight at which a direction pauses: half the cap. The other half absorbs what the
