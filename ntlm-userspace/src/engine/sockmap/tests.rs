@@ -757,6 +757,26 @@ async fn retransmitted_overlap_is_forwarded_once() {
     );
 }
 
+/// The same exchange while every buffer goes to userspace (an in-flight cap of 1 byte: the
+/// verdict passes each buffer for the lane to copy): the verdict cuts the overlap before it
+/// passes the buffer, so the lane copies each byte once.
+#[tokio::test]
+async fn retransmitted_overlap_while_passing_is_copied_once() {
+    let Some(e) = engine(1, 64 << 20) else {
+        return;
+    };
+    if let Some(why) = &e.kernel.guard_off {
+        panic!("the overlap guard is off on this kernel: {why}");
+    }
+    let (o, up_rest, down_rest, snap) = overlap_exchange(&e).await;
+    assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "bytes after the exchange: {o:?} {snap:?}");
+    assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
+    assert_eq!((o.bytes_up, o.bytes_down), (25_000, 25_000), "{snap:?}");
+    assert_eq!((snap.overlap_skbs, snap.overlap_bytes), (2, 12_500), "{snap:?}");
+    assert_eq!(snap.copied_bytes, 50_000, "every byte through the lane: {snap:?}");
+    assert_eq!(snap.duplicates, 0);
+}
+
 /// The same exchange with the guard off: the kernel hands the overlap over again and the
 /// engine's duplicate check resets the connection (this is what the guard prevents).
 #[tokio::test]
