@@ -142,6 +142,8 @@ pub(crate) struct Counters {
     pub(crate) overlap_bytes: AtomicU64,
     /// Buffers the verdict passed because of its in-flight limit (finished connections).
     pub(crate) cap_stops: AtomicU64,
+    /// Copy buffers allocated for passed bytes (one per direction that ever needed one).
+    pub(crate) lane_bufs: AtomicU64,
 }
 
 /// What the engine shares with its connections.
@@ -209,6 +211,8 @@ pub struct Snapshot {
     pub overlap_bytes: u64,
     /// Buffers the verdict passed because of its in-flight limit (finished connections).
     pub cap_stops: u64,
+    /// Copy buffers allocated for passed bytes.
+    pub lane_bufs: u64,
     /// Why the verdict's overlap guard is off (`None`: on).
     pub guard_off: Option<String>,
 }
@@ -304,6 +308,7 @@ pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
         duplicates: c.duplicates.load(Ordering::Relaxed),
         overlap_skbs: c.overlap_skbs.load(Ordering::Relaxed),
         cap_stops: c.cap_stops.load(Ordering::Relaxed),
+        lane_bufs: c.lane_bufs.load(Ordering::Relaxed),
         overlap_bytes: c.overlap_bytes.load(Ordering::Relaxed),
         guard_off: k.guard_off.clone(),
     }

@@ -565,7 +565,17 @@ impl<'e> Conn<'e> {
                 r = src.readable(), if can_read => {
                     r.map_err(Fault::on(dir.src()))?;
                     if buf.is_empty() {
-                        buf = vec![0u8; COPY_BUF];
+                        // tokio reports a socket readable once at registration when bytes were
+                        // waiting (the verdict took them since): look before allocating, or
+                        // every connection would keep 64 KiB it never uses.
+                        match src.try_io(Interest::READABLE, || sock::peek(src.as_fd())) {
+                            Ok(()) => {
+                                buf = vec![0u8; COPY_BUF];
+                                self.eng.counters.lane_bufs.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                            Err(e) => return Err(Fault::on(dir.src())(e)),
+                        }
                     }
                     let room = (lane_max - lane.len()).min(buf.len());
                     match src.try_io(Interest::READABLE, || sock::recv(src.as_fd(), &mut buf[..room])) {

@@ -199,7 +199,17 @@ pub(super) fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
 
 /// `recv(MSG_DONTWAIT)` into `buf`.
 pub(super) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_DONTWAIT)
+}
+
+/// Whether a read would return something (bytes or the EOF), without taking it:
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte. `WouldBlock` if not.
+pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<()> {
+    recv_flags(fd, &mut [0u8; 1], libc::MSG_PEEK | libc::MSG_DONTWAIT).map(drop)
+}
+
+fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
