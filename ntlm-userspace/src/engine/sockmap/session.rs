@@ -195,7 +195,8 @@ fn baselines(client: &TcpStream, backend: &TcpStream) -> io::Result<Result<Basel
     let mut b = Baselines { cookie: [0; 2], written: [0; 2], consumed: [0; 2] };
     for (i, s) in [client, backend].into_iter().enumerate() {
         let fd = s.as_fd();
-        let state = sock::tcp_info(fd)?.state;
+        let info = sock::tcp_info(fd)?;
+        let state = info.state;
         if state != sock::TCP_ESTABLISHED {
             let who = if i == 0 { "client" } else { "backend" };
             return Ok(Err(format!(
@@ -203,8 +204,7 @@ fn baselines(client: &TcpStream, backend: &TcpStream) -> io::Result<Result<Basel
             )));
         }
         b.cookie[i] = sock::cookie(fd)?;
-        b.written[i] = sock::bytes_written(fd)?;
-        b.consumed[i] = sock::bytes_consumed(fd)?;
+        (b.written[i], b.consumed[i]) = sock::setup_counters(fd, info)?;
     }
     Ok(Ok(b))
 }

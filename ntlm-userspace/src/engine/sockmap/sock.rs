@@ -128,19 +128,22 @@ pub(super) fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(acked + ioctl_int(fd, SIOCOUTQ)?)
 }
 
-/// Data bytes (the FIN not counted) that arrived on this socket and were taken out of its
-/// receive queue by a reader: `bytes_received - SIOCINQ - FIN`, read until stable so that no
-/// byte arriving between the reads skews it. Valid only while the socket is in no sockmap.
-pub(super) fn bytes_consumed(fd: BorrowedFd<'_>) -> io::Result<u64> {
+/// Set-up counters of a socket that is in no sockmap yet, given a `TCP_INFO` read just
+/// before (`first`): (bytes written to it, `bytes_acked + SIOCOUTQ`; data bytes taken out of
+/// its receive queue by a reader, `bytes_received - SIOCINQ - FIN`). Read until stable, so
+/// that no byte arriving between the reads skews them.
+pub(super) fn setup_counters(fd: BorrowedFd<'_>, first: TcpInfo) -> io::Result<(u64, u64)> {
+    let mut before = first;
     for _ in 0..16 {
-        let before = tcp_info(fd)?.bytes_received;
         let inq = ioctl_int(fd, SIOCINQ)?;
         let after = tcp_info(fd)?;
-        if after.bytes_received == before {
+        if after.bytes_received == before.bytes_received {
             // bytes_received counts the FIN; SIOCINQ never does.
             let fin = u64::from(fin_received(after.state));
-            return Ok(before.saturating_sub(inq + fin));
+            let written = after.bytes_acked + ioctl_int(fd, SIOCOUTQ)?;
+            return Ok((written, before.bytes_received.saturating_sub(inq + fin)));
         }
+        before = after;
     }
     Err(io::Error::other("receive counters kept moving while reading them"))
 }
@@ -184,9 +187,11 @@ pub(super) fn set_sndbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<u64> {
         };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     };
-    if set(libc::SO_SNDBUFFORCE).is_err() {
-        set(libc::SO_SNDBUF)?;
+    if set(libc::SO_SNDBUFFORCE).is_ok() {
+        // Not capped: the kernel sets exactly twice the value.
+        return Ok(u64::try_from(half).unwrap_or(0) * 2);
     }
+    set(libc::SO_SNDBUF)?;
     let (got, _) = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
     Ok(u64::try_from(got).unwrap_or(0))
 }
