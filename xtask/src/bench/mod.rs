@@ -42,8 +42,9 @@ pub struct BenchArgs {
     /// Number of rounds (default 5, --quick 3, --smoke 1).
     #[arg(long, value_name = "N")]
     pub rounds: Option<u32>,
-    /// Only these subjects, comma separated: direct, ntlm-sockmap, ntlm-splice, nginx-1w,
-    /// nginx-auto, haproxy-1t, haproxy-auto, haproxy-splice-1t, haproxy-splice-auto.
+    /// Only these subjects, comma separated: direct, ntlm-sockmap, ntlm-splice,
+    /// ntlm-splice-1t, nginx-1w, nginx-auto, haproxy-1t, haproxy-auto, haproxy-splice-1t,
+    /// haproxy-splice-auto.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub only: Vec<String>,
     /// Only these workloads, comma separated: up, down, par8, lat, idle-1k, idle-10k, rate.
@@ -367,7 +368,7 @@ fn run_in(
     t0: Instant,
 ) -> anyhow::Result<bool> {
     let all = if args.smoke {
-        vec![Subject::Direct, Subject::Ntlm { engine: "splice" }]
+        vec![Subject::Direct, Subject::Ntlm { engine: "splice", threads: None }]
     } else {
         Subject::all()
     };
@@ -469,7 +470,7 @@ fn run_in(
                 (*splice && !tools.haproxy_splice)
                     .then(|| "this HAProxy was built without LINUX_SPLICE".to_string())
             }),
-            Subject::Ntlm { engine: "sockmap" } if !crate::is_root() => {
+            Subject::Ntlm { engine: "sockmap", .. } if !crate::is_root() => {
                 Some("the sockmap engine needs root (eBPF); run as root to include it".to_string())
             }
             _ => None,

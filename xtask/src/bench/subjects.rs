@@ -45,8 +45,8 @@ pub enum Kind {
 pub enum Subject {
     /// Client straight to the backend.
     Direct,
-    /// ntlm-splice `--engine <engine>`.
-    Ntlm { engine: &'static str },
+    /// ntlm-splice `--engine <engine>`; `threads: None` is its default (one per CPU).
+    Ntlm { engine: &'static str, threads: Option<u32> },
     /// ntlm-splice `--engine splice` from another build (`--baseline`), to compare two
     /// builds within one interleaved run.
     Baseline { bin: PathBuf },
@@ -61,8 +61,9 @@ impl Subject {
     pub fn all() -> Vec<Subject> {
         vec![
             Subject::Direct,
-            Subject::Ntlm { engine: "sockmap" },
-            Subject::Ntlm { engine: "splice" },
+            Subject::Ntlm { engine: "sockmap", threads: None },
+            Subject::Ntlm { engine: "splice", threads: None },
+            Subject::Ntlm { engine: "splice", threads: Some(1) },
             Subject::Nginx { workers: Some(1) },
             Subject::Nginx { workers: None },
             Subject::Haproxy {
@@ -88,7 +89,8 @@ impl Subject {
     pub fn name(&self) -> String {
         match self {
             Subject::Direct => "direct".into(),
-            Subject::Ntlm { engine } => format!("ntlm-{engine}"),
+            Subject::Ntlm { engine, threads: None } => format!("ntlm-{engine}"),
+            Subject::Ntlm { engine, threads: Some(t) } => format!("ntlm-{engine}-{t}t"),
             Subject::Baseline { .. } => "ntlm-splice-baseline".into(),
             Subject::Nginx { workers: Some(n) } => format!("nginx-{n}w"),
             Subject::Nginx { workers: None } => "nginx-auto".into(),
@@ -113,9 +115,10 @@ impl Subject {
     pub fn describe(&self) -> String {
         match self {
             Subject::Direct => "no proxy: client connects to the backend (the ceiling)".into(),
-            Subject::Ntlm { engine } => {
+            Subject::Ntlm { engine, threads } => {
                 format!(
-                    "ntlm-splice --engine {engine}, --max-connections raised for the idle runs, defaults otherwise (access log on, to a file)"
+                    "ntlm-splice --engine {engine}{}, --max-connections raised for the idle runs, defaults otherwise (access log on, to a file)",
+                    threads.map_or(String::new(), |t| format!(" --threads {t}"))
                 )
             }
             Subject::Baseline { bin } => {
@@ -330,19 +333,26 @@ pub fn start(s: &Subject, env: &Env, tag: &str) -> anyhow::Result<Running> {
             log: None,
             proc: None,
         }),
-        Subject::Ntlm { engine } => start_ntlm(
+        Subject::Ntlm { engine, threads } => start_ntlm(
             &env.root.join("target/release/ntlm-splice"),
             engine,
+            *threads,
             env,
             tag,
         ),
-        Subject::Baseline { bin } => start_ntlm(bin, "splice", env, tag),
+        Subject::Baseline { bin } => start_ntlm(bin, "splice", None, env, tag),
         Subject::Nginx { workers } => start_nginx(*workers, env, tag),
         Subject::Haproxy { threads, splice } => start_haproxy(*threads, *splice, env, tag),
     }
 }
 
-fn start_ntlm(bin: &Path, engine: &str, env: &Env, tag: &str) -> anyhow::Result<Running> {
+fn start_ntlm(
+    bin: &Path,
+    engine: &str,
+    threads: Option<u32>,
+    env: &Env,
+    tag: &str,
+) -> anyhow::Result<Running> {
     let log = env.dir.join(format!("{tag}.log"));
     let mut cmd = Command::new(bin);
     cmd.args([
@@ -359,6 +369,7 @@ fn start_ntlm(bin: &Path, engine: &str, env: &Env, tag: &str) -> anyhow::Result<
         "--drain-timeout",
         NTLM_DRAIN,
     ])
+    .args(threads.map(|t| ["--threads".to_string(), t.to_string()]).into_iter().flatten())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(fs::File::create(&log)?);
