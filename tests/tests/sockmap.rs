@@ -99,7 +99,10 @@ async fn upload(
 ) -> f64 {
     let started = Instant::now();
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
-    within(BULK, "upload", servers::send_pattern(&mut c, seed, len)).await.unwrap();
+    if let Err(e) = within(BULK, "upload", servers::send_pattern(&mut c, seed, len)).await {
+        // The proxy's log says why it ended the connection.
+        panic!("upload through sockmap failed: {e}\nproxy log:\n{}", proxy.logs());
+    }
     c.shutdown().await.unwrap();
     // The sink answers one line after the EOF.
     let mut answer = String::new();
