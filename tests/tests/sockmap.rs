@@ -100,7 +100,9 @@ async fn upload(
     let started = Instant::now();
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     if let Err(e) = within(BULK, "upload", servers::send_pattern(&mut c, seed, len)).await {
-        // The proxy's log says why it ended the connection.
+        // The proxy's log says why it ended the connection (its lines come just after the
+        // reset the client saw).
+        tokio::time::sleep(Duration::from_secs(1)).await;
         panic!("upload through sockmap failed: {e}\nproxy log:\n{}", proxy.logs());
     }
     c.shutdown().await.unwrap();
