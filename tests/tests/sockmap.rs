@@ -381,7 +381,7 @@ fn without_cap_perfmon_the_engine_runs_with_the_guard_off_and_says_why() {
     let out = doctor_with_caps("cap_bpf,cap_net_admin");
     assert!(out.contains("uid=65534"), "not run as nobody:\n{out}");
     assert!(out.contains("sockmap_engine=available"), "{out}");
-    assert!(out.contains("overlap_guard=\"off: the verifier refused it (it reads kernel memory: needs CAP_PERFMON"), "{out}");
+    assert!(out.contains("overlap_guard=\"off: the verifier refused it (it reads kernel memory, which needs CAP_PERFMON"), "{out}");
     let out = doctor_with_caps("cap_bpf,cap_net_admin,cap_perfmon");
     assert!(out.contains("sockmap_engine=available"), "{out}");
     assert!(out.contains("overlap_guard=\"on"), "{out}");

@@ -178,9 +178,12 @@ impl Kernel {
                 // allows only with CAP_PERFMON; with the guard off its code is dead and is not
                 // checked, so CAP_BPF + CAP_NET_ADMIN suffice.
                 let err = format!("{e:#}");
+                log::debug!("sockmap: loading with the overlap guard failed: {err}");
                 let err = err.split(" Verifier output").next().unwrap_or_default();
-                let why =
-                    format!("the verifier refused it (it reads kernel memory: needs CAP_PERFMON or root): {err}");
+                let why = format!(
+                    "the verifier refused it (it reads kernel memory, which needs CAP_PERFMON or root; \
+                     RUST_LOG=debug shows the verifier's output): {err}"
+                );
                 Self::load_with(with_parser, &SeqGuard::default(), Some(why))
             }
             r => r,

@@ -781,6 +781,36 @@ async fn retransmitted_overlap_is_forwarded_once() {
     );
 }
 
+/// A retransmitted segment that carries only a few new bytes after the overlap (10 after
+/// 12,000 already forwarded up, 39 after 500 down): the cut leaves a buffer of a few bytes,
+/// forwarded once.
+#[tokio::test]
+async fn retransmitted_overlap_with_a_short_new_tail_is_forwarded_once() {
+    let Some(e) = engine(4 << 20, 64 << 20) else {
+        return;
+    };
+    if let Some(why) = &e.kernel.guard_off {
+        panic!("the overlap guard is off on this kernel: {why}");
+    }
+    let (mut user, pc, pb, mut server) = pair().await;
+    let r = spawn_relay(&e, pc, pb);
+    retransmit_over(&mut user, &mut server, &bytes(1, 20_000), 12_000, &bytes(2, 10)).await;
+    retransmit_over(&mut server, &mut user, &bytes(3, 20_000), 500, &bytes(4, 39)).await;
+    user.shutdown().await.unwrap();
+    let mut up_rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut up_rest)).await;
+    server.shutdown().await.unwrap();
+    let mut down_rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), user.read_to_end(&mut down_rest)).await;
+    let o = tokio::time::timeout(Duration::from_secs(5), r).await.expect("relay end").unwrap();
+    let snap = snapshot(&e);
+    assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "bytes after the exchange: {o:?} {snap:?}");
+    assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
+    assert_eq!((o.bytes_up, o.bytes_down), (20_010, 20_039), "{snap:?}");
+    assert_eq!((snap.overlap_skbs, snap.overlap_bytes), (2, 12_500), "{snap:?}");
+    assert_eq!(snap.duplicates, 0, "{snap:?}");
+}
+
 /// The same exchange while every buffer goes to userspace (an in-flight cap of 1 byte: the
 /// verdict passes each buffer for the lane to copy): the verdict cuts the overlap before it
 /// passes the buffer, so the lane copies each byte once.
