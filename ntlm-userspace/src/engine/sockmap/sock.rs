@@ -99,6 +99,14 @@ fn getsockopt<T: Copy + Default>(fd: BorrowedFd<'_>, level: libc::c_int, name: l
     if rc == 0 { Ok((v, len as usize)) } else { Err(io::Error::last_os_error()) }
 }
 
+fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const v).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// The socket's cookie (`SO_COOKIE`).
 pub(super) fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_COOKIE).map(|(c, _)| c)
@@ -124,8 +132,12 @@ fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
 /// queued. TCP_INFO is read before SIOCOUTQ so that bytes acknowledged in between make the
 /// sum smaller, never larger: a drain check built on it can wait too long, never too little.
 pub(super) fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let acked = tcp_info(fd)?.bytes_acked;
-    Ok(acked + ioctl_int(fd, SIOCOUTQ)?)
+    written_after(fd, &tcp_info(fd)?)
+}
+
+/// [`bytes_written`] from a `TCP_INFO` just read.
+fn written_after(fd: BorrowedFd<'_>, info: &TcpInfo) -> io::Result<u64> {
+    Ok(info.bytes_acked + ioctl_int(fd, SIOCOUTQ)?)
 }
 
 /// Set-up counters of a socket that is in no sockmap yet, given a `TCP_INFO` read just
@@ -140,7 +152,7 @@ pub(super) fn setup_counters(fd: BorrowedFd<'_>, first: TcpInfo) -> io::Result<(
         if after.bytes_received == before.bytes_received {
             // bytes_received counts the FIN; SIOCINQ never does.
             let fin = u64::from(fin_received(after.state));
-            let written = after.bytes_acked + ioctl_int(fd, SIOCOUTQ)?;
+            let written = written_after(fd, &after)?;
             return Ok((written, before.bytes_received.saturating_sub(inq + fin)));
         }
         before = after;
@@ -153,18 +165,7 @@ pub(super) fn setup_counters(fd: BorrowedFd<'_>, first: TcpInfo) -> io::Result<(
 /// that arrived before the socket was inserted (or while it was paused) are forwarded now
 /// instead of waiting for the next segment, which may never come.
 pub(super) fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
 /// Gives the socket a send buffer of `bytes` as the kernel counts it (SO_SNDBUF reads back
@@ -174,19 +175,7 @@ pub(super) fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// which the sockmap engine has), then SO_SNDBUF, which is.
 pub(super) fn set_sndbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<u64> {
     let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
-    let set = |name| {
-        // SAFETY: valid fd and a correctly sized option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                (&raw const half).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-    };
+    let set = |name| setsockopt_int(fd, libc::SOL_SOCKET, name, half);
     if set(libc::SO_SNDBUFFORCE).is_ok() {
         // Not capped: the kernel sets exactly twice the value.
         return Ok(u64::try_from(half).unwrap_or(0) * 2);
