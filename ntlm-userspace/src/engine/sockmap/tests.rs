@@ -714,9 +714,10 @@ async fn retransmit_over(from: &mut TcpStream, to: &mut TcpStream, first: &[u8],
 
 /// One connection, each direction gets a retransmitted segment whose head overlaps bytes
 /// already forwarded (12,000 bytes up: three cuts of the helper's 4,095-byte limit; 500
-/// down). Returns what the relay ended with, the stream each end read after the exchange
-/// (must be empty), and the engine's snapshot.
-async fn overlap_exchange(e: &Arc<Inner>) -> (Outcome, Vec<u8>, Vec<u8>, Snapshot) {
+/// down), followed by `new_up` and `new_down` bytes not sent before. Returns what the relay
+/// ended with, the stream each end read after the exchange (must be empty), and the engine's
+/// snapshot.
+async fn overlap_exchange(e: &Arc<Inner>, new_up: usize, new_down: usize) -> (Outcome, Vec<u8>, Vec<u8>, Snapshot) {
     let (mut user, pc, pb, mut server) = pair().await;
     let r = spawn_relay(e, pc, pb);
     retransmit_over(
@@ -724,7 +725,7 @@ async fn overlap_exchange(e: &Arc<Inner>) -> (Outcome, Vec<u8>, Vec<u8>, Snapsho
         &mut server,
         &bytes(1, 20_000),
         12_000,
-        &bytes(2, 5_000),
+        &bytes(2, new_up),
     )
     .await;
     retransmit_over(
@@ -732,7 +733,7 @@ async fn overlap_exchange(e: &Arc<Inner>) -> (Outcome, Vec<u8>, Vec<u8>, Snapsho
         &mut user,
         &bytes(3, 20_000),
         500,
-        &bytes(4, 5_000),
+        &bytes(4, new_down),
     )
     .await;
     user.shutdown().await.unwrap();
@@ -760,7 +761,7 @@ async fn retransmitted_overlap_is_forwarded_once() {
     if let Some(why) = &e.kernel.guard_off {
         panic!("the overlap guard is off on this kernel: {why}");
     }
-    let (o, up_rest, down_rest, snap) = overlap_exchange(&e).await;
+    let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 5_000, 5_000).await;
     assert_eq!(
         (up_rest.len(), down_rest.len()),
         (0, 0),
@@ -792,18 +793,7 @@ async fn retransmitted_overlap_with_a_short_new_tail_is_forwarded_once() {
     if let Some(why) = &e.kernel.guard_off {
         panic!("the overlap guard is off on this kernel: {why}");
     }
-    let (mut user, pc, pb, mut server) = pair().await;
-    let r = spawn_relay(&e, pc, pb);
-    retransmit_over(&mut user, &mut server, &bytes(1, 20_000), 12_000, &bytes(2, 10)).await;
-    retransmit_over(&mut server, &mut user, &bytes(3, 20_000), 500, &bytes(4, 39)).await;
-    user.shutdown().await.unwrap();
-    let mut up_rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut up_rest)).await;
-    server.shutdown().await.unwrap();
-    let mut down_rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), user.read_to_end(&mut down_rest)).await;
-    let o = tokio::time::timeout(Duration::from_secs(5), r).await.expect("relay end").unwrap();
-    let snap = snapshot(&e);
+    let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 10, 39).await;
     assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "bytes after the exchange: {o:?} {snap:?}");
     assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
     assert_eq!((o.bytes_up, o.bytes_down), (20_010, 20_039), "{snap:?}");
@@ -822,7 +812,7 @@ async fn retransmitted_overlap_while_passing_is_copied_once() {
     if let Some(why) = &e.kernel.guard_off {
         panic!("the overlap guard is off on this kernel: {why}");
     }
-    let (o, up_rest, down_rest, snap) = overlap_exchange(&e).await;
+    let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 5_000, 5_000).await;
     assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "bytes after the exchange: {o:?} {snap:?}");
     assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
     assert_eq!((o.bytes_up, o.bytes_down), (25_000, 25_000), "{snap:?}");
