@@ -205,6 +205,7 @@ pub(crate) fn seq_guard(data: &[u8]) -> Result<SeqGuard, BtfError> {
         skb_seq: cb + seq,
         skb_sk: btf.offset_of("sk_buff", "sk")?,
         tcp_copied_seq: btf.offset_of("tcp_sock", "copied_seq")?,
+        test_cut_fail_step: 0,
     })
 }
 

@@ -156,7 +156,8 @@ impl Kernel {
     /// Loads the embedded object, creates its maps and attaches the verdict (and, with
     /// `with_parser`, the stream parser) to FWD. `overlap_guard`: switch the verdict's
     /// retransmit overlap guard on where the kernel's BTF allows (false only in tests).
-    pub(crate) fn load(with_parser: bool, overlap_guard: bool) -> anyhow::Result<Loaded> {
+    /// `cut_fail_step`: 0, or a test's fault injection (`SeqGuard::test_cut_fail_step`).
+    pub(crate) fn load(with_parser: bool, overlap_guard: bool, cut_fail_step: u32) -> anyhow::Result<Loaded> {
         if let Some(reason) = UNAVAILABLE {
             return Err(anyhow!("this binary was built without the eBPF object: {reason}"));
         }
@@ -168,7 +169,7 @@ impl Kernel {
             (SeqGuard::default(), Some("switched off for testing".to_owned()))
         } else {
             match btf::running_kernel() {
-                Ok(g) => (g, None),
+                Ok(g) => (SeqGuard { test_cut_fail_step: cut_fail_step, ..g }, None),
                 Err(e) => (SeqGuard::default(), Some(e.to_string())),
             }
         };

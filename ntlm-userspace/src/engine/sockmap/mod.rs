@@ -90,6 +90,9 @@ pub(crate) struct Breaks {
     pub(crate) no_cleanup: bool,
     /// Load the verdict with its retransmit overlap guard off.
     pub(crate) no_overlap_guard: bool,
+    /// Fault injection, not a trap fix: step `n` (> 0) of every overlap cut fails as if the
+    /// kernel could not allocate (`SeqGuard::test_cut_fail_step`).
+    pub(crate) cut_fail_step: u32,
 }
 
 impl Breaks {
@@ -144,6 +147,11 @@ pub(crate) struct Counters {
     pub(crate) cap_stops: AtomicU64,
     /// Copy buffers allocated for passed bytes (one per direction that ever needed one).
     pub(crate) lane_bufs: AtomicU64,
+    /// Overlapping buffers whose cut failed and that the verdict passed to userspace instead
+    /// (finished connections).
+    pub(crate) cut_failed: AtomicU64,
+    /// Overlap bytes userspace discarded for those buffers.
+    pub(crate) skipped_bytes: AtomicU64,
 }
 
 /// What the engine shares with its connections.
@@ -213,6 +221,10 @@ pub struct Snapshot {
     pub cap_stops: u64,
     /// Copy buffers allocated for passed bytes.
     pub lane_bufs: u64,
+    /// Overlapping buffers whose cut failed, passed to userspace instead.
+    pub cut_failed: u64,
+    /// Overlap bytes userspace discarded for them.
+    pub skipped_bytes: u64,
     /// Why the verdict's overlap guard is off (`None`: on).
     pub guard_off: Option<String>,
 }
@@ -249,7 +261,7 @@ impl SockmapEngine {
     fn load_with(config: &Config, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
         let with_parser = std::env::var(PARSER_ENV).is_ok_and(|v| v == "1");
         let kernel::Loaded { kernel, events } =
-            kernel::Kernel::load(with_parser, !breaks.no_overlap_guard)?;
+            kernel::Kernel::load(with_parser, !breaks.no_overlap_guard, breaks.cut_fail_step)?;
         let registry = Arc::new(dispatch::Registry::default());
         let dispatcher = dispatch::Dispatcher::start(events, Arc::clone(&registry))
             .context("cannot start the sockmap event thread")?;
@@ -309,6 +321,8 @@ pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
         overlap_skbs: c.overlap_skbs.load(Ordering::Relaxed),
         cap_stops: c.cap_stops.load(Ordering::Relaxed),
         lane_bufs: c.lane_bufs.load(Ordering::Relaxed),
+        cut_failed: c.cut_failed.load(Ordering::Relaxed),
+        skipped_bytes: c.skipped_bytes.load(Ordering::Relaxed),
         overlap_bytes: c.overlap_bytes.load(Ordering::Relaxed),
         guard_off: k.guard_off.clone(),
     }

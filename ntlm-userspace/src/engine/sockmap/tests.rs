@@ -821,6 +821,34 @@ async fn retransmitted_overlap_while_passing_is_copied_once() {
     assert_eq!(snap.duplicates, 0);
 }
 
+/// The same exchange when the kernel cannot cut (`bpf_skb_adjust_room` fails with -ENOMEM
+/// when its atomic allocation does; injected here at the first step, and at the second, after
+/// 4,095 bytes were cut): the verdict passes the buffer with the overlap left in it recorded,
+/// userspace discards exactly those bytes and writes the new ones, and the connection carries
+/// on. (Before, the verdict dropped the buffer and the connection was reset; seen twice in CI.)
+#[tokio::test]
+async fn an_overlap_whose_cut_fails_is_discarded_by_userspace() {
+    // (step that fails, overlap buffers that went to userspace, bytes discarded there)
+    for (step, failed, skipped) in [(1, 2, 12_500), (2, 1, 12_000 - 4_095)] {
+        let breaks = Breaks { cut_fail_step: step, ..Breaks::default() };
+        let Some(e) = engine_with(4 << 20, 64 << 20, breaks) else {
+            return;
+        };
+        if let Some(why) = &e.kernel.guard_off {
+            panic!("the overlap guard is off on this kernel: {why}");
+        }
+        let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 5_000, 5_000).await;
+        assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "step {step}: bytes after the exchange: {o:?} {snap:?}");
+        assert_eq!(o.end, End::ClientFin, "step {step}: {o:?} {snap:?}");
+        assert_eq!((o.bytes_up, o.bytes_down), (25_000, 25_000), "step {step}: {snap:?}");
+        assert_eq!((snap.overlap_skbs, snap.overlap_bytes), (2, 12_500), "step {step}: {snap:?}");
+        assert_eq!((snap.cut_failed, snap.skipped_bytes), (failed, skipped), "step {step}: {snap:?}");
+        // Only the failed buffers' new bytes went through userspace.
+        assert_eq!(snap.copied_bytes, failed * 5_000, "step {step}: {snap:?}");
+        assert_eq!(snap.duplicates, 0, "step {step}: {snap:?}");
+    }
+}
+
 /// The same exchange with the guard off: the kernel hands the overlap over again and the
 /// engine's duplicate check resets the connection (this is what the guard prevents).
 #[tokio::test]
