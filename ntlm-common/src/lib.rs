@@ -111,34 +111,22 @@ pub struct SockStats {
     /// bytes already taken from this socket. The verdict cut the overlap off before
     /// forwarding (`tcp_read_skb()` hands over whole buffers and would deliver it twice).
     pub overlap_skbs: u64,
-    /// Overlap bytes the guard found at the head of those buffers: cut off (counted in
-    /// neither `bytes` nor `passed`) or, after a failed cut, passed for userspace to discard
-    /// (counted in `passed` too, see `cut_failed`).
+    /// Payload bytes cut off by the overlap guard (counted in neither `bytes` nor `passed`).
     pub overlap_bytes: u64,
-    /// Overlapping buffers the guard could neither cut nor hand to userspace (a kernel read
-    /// failed, or a second cut failed while userspace had not yet skipped the first one's
-    /// bytes, see [`SockStats::skip_at`]): the buffer was dropped and userspace resets the
-    /// connection, because the stream is no longer intact.
+    /// Overlapping buffers the guard could not cut (`bpf_skb_adjust_room` failed, or a
+    /// kernel read failed): the buffer was dropped and userspace resets the connection,
+    /// because the stream is no longer intact. There is no way round that from a verdict:
+    /// redirecting, passing or dropping a buffer all advance the socket's `copied_seq` by its
+    /// whole length, so forwarding it uncut (and discarding the overlap elsewhere) would leave
+    /// `copied_seq` ahead of `rcv_nxt`, and TCP would then stop waking the verdict
+    /// (`tcp_epollin_ready`) until that many new bytes had arrived: a stalled connection.
     pub guard_failed: u64,
     /// Buffers passed because redirecting them would have taken [`SockStats::bytes`] past
     /// [`SockCtl::stop_at`]: the in-flight cap enforced by the kernel while userspace had
     /// not yet reacted.
     pub cap_stops: u64,
-    /// Overlapping buffers whose cut failed (`bpf_skb_adjust_room` returns -ENOMEM when the
-    /// atomic allocation that linearises the cut bytes fails) and which the verdict passed
-    /// to userspace instead, with the bytes still to discard recorded in `skip_at` and
-    /// `skip_len`: a failed cut costs a copy, not the connection.
-    pub cut_failed: u64,
-    /// Offset in this socket's passed bytes (the `passed` count before the buffer) where
-    /// the latest failed cut's remaining overlap starts. Userspace reads and discards
-    /// `skip_len` bytes there instead of writing them. Only one such record is pending at a
-    /// time: it is free again once [`SockCtl::user_copied`] reaches `skip_at + skip_len`.
-    pub skip_at: u64,
-    /// Overlap bytes at `skip_at` that userspace must discard (counted in `passed` and in
-    /// `overlap_bytes`, never written to the peer).
-    pub skip_len: u64,
-    /// The last error a cut helper returned, as a negative errno in two's complement
-    /// (0: none). For diagnosis: -12 is ENOMEM.
+    /// The last error a cut of the overlap guard returned, as a negative errno in two's
+    /// complement (0: none; -12 is ENOMEM, see `guard_failed`).
     pub cut_err: u64,
 }
 
@@ -203,7 +191,7 @@ pub struct WakeEvent {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockStats>() == 23 * 8);
+const _: () = assert!(core::mem::size_of::<SockStats>() == 20 * 8);
 const _: () = assert!(core::mem::size_of::<SeqGuard>() == 5 * 4);
 const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
 const _: () = assert!(core::mem::size_of::<SockCtl>() == 4 * 8);

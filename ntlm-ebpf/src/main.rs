@@ -18,10 +18,7 @@
 //! sockmap path does not), so the overlap would be forwarded twice. The verdict therefore
 //! tracks each socket's next expected sequence number and cuts the overlap off the head of
 //! the buffer before forwarding it. The struct offsets it needs come from the kernel's BTF
-//! via the loader ([`SEQ_GUARD`]). A cut allocates (the kernel linearises the bytes it cuts,
-//! GFP_ATOMIC) and can fail under memory pressure; the verdict then passes the buffer to
-//! userspace with the remaining overlap recorded (`SockStats::skip_at`/`skip_len`), and
-//! userspace discards those bytes while copying the rest.
+//! via the loader ([`SEQ_GUARD`]).
 
 #![no_std]
 #![no_main]
@@ -76,8 +73,7 @@ static SEQ_GUARD: SeqGuard = SeqGuard {
 /// Most bytes one `bpf_skb_adjust_room` call may cut from an sk_skb buffer (kernel limit).
 const CUT_STEP: u32 = 0xfff;
 /// Most cut steps per buffer: 32 x 4095 bytes covers a 128 KiB overlap, twice the largest
-/// segment loopback GSO sends. The rest of a larger overlap is left for userspace to discard,
-/// as after a failed cut.
+/// segment loopback GSO sends. A larger overlap counts as `guard_failed`.
 const CUT_STEPS: u32 = 32;
 
 /// Stream parser: every socket buffer is one whole message (no framing). With a parser the
@@ -146,26 +142,13 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: a map value pointer from a successful lookup; the verdict of one socket runs
     // under that socket's lock, so nothing else writes this entry meanwhile.
     let s = unsafe { &mut *s };
-    let ctl = match CTL.get_ptr(cookie) {
-        // SAFETY: a map value pointer from a successful lookup; copied out at once.
-        Some(c) => unsafe { *c },
-        None => {
-            count_error(ERR_NO_CTL);
-            SockCtl { wake_at: u64::MAX, paused: 0, user_copied: s.passed, stop_at: u64::MAX }
-        }
-    };
     let mut buf_len = buf_len;
-    // Overlap bytes still at the head of the buffer because a cut failed.
-    let mut uncut = 0;
     if !parser {
         // SAFETY: a plain read of a constant the loader may have patched.
         let guard = unsafe { core::ptr::read_volatile(&raw const SEQ_GUARD) };
         if guard.enabled != 0 {
             match cut_overlap(ctx, s, &guard, buf_len as u32) {
-                Ok((left, rest)) => {
-                    buf_len = u64::from(left);
-                    uncut = u64::from(rest);
-                }
+                Ok(left) => buf_len = u64::from(left),
                 Err(()) => {
                     s.guard_failed += 1;
                     return Err(SK_DROP);
@@ -183,24 +166,14 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     if parser && len != buf_len {
         s.len_mismatch += 1;
     }
-
-    if uncut != 0 {
-        // The cut failed (an atomic allocation in the kernel, under memory pressure): pass the
-        // buffer to userspace with the overlap recorded; it discards those bytes and writes
-        // the rest, so the failure costs a copy instead of the connection. One record at a
-        // time: a second failure before userspace has consumed the first one's bytes has
-        // nowhere to go.
-        if s.skip_len != 0 && ctl.user_copied < s.skip_at.saturating_add(s.skip_len) {
-            s.guard_failed += 1;
-            return Err(SK_DROP);
+    let ctl = match CTL.get_ptr(cookie) {
+        // SAFETY: a map value pointer from a successful lookup; copied out at once.
+        Some(c) => unsafe { *c },
+        None => {
+            count_error(ERR_NO_CTL);
+            SockCtl { wake_at: u64::MAX, paused: 0, user_copied: s.passed, stop_at: u64::MAX }
         }
-        s.skip_at = s.passed;
-        s.skip_len = uncut;
-        s.cut_failed += 1;
-        s.passed += len;
-        s.passed_segs += 1;
-        return Ok(SK_PASS);
-    }
+    };
 
     // Paused, userspace still has passed bytes to write first, or this buffer would take the
     // in-flight count past the cap: keep it on the socket (its memory is charged there, so
@@ -242,9 +215,8 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
 
 /// The overlap guard: cuts off the head of this buffer the bytes before `s.seq_next` (already
 /// taken from the socket) and advances `s.seq_next`. Returns the buffer's length after the
-/// cut and how many overlap bytes are still at its head because a cut step failed (0 when
-/// the cut succeeded); `Err` if a kernel read failed (the overlap is then unknown).
-fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -> Result<(u32, u32), ()> {
+/// cut; `Err` if a kernel read or a cut failed (the buffer is then no longer usable).
+fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -> Result<u32, ()> {
     let skb = ctx.as_ptr().cast::<u8>();
     // SAFETY: reads through bpf_probe_read_kernel (faults return an error); the offsets come
     // from the running kernel's BTF: the buffer's TCP_SKB_CB(skb)->seq.
@@ -269,29 +241,23 @@ fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -
     let end = seq.wrapping_add(len);
     let ahead = next.wrapping_sub(seq) as i32;
     let mut left = len;
-    let mut uncut = 0;
     if ahead < 0 {
         count_error(ERR_SEQ_GAP);
-    } else if ahead as u32 >= len {
-        // Nothing new in it (TCP drops such segments itself; counted, dropped by the caller).
-        s.overlap_skbs += 1;
-        s.overlap_bytes += u64::from(len);
-        left = 0;
     } else if ahead > 0 {
-        let overlap = ahead as u32;
-        let cut = cut_head(ctx.as_ptr(), overlap, g.test_cut_fail_step);
-        if cut.err != 0 {
-            s.cut_err = cut.err as u64;
+        let overlap = (ahead as u32).min(len);
+        let err = cut_head(ctx.as_ptr(), overlap, g.test_cut_fail_step);
+        if err != 0 {
+            s.cut_err = err as u64;
+            return Err(());
         }
         s.overlap_skbs += 1;
         s.overlap_bytes += u64::from(overlap);
-        left = len - (overlap - cut.todo);
-        uncut = cut.todo;
+        left = len - overlap;
     }
     if end.wrapping_sub(next) as i32 > 0 {
         s.seq_next = SEQ_KNOWN | u64::from(end);
     }
-    Ok((left, uncut))
+    Ok(left)
 }
 
 /// State of one [`cut_head`] for its [`cut_step`] callback.
@@ -299,7 +265,7 @@ fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -
 struct Cut {
     /// This program's context (`struct sk_buff`).
     skb: *mut core::ffi::c_void,
-    /// Bytes still to cut: 0 once the cut is done.
+    /// Bytes still to cut.
     todo: u32,
     /// [`SeqGuard::test_cut_fail_step`].
     fail_step: u32,
@@ -309,9 +275,14 @@ struct Cut {
 
 /// Cuts `n` bytes off the head of the buffer, in the steps `bpf_skb_adjust_room` accepts.
 /// The steps run under `bpf_loop`, so the verifier checks one step, not each of up to
-/// [`CUT_STEPS`] unrolled with every path through the rest of the verdict. On return `todo`
-/// holds the bytes not cut (0: all `n` were).
-fn cut_head(skb: *mut core::ffi::c_void, n: u32, fail_step: u32) -> Cut {
+/// [`CUT_STEPS`] unrolled with every path through the rest of the verdict. Returns 0 if all
+/// `n` bytes were cut, else a negative errno (-E2BIG: more than [`CUT_STEPS`] steps).
+///
+/// Each step pulls the bytes it cuts into the buffer's linear head first (`pskb_may_pull`,
+/// GFP_ATOMIC) and the head keeps them as headroom, so the allocation grows with every step:
+/// a 64 KiB overlap ends in an order-4 atomic allocation, which can fail under memory
+/// pressure or fragmentation (-ENOMEM).
+fn cut_head(skb: *mut core::ffi::c_void, n: u32, fail_step: u32) -> i64 {
     let mut cut = Cut {
         skb,
         todo: n,
@@ -328,10 +299,15 @@ fn cut_head(skb: *mut core::ffi::c_void, n: u32, fail_step: u32) -> Cut {
             0,
         )
     };
-    if rc < 0 && cut.err == 0 {
-        cut.err = rc;
+    if cut.err != 0 {
+        cut.err
+    } else if rc < 0 {
+        rc
+    } else if cut.todo != 0 {
+        -7 // -E2BIG
+    } else {
+        0
     }
-    cut
 }
 
 /// One step of [`cut_head`]: cuts up to [`CUT_STEP`] bytes. Returns 1 to stop the loop.

@@ -147,11 +147,6 @@ pub(crate) struct Counters {
     pub(crate) cap_stops: AtomicU64,
     /// Copy buffers allocated for passed bytes (one per direction that ever needed one).
     pub(crate) lane_bufs: AtomicU64,
-    /// Overlapping buffers whose cut failed and that the verdict passed to userspace instead
-    /// (finished connections).
-    pub(crate) cut_failed: AtomicU64,
-    /// Overlap bytes userspace discarded for those buffers.
-    pub(crate) skipped_bytes: AtomicU64,
 }
 
 /// What the engine shares with its connections.
@@ -221,10 +216,6 @@ pub struct Snapshot {
     pub cap_stops: u64,
     /// Copy buffers allocated for passed bytes.
     pub lane_bufs: u64,
-    /// Overlapping buffers whose cut failed, passed to userspace instead.
-    pub cut_failed: u64,
-    /// Overlap bytes userspace discarded for them.
-    pub skipped_bytes: u64,
     /// Why the verdict's overlap guard is off (`None`: on).
     pub guard_off: Option<String>,
 }
@@ -321,8 +312,6 @@ pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
         overlap_skbs: c.overlap_skbs.load(Ordering::Relaxed),
         cap_stops: c.cap_stops.load(Ordering::Relaxed),
         lane_bufs: c.lane_bufs.load(Ordering::Relaxed),
-        cut_failed: c.cut_failed.load(Ordering::Relaxed),
-        skipped_bytes: c.skipped_bytes.load(Ordering::Relaxed),
         overlap_bytes: c.overlap_bytes.load(Ordering::Relaxed),
         guard_off: k.guard_off.clone(),
     }

@@ -49,10 +49,7 @@
 //! drops with reason TCP_OLD_SEQUENCE/TCP_OLD_DATA), TCP queues a buffer whose head overlaps
 //! bytes already delivered. The verdict's overlap guard (`ntlm-ebpf`) compares the buffer's
 //! sequence number with the socket's next expected one and cuts the overlap off before
-//! forwarding. A cut that fails (the kernel's atomic allocation) passes the buffer here with
-//! the overlap recorded, and the lane discards those bytes ([`skip_range`]). Where the guard
-//! cannot help (no kernel BTF, or a second cut failed before the lane read the first one's
-//! bytes), every check still compares
+//! forwarding. Where it cannot (no kernel BTF, or a cut failed), every check still compares
 //! redirected plus copied with what TCP received in sequence and resets the connection when
 //! they disagree, before passed duplicates are written, and within one check for redirected
 //! ones. `NTLM_SPLICE_SOCKMAP_PARSER=1` attaches the stream parser (which reads with
@@ -339,7 +336,6 @@ impl Entries<'_> {
                     c.empty_skbs.fetch_add(st.empty_skbs, Ordering::Relaxed);
                     c.overlap_skbs.fetch_add(st.overlap_skbs, Ordering::Relaxed);
                     c.cap_stops.fetch_add(st.cap_stops, Ordering::Relaxed);
-                    c.cut_failed.fetch_add(st.cut_failed, Ordering::Relaxed);
                     c.overlap_bytes
                         .fetch_add(st.overlap_bytes, Ordering::Relaxed);
                     if st.overlap_skbs != 0 {
@@ -471,18 +467,13 @@ impl<'e> Conn<'e> {
     /// besides the verdict's. Read in this order (stats, then TCP_INFO) the check has no
     /// false alarms.
     fn check_no_duplicate(&self, dir: Dir, extra: u64) -> Result<(), Fault> {
-        self.check_no_duplicate_in(&self.stats(dir.src())?, dir, extra)
-    }
-
-    /// [`Self::check_no_duplicate`] with the source's stats just read.
-    fn check_no_duplicate_in(&self, st: &SockStats, dir: Dir, extra: u64) -> Result<(), Fault> {
+        let st = self.stats(dir.src())?;
         if st.guard_failed != 0 {
             self.eng.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return Err(Fault::Internal(io::Error::other(format!(
-                "the overlap guard could neither cut a retransmitted segment from the {:?} socket nor hand it \
-                 to userspace (a kernel read failed, or a second cut failed before the first one's bytes were \
-                 skipped; last cut error {}), so it dropped it; the stream is no longer intact, resetting the \
-                 connection",
+                "the overlap guard could not cut a retransmitted segment from the {:?} socket (error {}; -12 is \
+                 ENOMEM: the kernel's atomic allocation failed) and dropped it; the stream is no longer intact, \
+                 resetting the connection",
                 dir.src(),
                 st.cut_err as i64
             ))));
@@ -545,8 +536,6 @@ impl<'e> Conn<'e> {
             ctl: SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(self.eng, 0, 0) },
             paused: false,
             copied: 0,
-            read: 0,
-            skipped: 0,
             last_r: u64::MAX,
             recheck: None,
             interval: RECHECK_FIRST,
@@ -593,7 +582,7 @@ impl<'e> Conn<'e> {
                     let room = (lane_max - lane.len()).min(buf.len());
                     match src.try_io(Interest::READABLE, || sock::recv(src.as_fd(), &mut buf[..room])) {
                         Ok(0) => {
-                            if self.stats(dir.src())?.passed == flow.copied + flow.skipped + lane.len() as u64 {
+                            if self.stats(dir.src())?.passed == flow.copied + lane.len() as u64 {
                                 eof = true;
                             } else {
                                 // Passed bytes still on their way to the socket's queue.
@@ -601,23 +590,6 @@ impl<'e> Conn<'e> {
                             }
                         }
                         Ok(n) => {
-                            // Overlap bytes of a buffer whose cut failed: read the record after
-                            // the recv (the verdict writes it before it queues the buffer).
-                            let st = self.stats(dir.src())?;
-                            let (a, b) = skip_range(&st, flow.read, n);
-                            flow.read += n as u64;
-                            if b > a {
-                                flow.skipped += (b - a) as u64;
-                                self.eng.counters.skipped_bytes.fetch_add((b - a) as u64, Ordering::Relaxed);
-                                log::debug!(
-                                    "conn={} sockmap: discarded {} overlapping bytes from the {:?} socket the \
-                                     verdict could not cut (error {})",
-                                    self.id,
-                                    b - a,
-                                    dir.src(),
-                                    st.cut_err as i64
-                                );
-                            }
                             if lane.is_empty() && !flow.paused {
                                 // Passed without a pause of ours: the verdict's own limit
                                 // (or bytes still behind an earlier pass). Look now, so that
@@ -631,16 +603,9 @@ impl<'e> Conn<'e> {
                                 lane.flushed = self.inflight(dir)?.0 == 0;
                                 lane.poll = POLL_MIN;
                             }
-                            lane.push(&buf[..a]);
-                            lane.push(&buf[b..n]);
-                            if lane.is_empty() {
-                                // All of it discarded, nothing else to write: caught up.
-                                lane.flushed = false;
-                                flow.ctl.user_copied = flow.copied + flow.skipped;
-                                self.write_ctl(dir, &flow.ctl)?;
-                            }
+                            lane.push(&buf[..n]);
                             // Before any of it is written: the lane must not hold a duplicate.
-                            self.check_no_duplicate_in(&st, dir, flow.copied + lane.len() as u64)?;
+                            self.check_no_duplicate(dir, flow.copied + lane.len() as u64)?;
                             self.touch();
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -662,8 +627,8 @@ impl<'e> Conn<'e> {
                             self.eng.counters.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
                             self.touch();
                             // Once this equals `passed`, the verdict redirects again: everything
-                            // passed is in the destination's TCP (or discarded) by then.
-                            flow.ctl.user_copied = flow.copied + flow.skipped;
+                            // passed is in the destination's TCP by then.
+                            flow.ctl.user_copied = flow.copied;
                             self.write_ctl(dir, &flow.ctl)?;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -934,17 +899,6 @@ impl Lane {
     }
 }
 
-/// The part of the passed bytes `[read, read + n)` just received that the verdict recorded
-/// as overlap to discard (`SockStats::skip_at`/`skip_len`), as offsets into the received
-/// bytes (`a == b`: none). The one record a socket has covers a range the verdict passed
-/// before any later bytes, so each receive sees each discarded byte once.
-fn skip_range(st: &SockStats, read: u64, n: usize) -> (usize, usize) {
-    let end = read + n as u64;
-    let a = st.skip_at.clamp(read, end);
-    let b = st.skip_at.saturating_add(st.skip_len).clamp(read, end);
-    ((a - read) as usize, (b - read) as usize)
-}
-
 /// Most bytes a direction's lane holds (userspace memory, while the in-kernel backlog
 /// drains): half the cap, at least 256 KiB.
 fn lane_max(cap: u64) -> usize {
@@ -959,10 +913,6 @@ struct Flow {
     paused: bool,
     /// Passed bytes written to the destination so far.
     copied: u64,
-    /// Passed bytes read from the source so far (written, in the lane, or discarded).
-    read: u64,
-    /// Passed bytes discarded: overlap the verdict could not cut (`SockStats::skip_len`).
-    skipped: u64,
     /// Redirected total at the last check (idle detection); in-flight while paused.
     last_r: u64,
     /// When to check again without an event.
