@@ -566,21 +566,28 @@ impl<'e> Conn<'e> {
                 // on EOF, on an error, or when bytes were passed to us.
                 r = src.readable(), if can_read => {
                     r.map_err(Fault::on(dir.src()))?;
-                    if buf.is_empty() {
+                    let read = |buf: &mut [u8]| {
+                        let room = (lane_max - lane.len()).min(buf.len());
+                        src.try_io(Interest::READABLE, || sock::recv(src.as_fd(), &mut buf[..room]))
+                    };
+                    let got = if buf.is_empty() {
                         // tokio reports a socket readable once at registration when bytes were
-                        // waiting (the verdict took them since): look before allocating, or
-                        // every connection would keep 64 KiB it never uses.
+                        // waiting (the verdict took them since), and a source at its EOF is
+                        // readable too: look before allocating, or every connection would
+                        // allocate 64 KiB it never uses.
                         match src.try_io(Interest::READABLE, || sock::peek(src.as_fd())) {
-                            Ok(()) => {
+                            Ok(0) => Ok(0),
+                            Ok(_) => {
                                 buf = vec![0u8; COPY_BUF];
                                 self.eng.counters.lane_bufs.fetch_add(1, Ordering::Relaxed);
+                                read(&mut buf)
                             }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                            Err(e) => return Err(Fault::on(dir.src())(e)),
+                            Err(e) => Err(e),
                         }
-                    }
-                    let room = (lane_max - lane.len()).min(buf.len());
-                    match src.try_io(Interest::READABLE, || sock::recv(src.as_fd(), &mut buf[..room])) {
+                    } else {
+                        read(&mut buf)
+                    };
+                    match got {
                         Ok(0) => {
                             if self.stats(dir.src())?.passed == flow.copied + lane.len() as u64 {
                                 eof = true;

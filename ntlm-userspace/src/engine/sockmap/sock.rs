@@ -196,10 +196,10 @@ pub(super) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     recv_flags(fd, buf, libc::MSG_DONTWAIT)
 }
 
-/// Whether a read would return something (bytes or the EOF), without taking it:
-/// `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte. `WouldBlock` if not.
-pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<()> {
-    recv_flags(fd, &mut [0u8; 1], libc::MSG_PEEK | libc::MSG_DONTWAIT).map(drop)
+/// Whether a read would return something, without taking it: `recv(MSG_PEEK |
+/// MSG_DONTWAIT)` of one byte. `Ok(1)`: bytes; `Ok(0)`: the EOF; `WouldBlock`: neither.
+pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    recv_flags(fd, &mut [0u8; 1], libc::MSG_PEEK | libc::MSG_DONTWAIT)
 }
 
 fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {

@@ -139,8 +139,11 @@ async fn a_connection_the_kernel_carries_allocates_no_copy_buffer() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let s = snapshot(&e);
     assert_eq!((s.copied_bytes, s.lane_bufs), (0, 0), "{s:?}");
+    // Nor at the end: a source at its EOF is readable too.
     drop((user, server));
     tokio::time::timeout(STEP, r).await.expect("relay end").unwrap();
+    let s = snapshot(&e);
+    assert_eq!((s.copied_bytes, s.lane_bufs), (0, 0), "after the end: {s:?}");
 }
 
 /// Multiplicative inverse of the pattern's constant mod 2^64.
