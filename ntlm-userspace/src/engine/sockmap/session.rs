@@ -129,15 +129,19 @@ struct Entries<'e> {
     in_fwd: [AtomicBool; 2],
     /// Global budget held by direction d.
     reserved: [AtomicU64; 2],
+    /// Set when both sockets are closed before this drops: a socket leaves every SockHash
+    /// when it closes (`sock_map_close`), so the FWD and PEER entries need no deletion.
+    sockets_closed: AtomicBool,
 }
 
 /// One connection in the sockmap engine.
 struct Conn<'e> {
     eng: &'e Inner,
     id: u64,
-    // Declared before the sockets: the map entries go before the sockets close.
-    maps: Entries<'e>,
+    // Declared before `maps`: the sockets close first, which takes them out of FWD and PEER
+    // (no verdict runs after that), then `maps` deletes the side entries.
     socks: [TcpStream; 2],
+    maps: Entries<'e>,
     cookie: [u64; 2],
     /// `bytes_written` of each socket at set-up (as a destination).
     base_written: [u64; 2],
@@ -228,6 +232,7 @@ fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream) -> Result<
         in_peer: Default::default(),
         in_fwd: Default::default(),
         reserved: Default::default(),
+        sockets_closed: AtomicBool::new(false),
     };
     let wake = [eng.registry.register(cookie[0]), eng.registry.register(cookie[1])];
     if let Err(why) = maps.enter(&client, &backend) {
@@ -314,6 +319,11 @@ impl Entries<'_> {
             log::warn!("conn={} sockmap: deleting {what} failed: {e}", self.id);
         };
         // Forwarding stops first, then the redirect targets, then the side maps.
+        if self.sockets_closed.load(Ordering::Relaxed) {
+            for f in self.in_fwd.iter().chain(&self.in_peer) {
+                f.store(false, Ordering::Relaxed);
+            }
+        }
         for dir in [Dir::Up, Dir::Down] {
             if self.in_fwd[di(dir)].swap(false, Ordering::Relaxed)
                 && let Err(e) = k.fwd.delete(self.cookie[si(dir.src())])
@@ -845,8 +855,10 @@ async fn write_all(dst: &TcpStream, buf: &[u8]) -> io::Result<()> {
 
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
-        // The fields drop after this: `maps` (every entry) and then the sockets.
+        // The fields drop after this: the sockets (closing them takes them out of FWD and
+        // PEER), then `maps` (the side entries).
         self.reset.apply(self.id, |side| self.fd(side));
+        self.maps.sockets_closed.store(true, Ordering::Relaxed);
     }
 }
 
