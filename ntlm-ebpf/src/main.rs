@@ -245,7 +245,14 @@ fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -
         count_error(ERR_SEQ_GAP);
     } else if ahead > 0 {
         let overlap = (ahead as u32).min(len);
-        let err = cut_head(ctx.as_ptr(), overlap, g.test_cut_fail_step);
+        // Pull the whole overlap into the linear head in one allocation first: each cut step
+        // then finds its bytes there and allocates nothing. Cutting straight away pulls
+        // 4,095 bytes per step into a head that keeps the bytes cut before, so a 64 KiB
+        // overlap took 16 ever larger GFP_ATOMIC allocations (and copied the head each time).
+        let err = match ctx.pull_data(overlap) {
+            Ok(()) => cut_head(ctx.as_ptr(), overlap, g.test_cut_fail_step),
+            Err(e) => e,
+        };
         if err != 0 {
             s.cut_err = err as u64;
             return Err(());
@@ -278,10 +285,10 @@ struct Cut {
 /// [`CUT_STEPS`] unrolled with every path through the rest of the verdict. Returns 0 if all
 /// `n` bytes were cut, else a negative errno (-E2BIG: more than [`CUT_STEPS`] steps).
 ///
-/// Each step pulls the bytes it cuts into the buffer's linear head first (`pskb_may_pull`,
-/// GFP_ATOMIC) and the head keeps them as headroom, so the allocation grows with every step:
-/// a 64 KiB overlap ends in an order-4 atomic allocation, which can fail under memory
-/// pressure or fragmentation (-ENOMEM).
+/// Each step needs the bytes it cuts in the buffer's linear head (`pskb_may_pull`, which
+/// allocates with GFP_ATOMIC when they are not), so the caller pulls the whole overlap there
+/// first; that one allocation, as large as the overlap (order 4 for 64 KiB), is what can
+/// fail under memory pressure or fragmentation (-ENOMEM).
 fn cut_head(skb: *mut core::ffi::c_void, n: u32, fail_step: u32) -> i64 {
     let mut cut = Cut {
         skb,
