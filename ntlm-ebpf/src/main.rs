@@ -287,8 +287,8 @@ struct Cut {
 ///
 /// Each step needs the bytes it cuts in the buffer's linear head (`pskb_may_pull`, which
 /// allocates with GFP_ATOMIC when they are not), so the caller pulls the whole overlap there
-/// first; that one allocation, as large as the overlap (order 5 for a 64 KiB overlap with the head), is what can
-/// fail under memory pressure or fragmentation (-ENOMEM).
+/// first; that one allocation, as large as the overlap (order 5 for a 64 KiB overlap with
+/// the head), is what can fail under memory pressure or fragmentation (-ENOMEM).
 fn cut_head(skb: *mut core::ffi::c_void, n: u32, fail_step: u32) -> i64 {
     let mut cut = Cut {
         skb,

@@ -129,8 +129,9 @@ struct Entries<'e> {
     in_fwd: [AtomicBool; 2],
     /// Global budget held by direction d.
     reserved: [AtomicU64; 2],
-    /// Set when both sockets are closed before this drops: a socket leaves every SockHash
-    /// when it closes (`sock_map_close`), so the FWD and PEER entries need no deletion.
+    /// Set by `Conn::drop`, after which the sockets close before this drops: a socket leaves
+    /// every SockHash when it closes (`sock_map_close`), so the FWD and PEER entries need no
+    /// deletion. Left unset when set-up hands the open sockets to the splice engine.
     sockets_closed: AtomicBool,
 }
 
@@ -481,11 +482,14 @@ impl<'e> Conn<'e> {
         if st.guard_failed != 0 {
             self.eng.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return Err(Fault::Internal(io::Error::other(format!(
-                "the overlap guard could not cut a retransmitted segment from the {:?} socket (error {}; -12 is \
-                 ENOMEM: the kernel's atomic allocation failed) and dropped it; the stream is no longer intact, \
-                 resetting the connection",
+                "the overlap guard could not cut a retransmitted segment from the {:?} socket ({}) and dropped \
+                 it; the stream is no longer intact, resetting the connection",
                 dir.src(),
-                st.cut_err as i64
+                match st.cut_err as i64 {
+                    0 => "a kernel read failed".to_owned(),
+                    -12 => "error -12, ENOMEM: the kernel's atomic allocation failed".to_owned(),
+                    e => format!("error {e}"),
+                }
             ))));
         }
         let delivered = st.bytes + extra;
