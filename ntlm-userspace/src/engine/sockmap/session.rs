@@ -478,6 +478,13 @@ impl<'e> Conn<'e> {
     /// besides the verdict's. Read in this order (stats, then TCP_INFO) the check has no
     /// false alarms.
     fn check_no_duplicate(&self, dir: Dir, extra: u64) -> Result<(), Fault> {
+        self.check_no_duplicate_of(dir, extra, None)
+    }
+
+    /// [`Self::check_no_duplicate`]; `final_arrived`: the source's final count of arrived
+    /// bytes (after its EOF, when no byte can arrive any more), read already, so the order of
+    /// the reads no longer matters.
+    fn check_no_duplicate_of(&self, dir: Dir, extra: u64, final_arrived: Option<u64>) -> Result<(), Fault> {
         let st = self.stats(dir.src())?;
         if st.guard_failed != 0 {
             self.eng.counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -493,7 +500,10 @@ impl<'e> Conn<'e> {
             ))));
         }
         let delivered = st.bytes + extra;
-        let arrived = self.arrived(dir.src())?;
+        let arrived = match final_arrived {
+            Some(a) => a,
+            None => self.arrived(dir.src())?,
+        };
         if delivered > arrived {
             self.eng.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return Err(Fault::Internal(io::Error::other(format!(
@@ -792,7 +802,7 @@ impl<'e> Conn<'e> {
             let arrived = received.saturating_sub(1).saturating_sub(self.base_consumed[si(src)]);
             let w = self.written(dst)?;
             if w >= arrived {
-                self.check_no_duplicate(dir, self.dirs[di(dir)].copied.load(Ordering::Relaxed))?;
+                self.check_no_duplicate_of(dir, self.dirs[di(dir)].copied.load(Ordering::Relaxed), Some(arrived))?;
                 log::debug!(
                     "conn={} sockmap: {dir:?} drained: {arrived} bytes arrived, {w} written, {} redirected",
                     self.id,
