@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_INFLIGHT_TOTAL: u64 = 256 << 20;
 pub const DEFAULT_SOCKMAP_SNDBUF: u64 = 8 << 20;
 /// Most `--sockmap-sndbuf` (the kernel takes it as an int, then doubles half of it).
 pub const MAX_SOCKMAP_SNDBUF: u64 = 1 << 30;
+/// Default capacity of the pipes the splice engine moves bytes through (see `--pipe-size`).
+pub const DEFAULT_PIPE_SIZE: u64 = 1 << 20;
+/// Most `--pipe-size`.
+pub const MAX_PIPE_SIZE: u64 = 64 << 20;
 /// Most `--threads`: more threads than cores only cost memory.
 pub const MAX_THREADS: usize = 1024;
 
@@ -131,6 +135,15 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SOCKMAP_SNDBUF, value_parser = parse_bytes)]
     pub sockmap_sndbuf: u64,
 
+    /// splice engine: capacity of the pipe each direction moves bytes through while a burst
+    /// is in flight (e.g. 1MiB; 0 keeps the kernel's default, 64KiB). One splice(2) call moves
+    /// at most this much, so a larger pipe means fewer system calls and wake-ups per byte.
+    /// Pipes are held only while bytes are in flight. Above /proc/sys/fs/pipe-max-size, or
+    /// past the user's pipe-user-pages-soft without CAP_SYS_RESOURCE, a pipe keeps the
+    /// default size.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_PIPE_SIZE, value_parser = parse_bytes)]
+    pub pipe_size: u64,
+
     /// Worker threads that serve the connections (default: one per CPU). On a small machine
     /// shared with other busy processes, 1 costs less CPU per connection (fewer wake-ups
     /// between threads) but can use only one core.
@@ -163,6 +176,8 @@ pub struct Config {
     pub max_inflight_total: u64,
     /// Send buffer of sockmap sockets; 0: the kernel's autotuning.
     pub sockmap_sndbuf: u64,
+    /// Capacity of the splice engine's pipes; 0: the kernel's default.
+    pub pipe_size: u64,
 }
 
 /// A configuration that cannot run, with the flag at fault and what to do.
@@ -280,6 +295,13 @@ impl ProxyArgs {
                 why: "must be 0 (kernel autotuning) or from 64KiB to 1GiB, e.g. 8MiB",
             });
         }
+        if self.pipe_size != 0 && !(64 << 10..=MAX_PIPE_SIZE).contains(&self.pipe_size) {
+            return Err(ConfigError::Invalid {
+                flag: "--pipe-size",
+                value: self.pipe_size.to_string(),
+                why: "must be 0 (the kernel's default) or from 64KiB to 64MiB, e.g. 1MiB",
+            });
+        }
         let mut backends = Vec::new();
         for spec in &self.backend {
             let mut addrs = tokio::net::lookup_host(spec.as_str())
@@ -303,6 +325,7 @@ impl ProxyArgs {
             max_inflight: self.max_inflight,
             max_inflight_total: self.max_inflight_total,
             sockmap_sndbuf: self.sockmap_sndbuf,
+            pipe_size: self.pipe_size,
         })
     }
 }
@@ -400,6 +423,21 @@ mod tests {
         }
         let c = args(&base).unwrap().into_config().await.unwrap();
         assert_eq!(c.sockmap_sndbuf, DEFAULT_SOCKMAP_SNDBUF);
+    }
+
+    #[tokio::test]
+    async fn pipe_size_is_checked() {
+        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
+        for bad in ["4KiB", "128MiB"] {
+            let e = args(&[&base[..], &["--pipe-size", bad]].concat()).unwrap().into_config().await.unwrap_err();
+            assert!(e.to_string().contains("--pipe-size") && e.to_string().contains("64KiB to 64MiB"), "{e}");
+        }
+        for (ok, want) in [("0", 0), ("256KiB", 256 << 10)] {
+            let c = args(&[&base[..], &["--pipe-size", ok]].concat()).unwrap().into_config().await.unwrap();
+            assert_eq!(c.pipe_size, want);
+        }
+        let c = args(&base).unwrap().into_config().await.unwrap();
+        assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
     }
 
     #[test]

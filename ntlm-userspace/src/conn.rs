@@ -198,6 +198,7 @@ mod tests {
             max_inflight: 1 << 20,
             max_inflight_total: 1 << 20,
             sockmap_sndbuf: 0,
+            pipe_size: 0,
         });
         let shared = Arc::new(Shared {
             balancer: crate::balance::Balancer::new(config.balance, config.backends.clone()),

@@ -140,5 +140,6 @@ fn default_config() -> Config {
         max_inflight: DEFAULT_MAX_INFLIGHT,
         max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
         sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
+        pipe_size: crate::config::DEFAULT_PIPE_SIZE,
     }
 }

@@ -66,13 +66,13 @@ impl Engine {
     pub fn select(config: &Config) -> Result<(Engine, String), Unavailable> {
         match config.engine {
             EngineChoice::Splice => {
-                Ok((Engine::Splice(splice::SpliceEngine::new()), "requested with --engine splice".into()))
+                Ok((Engine::Splice(splice::SpliceEngine::new(config.pipe_size)), "requested with --engine splice".into()))
             }
             EngineChoice::Sockmap => match sockmap::SockmapEngine::load(config) {
                 Ok(e) => Ok((Engine::Sockmap(Arc::new(e)), "requested with --engine sockmap; self-test passed".into())),
                 Err(e) => Err(Unavailable { reason: format!("{e:#}") }),
             },
-            EngineChoice::Auto => Ok((Engine::Splice(splice::SpliceEngine::new()), AUTO_REASON.into())),
+            EngineChoice::Auto => Ok((Engine::Splice(splice::SpliceEngine::new(config.pipe_size)), AUTO_REASON.into())),
         }
     }
 

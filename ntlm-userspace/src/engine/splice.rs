@@ -12,7 +12,10 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     pin::Pin,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -22,35 +25,44 @@ use tokio::{io::Interest, net::TcpStream};
 use super::Outcome;
 use crate::relay::{self, Dir, End, Fault, RelayCtl, Side, monotonic_ns};
 
-/// Most bytes moved by one splice(2) call: the default pipe capacity (16 pages).
-const SPLICE_CHUNK: usize = 64 << 10;
+/// The kernel's default pipe capacity (16 pages), which a pipe keeps when it cannot be
+/// enlarged.
+const DEFAULT_PIPE: usize = 64 << 10;
+/// The page size pipes are counted in (x86-64, arm64 with 4 KiB pages; only the budget of
+/// enlarged pipes depends on it).
+const PAGE: usize = 4096;
 /// Empty pipes kept for reuse; more are closed when returned.
 const PIPE_POOL_MAX: usize = 256;
 /// Buffer of the copy fallback.
 const COPY_BUF: usize = 64 << 10;
 
+/// Pages of enlarged pipes alive in this process, against [`PipeSizing::budget`].
+static BIG_PIPE_PAGES: AtomicUsize = AtomicUsize::new(0);
+
 /// The splice engine: holds the shared pipe pool.
 pub struct SpliceEngine {
     pool: Mutex<Vec<Pipe>>,
+    sizing: PipeSizing,
 }
 
 impl Default for SpliceEngine {
     fn default() -> Self {
-        Self::new()
+        Self::new(0)
     }
 }
 
 impl SpliceEngine {
-    /// A new engine with an empty pipe pool.
-    pub fn new() -> Self {
-        Self { pool: Mutex::new(Vec::new()) }
+    /// A new engine with an empty pipe pool whose pipes get `pipe_size` bytes of capacity
+    /// where the kernel allows (0: its default).
+    pub fn new(pipe_size: u64) -> Self {
+        Self { pool: Mutex::new(Vec::new()), sizing: PipeSizing::new(pipe_size) }
     }
 
     fn take_pipe(&self) -> io::Result<Pipe> {
         if let Some(p) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(p);
         }
-        Pipe::new()
+        Pipe::new(&self.sizing)
     }
 
     fn give_pipe(&self, p: Pipe) {
@@ -136,21 +148,97 @@ fn ended_by(fault: Fault) -> (End, Option<Fault>) {
     (end, Some(fault))
 }
 
+/// How large new pipes are made (`--pipe-size`).
+struct PipeSizing {
+    /// Requested capacity in bytes; 0: the kernel's default.
+    bytes: usize,
+    /// Most pages of enlarged pipes alive at once. Without CAP_SYS_RESOURCE or
+    /// CAP_SYS_ADMIN, once a user's pipes hold more than `fs.pipe-user-pages-soft` pages the
+    /// kernel refuses to enlarge more and gives every new pipe of that user (ours and its
+    /// other processes') 2 pages instead of 16; half that limit leaves room for the rest.
+    budget: usize,
+}
+
+impl PipeSizing {
+    fn new(bytes: u64) -> PipeSizing {
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        let privileged = cap_eff().is_some_and(|c| c & (1 << CAP_SYS_RESOURCE | 1 << CAP_SYS_ADMIN) != 0);
+        let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let budget = match soft {
+            _ if privileged => usize::MAX,
+            Some(0) => usize::MAX,
+            Some(pages) => pages / 2,
+            None => 4096, // 16 MiB of 4 KiB pages when the limit cannot be read
+        };
+        PipeSizing { bytes, budget }
+    }
+}
+
+/// Capability bits of this process (`CapEff` in /proc/self/status).
+fn cap_eff() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
+}
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_RESOURCE: u32 = 24;
+
 /// A pipe pair; both ends non-blocking.
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    /// Bytes it holds (the most one splice(2) into it can move); above [`DEFAULT_PIPE`], its
+    /// pages are counted in [`BIG_PIPE_PAGES`]. A `u32`: every connection carries two lanes.
+    cap: u32,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    fn new(sizing: &PipeSizing) -> io::Result<Pipe> {
         let mut fds = [0; 2];
         // SAFETY: fds is a valid two-int array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 returned two fresh descriptors that we now own.
-        Ok(unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } })
+        let mut p = unsafe {
+            Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]), cap: DEFAULT_PIPE as u32 }
+        };
+        if sizing.bytes > DEFAULT_PIPE {
+            let pages = sizing.bytes.div_ceil(PAGE);
+            if BIG_PIPE_PAGES.fetch_add(pages, Ordering::Relaxed).saturating_add(pages) <= sizing.budget {
+                let want = libc::c_int::try_from(sizing.bytes).unwrap_or(libc::c_int::MAX);
+                // SAFETY: plain fcntl on a pipe descriptor we own.
+                let got = unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+                if let Ok(got) = u32::try_from(got)
+                    && got as usize > DEFAULT_PIPE
+                {
+                    // The kernel rounds up to a power of two pages: count what it gave.
+                    p.cap = got;
+                    BIG_PIPE_PAGES.fetch_add(p.pages(), Ordering::Relaxed);
+                    BIG_PIPE_PAGES.fetch_sub(pages, Ordering::Relaxed);
+                    return Ok(p);
+                }
+                // EPERM (above fs.pipe-max-size, or the user's pipe pages) or ENOMEM: the
+                // pipe keeps the default size.
+                log::debug!("F_SETPIPE_SZ {want}: {}; this pipe keeps the default size", io::Error::last_os_error());
+            }
+            BIG_PIPE_PAGES.fetch_sub(pages, Ordering::Relaxed);
+        }
+        Ok(p)
+    }
+}
+
+impl Pipe {
+    /// Pages counted in [`BIG_PIPE_PAGES`] for this pipe.
+    fn pages(&self) -> usize {
+        if self.cap as usize > DEFAULT_PIPE { self.cap as usize / PAGE } else { 0 }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        BIG_PIPE_PAGES.fetch_sub(self.pages(), Ordering::Relaxed);
     }
 }
 
@@ -321,7 +409,7 @@ impl<'a> Conn<'a> {
                     src.try_read(&mut buf[..])
                 }
                 (None, Some(pipe)) => {
-                    src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.w.as_raw_fd(), SPLICE_CHUNK))
+                    src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize))
                 }
                 (None, None) => unreachable!("a pipe or a copy buffer was just set"),
             };
@@ -372,10 +460,29 @@ mod tests {
         (c, l.accept().await.unwrap().0)
     }
 
+    fn pipe_capacity(p: &Pipe) -> i32 {
+        // SAFETY: plain fcntl on a pipe descriptor the test owns.
+        unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_GETPIPE_SZ) }
+    }
+
+    /// `--pipe-size` reaches the kernel, and splice(2) calls are sized to what the pipe got;
+    /// 0, or no budget left for enlarged pipes, leaves the kernel's default.
+    #[test]
+    fn pipes_get_the_configured_size_within_the_budget() {
+        let big = Pipe::new(&PipeSizing { bytes: 1 << 20, budget: usize::MAX }).unwrap();
+        assert_eq!((pipe_capacity(&big), big.cap), (1 << 20, 1 << 20));
+        let odd = Pipe::new(&PipeSizing { bytes: 300 << 10, budget: usize::MAX }).unwrap();
+        assert_eq!((pipe_capacity(&odd), odd.cap), (512 << 10, 512 << 10), "rounded up to a power of two pages");
+        for sizing in [PipeSizing { bytes: 0, budget: usize::MAX }, PipeSizing { bytes: 1 << 20, budget: 0 }] {
+            let p = Pipe::new(&sizing).unwrap();
+            assert_eq!((pipe_capacity(&p), p.cap as usize), (DEFAULT_PIPE as i32, DEFAULT_PIPE));
+        }
+    }
+
     /// The relay future is most of an idle connection's task (see `conn::serve`).
     #[tokio::test]
     async fn relay_future_is_small() {
-        let e = SpliceEngine::new();
+        let e = SpliceEngine::new(0);
         let ctl = RelayCtl { idle_timeout: Some(Duration::from_secs(60)), force_close: Default::default() };
         let (c, _fc) = pair().await;
         let (b, _fb) = pair().await;
@@ -390,7 +497,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_holds_no_pipe() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = SpliceEngine::new();
+        let e = SpliceEngine::new(0);
         let ctl = RelayCtl { idle_timeout: None, force_close: Default::default() };
         let (mut client_far, c) = pair().await;
         let (b, mut backend_far) = pair().await;

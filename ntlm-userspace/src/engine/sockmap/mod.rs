@@ -265,7 +265,7 @@ impl SockmapEngine {
             sndbuf_short: Default::default(),
             counters: Counters::default(),
             breaks,
-            splice: SpliceEngine::new(),
+            splice: SpliceEngine::new(config.pipe_size),
             _dispatcher: dispatcher,
         });
         if with_parser {

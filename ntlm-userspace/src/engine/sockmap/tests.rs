@@ -33,6 +33,7 @@ fn config(max_inflight: u64, total: u64) -> Config {
         max_inflight,
         max_inflight_total: total,
         sockmap_sndbuf: crate::config::DEFAULT_SOCKMAP_SNDBUF,
+        pipe_size: crate::config::DEFAULT_PIPE_SIZE,
     }
 }
 
