@@ -147,11 +147,19 @@ async fn echo_of_1_gib_is_byte_exact_both_ways() {
     let (mut r, mut w) = c.into_split();
     let started = Instant::now();
     let send = tokio::spawn(async move {
-        servers::send_pattern(&mut w, 21, GIB).await.unwrap();
-        w.shutdown().await.unwrap();
+        servers::send_pattern(&mut w, 21, GIB).await?;
+        w.shutdown().await
     });
-    let v = within(BULK, "echo back", servers::recv_pattern(&mut r, 21)).await.unwrap();
-    send.await.unwrap();
+    let got = within(BULK, "echo back", servers::recv_pattern(&mut r, 21)).await;
+    let sent = send.await.unwrap();
+    let v = match (got, sent) {
+        (Ok(v), Ok(())) => v,
+        (got, sent) => {
+            // The proxy's log says why it ended the connection.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            panic!("echo through sockmap failed: received {got:?}, sent {sent:?}\nproxy log:\n{}", proxy.logs());
+        }
+    };
     v.assert_exact(GIB, "echo through sockmap");
     eprintln!("1 GiB echo: {:.0} MiB/s each way", GIB as f64 / MIB as f64 / started.elapsed().as_secs_f64());
     let l = only_line(&proxy).await;
