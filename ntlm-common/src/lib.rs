@@ -128,6 +128,8 @@ pub struct SockStats {
     /// The last error a cut of the overlap guard returned, as a negative errno in two's
     /// complement (0: none; -12 is ENOMEM, see `guard_failed`).
     pub cut_err: u64,
+    /// Largest overlap the guard found in one buffer (bytes).
+    pub overlap_max: u64,
 }
 
 /// Flag added to [`SockStats::seq_next`] once it holds a sequence number.
@@ -191,7 +193,7 @@ pub struct WakeEvent {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockStats>() == 20 * 8);
+const _: () = assert!(core::mem::size_of::<SockStats>() == 21 * 8);
 const _: () = assert!(core::mem::size_of::<SeqGuard>() == 5 * 4);
 const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
 const _: () = assert!(core::mem::size_of::<SockCtl>() == 4 * 8);

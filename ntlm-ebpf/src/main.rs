@@ -72,9 +72,12 @@ static SEQ_GUARD: SeqGuard = SeqGuard {
 
 /// Most bytes one `bpf_skb_adjust_room` call may cut from an sk_skb buffer (kernel limit).
 const CUT_STEP: u32 = 0xfff;
-/// Most cut steps per buffer: 32 x 4095 bytes covers a 128 KiB overlap, twice the largest
-/// segment loopback GSO sends. A larger overlap counts as `guard_failed`.
-const CUT_STEPS: u32 = 32;
+/// Most cut steps per buffer: 512 x 4095 bytes covers a 2 MiB overlap. One segment overlaps
+/// by less than its own length (64 KiB on loopback), but TCP merges segments in its queues
+/// (coalescing, the out-of-order queue), and overlaps over 128 KiB were seen under load: with
+/// 32 steps they reset connections (-E2BIG). The steps allocate nothing (the overlap is pulled
+/// first) and only the steps a cut needs run. A larger overlap counts as `guard_failed`.
+const CUT_STEPS: u32 = 512;
 
 /// Stream parser: every socket buffer is one whole message (no framing). With a parser the
 /// kernel reads the socket with `tcp_read_sock()`, which starts at the reader's position in a
@@ -245,6 +248,7 @@ fn cut_overlap(ctx: &SkBuffContext, s: &mut SockStats, g: &SeqGuard, len: u32) -
         count_error(ERR_SEQ_GAP);
     } else if ahead > 0 {
         let overlap = (ahead as u32).min(len);
+        s.overlap_max = s.overlap_max.max(u64::from(overlap));
         // Pull the whole overlap into the linear head in one allocation first: each cut step
         // then finds its bytes there and allocates nothing. Cutting straight away pulls
         // 4,095 bytes per step into a head that keeps the bytes cut before, so a 64 KiB

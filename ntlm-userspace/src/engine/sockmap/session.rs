@@ -350,12 +350,18 @@ impl Entries<'_> {
                     c.overlap_bytes
                         .fetch_add(st.overlap_bytes, Ordering::Relaxed);
                     if st.overlap_skbs != 0 {
-                        log::debug!(
-                            "conn={} sockmap: cut {} overlapping bytes off {} retransmitted buffers from the {:?} socket",
+                        // More than one loopback segment in one buffer: TCP merged retransmitted
+                        // segments; rare enough to show.
+                        let level = if st.overlap_max > 64 << 10 { log::Level::Info } else { log::Level::Debug };
+                        log::log!(
+                            level,
+                            "conn={} sockmap: cut {} overlapping bytes off {} retransmitted buffers from the {:?} socket \
+                             (largest overlap {} bytes)",
                             self.id,
                             st.overlap_bytes,
                             st.overlap_skbs,
-                            if i == 0 { Side::Client } else { Side::Backend }
+                            if i == 0 { Side::Client } else { Side::Backend },
+                            st.overlap_max
                         );
                     }
                 }
@@ -495,6 +501,7 @@ impl<'e> Conn<'e> {
                 match st.cut_err as i64 {
                     0 => "a kernel read failed".to_owned(),
                     -12 => "error -12, ENOMEM: the kernel's atomic allocation failed".to_owned(),
+                    -7 => format!("error -7, E2BIG: an overlap of {} bytes, over the verdict's limit", st.overlap_max),
                     e => format!("error {e}"),
                 }
             ))));
