@@ -16,7 +16,8 @@ use crate::{
 
 /// Capability bits in `/proc/self/status` `CapEff`.
 const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_SYS_RESOURCE: u32 = 24;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
@@ -29,7 +30,8 @@ fn line(key: &str, value: impl std::fmt::Display) {
     }
 }
 
-fn cap_eff() -> Option<u64> {
+/// This process's effective capabilities, as a bit set (`None` if unreadable).
+pub(crate) fn cap_eff() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
     u64::from_str_radix(hex, 16).ok()

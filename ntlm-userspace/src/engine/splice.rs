@@ -23,7 +23,10 @@ use std::{
 use tokio::{io::Interest, net::TcpStream};
 
 use super::Outcome;
-use crate::relay::{self, Dir, End, Fault, RelayCtl, Side, monotonic_ns};
+use crate::{
+    doctor::{CAP_SYS_ADMIN, CAP_SYS_RESOURCE, cap_eff},
+    relay::{self, Dir, End, Fault, RelayCtl, Side, monotonic_ns},
+};
 
 /// The kernel's default pipe capacity (16 pages), which a pipe keeps when it cannot be
 /// enlarged.
@@ -175,14 +178,6 @@ impl PipeSizing {
         PipeSizing { bytes, budget }
     }
 }
-
-/// Capability bits of this process (`CapEff` in /proc/self/status).
-fn cap_eff() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim(), 16).ok()
-}
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_SYS_RESOURCE: u32 = 24;
 
 /// A pipe pair; both ends non-blocking.
 struct Pipe {
