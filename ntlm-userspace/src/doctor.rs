@@ -62,6 +62,8 @@ pub fn run() -> anyhow::Result<()> {
         line("unprivileged_bpf_disabled", v.trim());
     }
 
+    line("splice_pipes", crate::engine::splice::pipe_check(crate::config::DEFAULT_PIPE_SIZE));
+
     let object = sockmap::embedded_object();
     match object {
         Ok(len) => line("ebpf_object", format!("embedded ({len} bytes)")),

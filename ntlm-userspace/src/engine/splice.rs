@@ -179,6 +179,23 @@ impl PipeSizing {
     }
 }
 
+/// For `doctor`: what a new pipe gets with `--pipe-size` `pipe_size` on this host.
+pub fn pipe_check(pipe_size: u64) -> String {
+    let sizing = PipeSizing::new(pipe_size);
+    let budget = if sizing.budget == usize::MAX {
+        "no limit on enlarged pipes".to_string()
+    } else {
+        format!(
+            "at most {} MiB of enlarged pipes at once (half of fs.pipe-user-pages-soft; no CAP_SYS_RESOURCE)",
+            sizing.budget * PAGE >> 20
+        )
+    };
+    match Pipe::new(&sizing) {
+        Ok(p) => format!("{} bytes per pipe (--pipe-size {pipe_size}); {budget}", p.cap),
+        Err(e) => format!("cannot create a pipe: {e}"),
+    }
+}
+
 /// A pipe pair; both ends non-blocking.
 struct Pipe {
     r: OwnedFd,
