@@ -410,34 +410,43 @@ mod tests {
         assert_eq!(MAX_THREADS, 1024, "the message above names the limit");
     }
 
-    #[tokio::test]
-    async fn sockmap_sndbuf_is_checked() {
+    /// A byte-size flag: each of `bad` is rejected naming the flag and its `range`, each of
+    /// `ok` lands in the config (read by `get`), and without the flag the config has `default`.
+    async fn byte_flag_is_checked(
+        flag: &str,
+        bad: [&str; 2],
+        range: &str,
+        ok: [(&str, u64); 2],
+        default: u64,
+        get: fn(&Config) -> u64,
+    ) {
         let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
-        for bad in ["1KiB", "2GiB"] {
-            let e = args(&[&base[..], &["--sockmap-sndbuf", bad]].concat()).unwrap().into_config().await.unwrap_err();
-            assert!(e.to_string().contains("--sockmap-sndbuf") && e.to_string().contains("64KiB to 1GiB"), "{e}");
+        for b in bad {
+            let e = args(&[&base[..], &[flag, b]].concat()).unwrap().into_config().await.unwrap_err();
+            assert!(e.to_string().contains(flag) && e.to_string().contains(range), "{e}");
         }
-        for (ok, want) in [("0", 0), ("16MiB", 16 << 20)] {
-            let c = args(&[&base[..], &["--sockmap-sndbuf", ok]].concat()).unwrap().into_config().await.unwrap();
-            assert_eq!(c.sockmap_sndbuf, want);
+        for (o, want) in ok {
+            let c = args(&[&base[..], &[flag, o]].concat()).unwrap().into_config().await.unwrap();
+            assert_eq!(get(&c), want, "{flag} {o}");
         }
         let c = args(&base).unwrap().into_config().await.unwrap();
-        assert_eq!(c.sockmap_sndbuf, DEFAULT_SOCKMAP_SNDBUF);
+        assert_eq!(get(&c), default, "{flag} by default");
+    }
+
+    #[tokio::test]
+    async fn sockmap_sndbuf_is_checked() {
+        let ok = [("0", 0), ("16MiB", 16 << 20)];
+        byte_flag_is_checked("--sockmap-sndbuf", ["1KiB", "2GiB"], "64KiB to 1GiB", ok, DEFAULT_SOCKMAP_SNDBUF, |c| {
+            c.sockmap_sndbuf
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn pipe_size_is_checked() {
-        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
-        for bad in ["4KiB", "128MiB"] {
-            let e = args(&[&base[..], &["--pipe-size", bad]].concat()).unwrap().into_config().await.unwrap_err();
-            assert!(e.to_string().contains("--pipe-size") && e.to_string().contains("64KiB to 64MiB"), "{e}");
-        }
-        for (ok, want) in [("0", 0), ("256KiB", 256 << 10)] {
-            let c = args(&[&base[..], &["--pipe-size", ok]].concat()).unwrap().into_config().await.unwrap();
-            assert_eq!(c.pipe_size, want);
-        }
-        let c = args(&base).unwrap().into_config().await.unwrap();
-        assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
+        let ok = [("0", 0), ("256KiB", 256 << 10)];
+        byte_flag_is_checked("--pipe-size", ["4KiB", "128MiB"], "64KiB to 64MiB", ok, DEFAULT_PIPE_SIZE, |c| c.pipe_size)
+            .await;
     }
 
     #[test]

@@ -682,6 +682,16 @@ mod retransmit {
     }
 }
 
+/// An engine for the overlap tests (a 64 MiB global cap); fails the test if the overlap
+/// guard is off, since each of them is about the guard.
+fn guarded_engine(max_inflight: u64, breaks: Breaks) -> Option<Arc<Inner>> {
+    let e = engine_with(max_inflight, 64 << 20, breaks)?;
+    if let Some(why) = &e.kernel.guard_off {
+        panic!("the overlap guard is off on this kernel: {why}");
+    }
+    Some(e)
+}
+
 /// Pattern bytes for the overlap test (distinct per position, so a duplicate shows).
 fn bytes(seed: u8, n: usize) -> Vec<u8> {
     (0..n)
@@ -759,12 +769,9 @@ async fn overlap_exchange(e: &Arc<Inner>, new_up: usize, new_down: usize) -> (Ou
 /// bytes each end sent.
 #[tokio::test]
 async fn retransmitted_overlap_is_forwarded_once() {
-    let Some(e) = engine(4 << 20, 64 << 20) else {
+    let Some(e) = guarded_engine(4 << 20, Breaks::default()) else {
         return;
     };
-    if let Some(why) = &e.kernel.guard_off {
-        panic!("the overlap guard is off on this kernel: {why}");
-    }
     let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 5_000, 5_000).await;
     assert_eq!(
         (up_rest.len(), down_rest.len()),
@@ -791,12 +798,9 @@ async fn retransmitted_overlap_is_forwarded_once() {
 /// forwarded once.
 #[tokio::test]
 async fn retransmitted_overlap_with_a_short_new_tail_is_forwarded_once() {
-    let Some(e) = engine(4 << 20, 64 << 20) else {
+    let Some(e) = guarded_engine(4 << 20, Breaks::default()) else {
         return;
     };
-    if let Some(why) = &e.kernel.guard_off {
-        panic!("the overlap guard is off on this kernel: {why}");
-    }
     let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 10, 39).await;
     assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "bytes after the exchange: {o:?} {snap:?}");
     assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
@@ -810,12 +814,9 @@ async fn retransmitted_overlap_with_a_short_new_tail_is_forwarded_once() {
 /// passes the buffer, so the lane copies each byte once.
 #[tokio::test]
 async fn retransmitted_overlap_while_passing_is_copied_once() {
-    let Some(e) = engine(1, 64 << 20) else {
+    let Some(e) = guarded_engine(1, Breaks::default()) else {
         return;
     };
-    if let Some(why) = &e.kernel.guard_off {
-        panic!("the overlap guard is off on this kernel: {why}");
-    }
     let (o, up_rest, down_rest, snap) = overlap_exchange(&e, 5_000, 5_000).await;
     assert_eq!((up_rest.len(), down_rest.len()), (0, 0), "bytes after the exchange: {o:?} {snap:?}");
     assert_eq!(o.end, End::ClientFin, "{o:?} {snap:?}");
@@ -835,12 +836,9 @@ async fn retransmitted_overlap_while_passing_is_copied_once() {
 async fn a_failed_overlap_cut_resets_the_connection_without_duplicating() {
     for step in [1, 2] {
         let breaks = Breaks { cut_fail_step: step, ..Breaks::default() };
-        let Some(e) = engine_with(4 << 20, 64 << 20, breaks) else {
+        let Some(e) = guarded_engine(4 << 20, breaks) else {
             return;
         };
-        if let Some(why) = &e.kernel.guard_off {
-            panic!("the overlap guard is off on this kernel: {why}");
-        }
         let (mut user, pc, pb, mut server) = pair().await;
         let r = spawn_relay(&e, pc, pb);
         forge_overlap(&mut user, &mut server, &bytes(1, 20_000), 12_000, &bytes(2, 5_000)).await;
