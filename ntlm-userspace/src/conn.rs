@@ -9,18 +9,21 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
+    os::fd::OwnedFd,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::TcpStream, sync::OwnedSemaphorePermit};
+use tokio_util::task::TaskTracker;
 
 use crate::{
     balance::{BackendLease, Balancer},
     config::Config,
-    engine::{Engine, Outcome},
-    relay::{End, RelayCtl},
+    engine::{Engine, Outcome, Progress, Relayed},
+    park::{ParkedConn, Parker},
+    relay::{End, Fault, RelayCtl},
 };
 
 /// Everything a connection task needs, shared by all of them.
@@ -33,6 +36,25 @@ pub struct Shared {
     pub engine: Arc<Engine>,
     /// Timeouts and the forced-close signal.
     pub ctl: RelayCtl,
+    /// Every connection's task (and every parked connection, by a token): the drain waits
+    /// for them.
+    pub tracker: TaskTracker,
+    /// Where idle connections wait without a task (`--park-after`, splice engine).
+    pub parker: Option<Parker>,
+}
+
+/// Who a connection is, for its whole life (parking included).
+pub struct ConnMeta {
+    /// Its number in the logs.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// When it was accepted.
+    pub started: Instant,
+    /// The backend it was paired with, counted for least-conn.
+    pub lease: BackendLease,
+    /// Its slot under `--max-connections`.
+    pub permit: OwnedSemaphorePermit,
 }
 
 /// Serves one accepted client connection to its end, then releases its connection slot
@@ -76,11 +98,86 @@ pub fn serve(
             drop(permit);
             return;
         };
-        let outcome = shared.engine.relay(id, client, backend, &shared.ctl).await;
-        let backend_addr = shared.balancer.addr(lease.index());
-        drop(lease);
-        access_log(id, peer, Some(backend_addr), outcome.engine, &outcome, started.elapsed());
-        drop(permit);
+        let relayed = shared.engine.relay(id, client, backend, &shared.ctl, Progress::new()).await;
+        finish(&shared, ConnMeta { id, peer, started, lease, permit }, relayed);
+    }
+}
+
+/// A connection's task returned: the access log if it ended, else parking.
+fn finish(shared: &Arc<Shared>, meta: ConnMeta, relayed: Relayed) {
+    match relayed {
+        Relayed::Ended(outcome) => ended(shared, meta, &outcome),
+        Relayed::Parked { socks, progress } => {
+            let conn = ParkedConn { meta, token: shared.tracker.token(), socks, progress };
+            match &shared.parker {
+                Some(parker) => parker.park(shared, conn),
+                None => resume_now(shared, conn),
+            }
+        }
+    }
+}
+
+/// Writes the access-log line of a connection that ended, then gives up its backend lease
+/// and its connection slot.
+fn ended(shared: &Shared, meta: ConnMeta, outcome: &Outcome) {
+    let ConnMeta { id, peer, started, lease, permit } = meta;
+    let backend_addr = shared.balancer.addr(lease.index());
+    drop(lease);
+    access_log(id, peer, Some(backend_addr), outcome.engine, outcome, started.elapsed());
+    drop(permit);
+}
+
+/// Closes a parked connection (idle timeout, forced shutdown) and logs it.
+pub(crate) fn close_parked(shared: &Shared, conn: ParkedConn, end: End) {
+    let ParkedConn { meta, token, socks, progress } = conn;
+    drop(socks);
+    let outcome =
+        Outcome { bytes_up: progress.bytes[0], bytes_down: progress.bytes[1], end, fault: None, engine: shared.engine.name() };
+    ended(shared, meta, &outcome);
+    drop(token);
+}
+
+/// Starts a task that relays a parked connection again, from where it stopped.
+pub(crate) fn resume_now(shared: &Arc<Shared>, conn: ParkedConn) {
+    let ParkedConn { meta, token, socks, progress } = conn;
+    shared.tracker.spawn(resume(shared.clone(), meta, socks, progress));
+    // Only now: the new task is tracked, so the drain never sees the connection gone.
+    drop(token);
+}
+
+/// The task of a connection taken out of the parker: back into the runtime, then relayed as
+/// before. Not an `async fn` (see [`serve`]).
+#[allow(clippy::manual_async_fn)]
+fn resume(
+    shared: Arc<Shared>,
+    meta: ConnMeta,
+    socks: [OwnedFd; 2],
+    progress: Progress,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let [c, b] = socks;
+        let (client, backend) = match (
+            TcpStream::from_std(std::net::TcpStream::from(c)),
+            TcpStream::from_std(std::net::TcpStream::from(b)),
+        ) {
+            (Ok(c), Ok(b)) => (c, b),
+            (Err(e), _) | (_, Err(e)) => {
+                // epoll_ctl(2) failed (out of memory, or fs.epoll.max_user_watches): the sockets
+                // are closed (dropped above), the connection ends.
+                log::warn!("conn={} cannot return a parked connection to the runtime: {e}", meta.id);
+                let outcome = Outcome {
+                    bytes_up: progress.bytes[0],
+                    bytes_down: progress.bytes[1],
+                    end: End::Internal,
+                    fault: Some(Fault::Internal(e)),
+                    engine: shared.engine.name(),
+                };
+                ended(&shared, meta, &outcome);
+                return;
+            }
+        };
+        let relayed = shared.engine.relay(meta.id, client, backend, &shared.ctl, progress).await;
+        finish(&shared, meta, relayed);
     }
 }
 
@@ -199,24 +296,40 @@ mod tests {
             max_inflight_total: 1 << 20,
             sockmap_sndbuf: 0,
             pipe_size: 0,
+            park_after: Some(Duration::from_secs(2)),
         });
         let shared = Arc::new(Shared {
             balancer: crate::balance::Balancer::new(config.balance, config.backends.clone()),
-            ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: CancellationToken::new() },
+            ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: CancellationToken::new(), park_after: config.park_after },
             engine: Arc::new(Engine::select(&config).unwrap().0),
             config,
+            tracker: TaskTracker::new(),
+            parker: None,
         });
         let client = TcpStream::connect(addr).await.unwrap();
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         {
             let c2 = TcpStream::connect(addr).await.unwrap();
             let c3 = TcpStream::connect(addr).await.unwrap();
-            eprintln!("engine relay {}", size_of_val(&shared.engine.relay(1, c2, c3, &shared.ctl)));
+            eprintln!("engine relay {}", size_of_val(&shared.engine.relay(1, c2, c3, &shared.ctl, Progress::new())));
             eprintln!("outcome {}", size_of::<Outcome>());
         }
-        let task = serve(shared, 1, client, addr, permit);
+        let task = serve(shared.clone(), 1, client, addr, permit);
         let size = size_of_val(&task);
         eprintln!("connection task future: {size} bytes");
         assert!(size <= 600, "the connection task grew to {size} bytes");
+        // The task of a connection back from the parker holds the same.
+        let meta = ConnMeta {
+            id: 2,
+            peer: addr,
+            started: Instant::now(),
+            lease: shared.balancer.lease(0),
+            permit: Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap(),
+        };
+        let (c, b) = (std::net::TcpStream::connect(addr).unwrap(), std::net::TcpStream::connect(addr).unwrap());
+        let resumed = resume(shared.clone(), meta, [c.into(), b.into()], Progress::new());
+        let size = size_of_val(&resumed);
+        eprintln!("resumed connection task future: {size} bytes");
+        assert!(size <= 600, "the resumed connection task grew to {size} bytes");
     }
 }

@@ -145,5 +145,6 @@ fn default_config() -> Config {
         max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
         sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
         pipe_size: crate::config::DEFAULT_PIPE_SIZE,
+        park_after: None,
     }
 }

@@ -9,5 +9,6 @@ pub mod conn;
 pub mod doctor;
 pub mod engine;
 pub mod logging;
+pub mod park;
 pub mod relay;
 pub mod server;

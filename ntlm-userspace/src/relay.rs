@@ -137,6 +137,9 @@ pub struct RelayCtl {
     pub idle_timeout: Option<Duration>,
     /// Cancelled when live connections must close (shutdown after the drain timeout).
     pub force_close: CancellationToken,
+    /// Idle time after which an engine that can park a connection ([`crate::park`]) hands
+    /// it back instead of waiting in its task; `None`: never.
+    pub park_after: Option<Duration>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so kernel and
@@ -353,7 +356,7 @@ mod tests {
     }
 
     fn ctl(idle: Option<Duration>) -> RelayCtl {
-        RelayCtl { idle_timeout: idle, force_close: CancellationToken::new() }
+        RelayCtl { idle_timeout: idle, force_close: CancellationToken::new(), park_after: None }
     }
 
     #[tokio::test]

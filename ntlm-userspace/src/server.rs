@@ -26,6 +26,7 @@ use crate::{
     config::Config,
     conn::{self, Shared},
     engine::Engine,
+    park::{self, Parker},
     relay::RelayCtl,
 };
 
@@ -78,16 +79,33 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let force_close = CancellationToken::new();
     let stop_accept = CancellationToken::new();
+    let conns = TaskTracker::new();
+    let parker = match config.park_after {
+        Some(_) if engine.parks() => match Parker::new() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::warn!("cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks");
+                None
+            }
+        },
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         balancer: Balancer::new(config.balance, config.backends.clone()),
-        ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: force_close.clone() },
+        ctl: RelayCtl {
+            idle_timeout: config.idle_timeout,
+            force_close: force_close.clone(),
+            park_after: config.park_after.filter(|_| parker.is_some()),
+        },
         engine,
         config: config.clone(),
+        tracker: conns.clone(),
+        parker,
     });
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let conns = TaskTracker::new();
     let next_id = Arc::new(AtomicU64::new(1));
     let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(config.connect_timeout)));
+    let _parker = AbortOnDropHandle::new(tokio::spawn(park::run(shared.clone())));
     let mut acceptors = Vec::new();
     for listener in listeners {
         acceptors.push(tokio::spawn(accept_loop(
@@ -109,8 +127,9 @@ pub async fn run(
         }
     }
     log::info!(
-        "shutdown: stopped accepting; draining live={} connections for up to {}",
+        "shutdown: stopped accepting; draining live={} connections (parked={}) for up to {}",
         conns.len(),
+        shared.parker.as_ref().map_or(0, Parker::len),
         humantime::format_duration(config.drain_timeout)
     );
     conns.close();

@@ -113,6 +113,20 @@ impl Proxy {
     /// Starts `ntlm-splice --listen 127.0.0.1:0 --engine ENGINE --backend … EXTRA…` and waits
     /// until it listens.
     pub async fn start(engine: &str, backends: &[SocketAddr], extra: &[&str]) -> Proxy {
+        Self::spawn(&Self::args(engine, backends, extra), &Self::default_log()).await
+    }
+
+    /// As [`Proxy::start`], with `RUST_LOG=rust_log` (e.g. to see debug lines of a module).
+    pub async fn start_with_log(engine: &str, backends: &[SocketAddr], extra: &[&str], rust_log: &str) -> Proxy {
+        Self::spawn(&Self::args(engine, backends, extra), rust_log).await
+    }
+
+    /// `RUST_LOG` for the proxy: `$NTLM_SPLICE_TEST_LOG`, else `info`.
+    fn default_log() -> String {
+        std::env::var("NTLM_SPLICE_TEST_LOG").unwrap_or_else(|_| "info".into())
+    }
+
+    fn args(engine: &str, backends: &[SocketAddr], extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec!["--engine".into(), engine.into()];
         if !extra.contains(&"--listen") {
             args.extend(["--listen".into(), "127.0.0.1:0".into()]);
@@ -121,14 +135,18 @@ impl Proxy {
             args.extend(["--backend".into(), b.to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_args(&args).await
+        args
     }
 
     /// Starts the binary with exactly `args`.
     pub async fn start_args(args: &[String]) -> Proxy {
+        Self::spawn(args, &Self::default_log()).await
+    }
+
+    async fn spawn(args: &[String], rust_log: &str) -> Proxy {
         let mut cmd = Command::new(bin());
         cmd.args(args)
-            .env("RUST_LOG", std::env::var("NTLM_SPLICE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -203,6 +221,16 @@ impl Proxy {
     /// Waits until a log line contains `needle`; panics with the log on timeout.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         self.wait_log(timeout, |lines| lines.iter().any(|l| l.contains(needle))).await;
+    }
+
+    /// Waits until at least `n` log lines end with `suffix`; panics with the log on timeout.
+    pub async fn wait_log_ending(&self, suffix: &str, n: usize, timeout: Duration) {
+        self.wait_log(timeout, |lines| lines.iter().filter(|l| l.ends_with(suffix)).count() >= n).await;
+    }
+
+    /// Number of log lines so far that end with `suffix`.
+    pub fn count_log_ending(&self, suffix: &str) -> usize {
+        self.log.lines.lock().unwrap().iter().filter(|l| l.ends_with(suffix)).count()
     }
 
     /// Waits until `done` holds for the log lines. `done` runs under the log lock: it must

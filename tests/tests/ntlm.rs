@@ -409,7 +409,18 @@ async fn idle_authenticated_connection_never_leaks_its_identity() {
     const KEPT_ALIVE_CLIENTS: usize = 6;
     const REQUESTS_PER_KEPT_ALIVE: usize = 5;
     for engine in harness::engines() {
-        let (backend, proxy) = setup(&engine, demo_users()).await;
+        // The splice engine parks idle connections (--park-after): here alice's waits parked,
+        // out of its task and the runtime, while the others come and go.
+        let parks = engine == "splice";
+        let (backend, proxy) = if parks {
+            let backend = backend(demo_users()).await;
+            let extra = ["--park-after", "100ms"];
+            let log = "info,ntlm_splice::park=debug";
+            let proxy = Proxy::start_with_log(&engine, &[backend.local_addr()], &extra, log).await;
+            (backend, proxy)
+        } else {
+            setup(&engine, demo_users()).await
+        };
         let addr = proxy.addr();
 
         let mut alice = within(QUICK, "connect alice", HttpConn::connect(addr))
@@ -424,6 +435,10 @@ async fn idle_authenticated_connection_never_leaks_its_identity() {
             "[{engine}] alice login"
         );
         let mut client_connections = 1u64;
+        if parks {
+            // Alice's is the proxy's first connection.
+            proxy.wait_for_log("conn=1 parked", QUICK).await;
+        }
 
         let mut set = JoinSet::new();
         // New connections with curl, no credentials: one request, and one kept-alive run
@@ -530,6 +545,9 @@ async fn idle_authenticated_connection_never_leaks_its_identity() {
             client_connections,
             "[{engine}] backend connections must equal client connections (1:1, never pooled)"
         );
+        if parks {
+            assert!(proxy.logs().contains("conn=1 unparked"), "[{engine}] alice's connection was not parked:\n{}", proxy.logs());
+        }
         drop(alice);
         let lines = access_lines(&engine, &proxy, client_connections as usize).await;
         let backend_addr = backend.local_addr().to_string();

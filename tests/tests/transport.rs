@@ -695,6 +695,115 @@ async fn sigterm_closes_what_outlives_the_drain_timeout() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 9b. Parked idle connections (splice engine, --park-after)
+// ---------------------------------------------------------------------------------------
+
+/// `RUST_LOG` that shows when connections park and come back.
+const PARK_LOG: &str = "info,ntlm_splice::park=debug";
+
+/// Writes `len` pattern bytes and reads the echo back concurrently; checks every byte.
+async fn echo_bulk(s: &mut TcpStream, seed: u64, len: u64, what: &str) {
+    let (mut r, mut w) = s.split();
+    let send = async {
+        servers::send_pattern(&mut w, seed, len).await.unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    };
+    let recv = async {
+        let mut buf = vec![0u8; servers::CHUNK];
+        let mut want = vec![0u8; servers::CHUNK];
+        let mut off = 0u64;
+        while off < len {
+            let n = r.read(&mut buf).await.unwrap_or_else(|e| panic!("{what}: read at {off}: {e}"));
+            assert!(n > 0, "{what}: EOF after {off} of {len} echoed bytes");
+            servers::pattern_fill(seed, off, &mut want[..n]);
+            assert!(buf[..n] == want[..n], "{what}: echoed bytes differ at offset {off}..{}", off + n as u64);
+            off += n as u64;
+        }
+    };
+    within(BULK, what, async { tokio::join!(send, recv) }).await;
+}
+
+/// Idle connections leave their task after --park-after and come back on their next bytes,
+/// their FIN or their reset, with nothing lost; the idle timeout still closes one that stays
+/// parked; the access log counts every byte across parking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_come_back_on_bytes_fin_and_reset() {
+    let echo = Server::echo().await;
+    let extra = ["--park-after", "200ms", "--idle-timeout", "3s"];
+    let proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let mut conns = Vec::new();
+    for i in 0..4 {
+        let mut c = connect(proxy.addr()).await;
+        round_trip(&mut c, b"ping", &format!("client {i} before parking")).await;
+        conns.push(c);
+    }
+    proxy.wait_log_ending(" parked", 4, QUICK).await;
+    let t_idle = Instant::now();
+    let [mut a, mut b, mut c, d] = <[TcpStream; 4]>::try_from(conns).unwrap();
+    let (a_me, b_me, c_me, d_me) = (a.local_addr().unwrap(), b.local_addr().unwrap(), c.local_addr().unwrap(), d.local_addr().unwrap());
+
+    // Bytes: a comes back, moves 4 MiB each way byte-exact, parks again, comes back again.
+    round_trip(&mut a, b"again", "parked client, first bytes after parking").await;
+    assert!(proxy.count_log_ending(" unparked") >= 1, "a parked connection's bytes did not unpark it:\n{}", proxy.logs());
+    echo_bulk(&mut a, 77, 4 << 20, "4 MiB echo after parking").await;
+    proxy.wait_log_ending(" parked", 5, QUICK).await;
+    round_trip(&mut a, b"third", "client parked a second time").await;
+
+    // FIN: b's half-close reaches the backend (the echo then closes), and comes back as EOF.
+    b.shutdown().await.unwrap();
+    expect_eof(&mut b, QUICK, "parked client after its FIN").await;
+    let line = access_line(&proxy, b_me).await;
+    assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
+
+    // Reset: d's reset is passed on as the end of the connection.
+    close_with_reset(d);
+    let line = access_line(&proxy, d_me).await;
+    assert_fields(&line, &[("end", "client_reset".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
+
+    // Idle timeout: c never comes back; it is closed 3 s after its last byte while parked.
+    expect_eof(&mut c, QUICK, "client left parked past --idle-timeout").await;
+    assert!(t_idle.elapsed() >= Duration::from_millis(2500), "closed before the idle timeout: {:?}", t_idle.elapsed());
+    let line = access_line(&proxy, c_me).await;
+    assert_fields(&line, &[("end", "idle_timeout".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
+    assert!(line.num("duration_ms") >= 3000, "idle timeout before 3 s: {}", line.raw);
+
+    a.shutdown().await.unwrap();
+    expect_eof(&mut a, QUICK, "client a after its FIN").await;
+    let line = access_line(&proxy, a_me).await;
+    let a_bytes = (4 + 5 + (4u64 << 20) + 5).to_string();
+    assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", a_bytes.clone()), ("bytes_down", a_bytes)]);
+    assert_eq!(echo.accepted(), 4, "one backend connection per client, kept across parking");
+    stop_ok(proxy).await;
+}
+
+/// SIGTERM with parked connections: the drain counts them; one that sends a request during
+/// the drain is served; the one still parked at the drain timeout is closed (end=shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_then_closes_parked_connections() {
+    let echo = Server::echo().await;
+    let extra = ["--park-after", "100ms", "--drain-timeout", "2s"];
+    let mut proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let mut busy = connect(proxy.addr()).await;
+    let mut quiet = connect(proxy.addr()).await;
+    round_trip(&mut busy, b"one", "first client").await;
+    round_trip(&mut quiet, b"two", "second client").await;
+    proxy.wait_log_ending(" parked", 2, QUICK).await;
+    let quiet_me = quiet.local_addr().unwrap();
+
+    proxy.signal(libc::SIGTERM);
+    proxy.wait_for_log("draining live=2 connections (parked=2)", QUICK).await;
+    round_trip(&mut busy, b"during the drain", "parked client during the drain").await;
+    busy.shutdown().await.unwrap();
+    expect_eof(&mut busy, QUICK, "client finishing during the drain").await;
+
+    let status = within(QUICK, "the proxy exiting after the drain timeout", proxy.wait_exit()).await;
+    assert!(status.success(), "exit status: {status}");
+    assert_eq!(wait_closed(&mut quiet, QUICK, "parked client at the drain timeout").await, Closed::Eof);
+    let line = access_line(&proxy, quiet_me).await;
+    assert_fields(&line, &[("end", "shutdown".into()), ("bytes_up", "3".into()), ("bytes_down", "3".into())]);
+    assert!(proxy.logs().contains("closing parked=1 idle connections"), "{}", proxy.logs());
+}
+
+// ---------------------------------------------------------------------------------------
 // 10-11. Connection cap and descriptor exhaustion
 // ---------------------------------------------------------------------------------------
 

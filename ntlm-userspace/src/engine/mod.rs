@@ -38,6 +38,43 @@ pub struct Outcome {
     pub engine: &'static str,
 }
 
+/// What a connection's data phase had done when it was parked, to go on from there.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Bytes delivered, indexed by [`relay::Dir`]: (client to backend, backend to client).
+    pub bytes: [u64; 2],
+    /// CLOCK_MONOTONIC ns of the last byte moved (the idle timeout counts from it).
+    pub last_ns: u64,
+}
+
+impl Progress {
+    /// A connection that has moved nothing yet.
+    pub fn new() -> Progress {
+        Progress { bytes: [0; 2], last_ns: relay::monotonic_ns() }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How an engine's data phase returned.
+#[derive(Debug)]
+pub enum Relayed {
+    /// The connection ended; both sockets are closed.
+    Ended(Outcome),
+    /// Nothing moved for `--park-after` and nothing is in flight: the sockets, taken out of
+    /// the runtime (still open), and the progress so far, for [`crate::park`].
+    Parked {
+        /// Client, backend.
+        socks: [std::os::fd::OwnedFd; 2],
+        /// Counters to go on with.
+        progress: Progress,
+    },
+}
+
 /// Why `--engine auto` runs splice(2) in this release, even where the eBPF programs load.
 ///
 /// Measured on kernel 6.18 (see the README): under sustained backpressure the sockmap
@@ -89,17 +126,28 @@ impl Engine {
     /// The sockmap future is boxed: it is several KiB, and unboxed it would set the size of
     /// every connection task, splice ones included (an idle connection's memory is mostly its
     /// task). Not an `async fn`, whose by-value arguments would be stored a second time.
+    ///
+    /// Only the splice engine parks (`ctl.park_after`); it goes on from `progress`, which the
+    /// sockmap engine ignores (it never hands a connection back).
     pub fn relay<'a>(
         &'a self,
         id: u64,
         client: TcpStream,
         backend: TcpStream,
         ctl: &'a RelayCtl,
-    ) -> impl Future<Output = Outcome> + Send + 'a {
+        progress: Progress,
+    ) -> impl Future<Output = Relayed> + Send + 'a {
         match self {
-            Engine::Splice(e) => Either::Left(e.relay(id, client, backend, ctl)),
-            Engine::Sockmap(e) => Either::Right(Box::pin(e.relay(id, client, backend, ctl))),
+            Engine::Splice(e) => Either::Left(e.relay(id, client, backend, ctl, progress)),
+            Engine::Sockmap(e) => {
+                Either::Right(Box::pin(async move { Relayed::Ended(e.relay(id, client, backend, ctl).await) }))
+            }
         }
+    }
+
+    /// Whether this engine can park idle connections.
+    pub fn parks(&self) -> bool {
+        matches!(self, Engine::Splice(_))
     }
 }
 

@@ -22,7 +22,7 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::Outcome;
+use super::{Outcome, Progress, Relayed};
 use crate::{
     doctor::{CAP_SYS_ADMIN, CAP_SYS_RESOURCE, cap_eff},
     relay::{self, Dir, End, Fault, RelayCtl, Side, monotonic_ns},
@@ -75,7 +75,7 @@ impl SpliceEngine {
         }
     }
 
-    /// Relays one paired connection to its end.
+    /// Relays one paired connection to its end, or until it is parked.
     ///
     /// One hand-written state machine per connection instead of a tree of `async fn`s: an
     /// idle connection costs what its task holds, so the state is kept to the sockets, two
@@ -83,21 +83,53 @@ impl SpliceEngine {
     /// so). Not an `async fn`, whose by-value arguments would be stored twice. The lifecycle
     /// is the one [`relay::drive`] implements for the other engine: both directions run until
     /// each passed its FIN on; a failure resets the other socket; the idle timeout; a forced
-    /// shutdown.
+    /// shutdown. With `ctl.park_after`, a connection that moved nothing for that long, with
+    /// nothing in flight and both directions open, returns its sockets instead
+    /// ([`Relayed::Parked`]); `progress` is where a parked one goes on from.
     pub fn relay<'a>(
         &'a self,
         id: u64,
         client: TcpStream,
         backend: TcpStream,
         ctl: &'a RelayCtl,
-    ) -> impl Future<Output = Outcome> + Send + 'a {
+        progress: Progress,
+    ) -> impl Future<Output = Relayed> + Send + 'a {
         let socks = [client, backend];
+        // Made here, not in the block: the block would keep `progress` beside it.
+        let mut st = Conn::new(self, ctl, progress);
         async move {
-            let mut st = Conn::new(self, ctl.idle_timeout);
-            let timers = Timers { idle: ctl.idle_timeout.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
+            // One timer serves both the idle timeout and parking: it is re-armed for the
+            // earlier of the two.
+            let first = [ctl.idle_timeout, ctl.park_after].into_iter().flatten().min();
+            let timers = Timers { idle: first.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
             tokio::pin!(timers);
-            let (end, fault) = std::future::poll_fn(|cx| st.poll(&socks, timers.as_mut(), cx)).await;
-            st.watch = None;
+            let mut watch: Watch<'_> = None;
+            let stop = std::future::poll_fn(|cx| st.poll(&socks, &mut watch, timers.as_mut(), cx)).await;
+            drop(watch);
+            let (bytes, last_ns) = (st.bytes, st.last);
+            let (end, fault) = match stop {
+                Stop::End(end, fault) => (end, fault),
+                Stop::Park => {
+                    let [client, backend] = socks;
+                    // Deregistering can fail only if epoll_ctl(2) does (out of memory); the
+                    // socket is then closed, and the connection ends.
+                    match (client.into_std(), backend.into_std()) {
+                        (Ok(c), Ok(b)) => {
+                            return Relayed::Parked { socks: [c.into(), b.into()], progress: Progress { bytes, last_ns } };
+                        }
+                        (Err(e), _) | (_, Err(e)) => {
+                            log::warn!("conn={id} cannot take the sockets out of the runtime to park them: {e}");
+                            return Relayed::Ended(Outcome {
+                                bytes_up: bytes[0],
+                                bytes_down: bytes[1],
+                                end: End::Internal,
+                                fault: Some(Fault::Internal(e)),
+                                engine: "splice",
+                            });
+                        }
+                    }
+                }
+            };
             let reset = |side: Side| {
                 if let Err(e) = relay::set_linger_zero(socks[side as usize].as_fd()) {
                     log::debug!("conn={id} SO_LINGER on {side:?} socket failed: {e}");
@@ -111,9 +143,21 @@ impl SpliceEngine {
                 }
                 None => {}
             }
-            Outcome { bytes_up: st.bytes[0], bytes_down: st.bytes[1], end, fault, engine: "splice" }
+            Relayed::Ended(Outcome { bytes_up: bytes[0], bytes_down: bytes[1], end, fault, engine: "splice" })
         }
     }
+}
+
+/// Once one direction finished, its source is watched for errors (a reset after the FIN),
+/// which nothing else reads any more. Boxed: it exists only while half-closed.
+type Watch<'s> = Option<Pin<Box<dyn Future<Output = io::Error> + Send + 's>>>;
+
+/// Why [`Conn::poll`] returned.
+enum Stop {
+    /// The connection ended.
+    End(End, Option<Fault>),
+    /// Idle for `--park-after` with nothing in flight: hand the sockets to the parker.
+    Park,
 }
 
 /// The idle timer and the forced-shutdown waiter of one connection, pinned together.
@@ -187,7 +231,7 @@ pub fn pipe_check(pipe_size: u64) -> String {
     } else {
         format!(
             "at most {} MiB of enlarged pipes at once (half of fs.pipe-user-pages-soft; no CAP_SYS_RESOURCE)",
-            sizing.budget * PAGE >> 20
+            (sizing.budget * PAGE) >> 20
         )
     };
     match Pipe::new(&sizing) {
@@ -287,58 +331,85 @@ struct Conn<'a> {
     engine: &'a SpliceEngine,
     /// Indexed by [`Dir`].
     lanes: [Lane; 2],
-    /// Once one direction finished, its source is watched for errors (a reset after the
-    /// FIN), which nothing else reads any more. Boxed: it exists only while half-closed.
-    watch: Option<Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>>,
     /// Bytes delivered, indexed by [`Dir`].
     bytes: [u64; 2],
     /// CLOCK_MONOTONIC ns of the last byte moved.
     last: u64,
-    /// The idle timeout in ns (with a timer only if there is one).
+    /// The idle timeout in ns (u64::MAX: none).
     idle_ns: u64,
+    /// `--park-after` in ns (u64::MAX: never).
+    park_ns: u64,
     /// Directions finished (the source's EOF passed on), indexed by [`Dir`].
     done: [bool; 2],
     first_fin: Option<End>,
 }
 
 impl<'a> Conn<'a> {
-    fn new(engine: &'a SpliceEngine, idle: Option<Duration>) -> Self {
+    fn new(engine: &'a SpliceEngine, ctl: &RelayCtl, progress: Progress) -> Self {
+        let ns = |t: Option<Duration>| t.map_or(u64::MAX, |t| t.as_nanos().min(u64::MAX as u128) as u64);
         Conn {
             engine,
             lanes: Default::default(),
-            watch: None,
-            bytes: [0; 2],
-            last: monotonic_ns(),
-            idle_ns: idle.map_or(u64::MAX, |t| t.as_nanos().min(u64::MAX as u128) as u64),
+            bytes: progress.bytes,
+            last: progress.last_ns,
+            idle_ns: ns(ctl.idle_timeout),
+            park_ns: ns(ctl.park_after),
             done: [false; 2],
             first_fin: None,
         }
     }
 
-    /// Polls the whole connection; `Ready` with why it ended.
-    fn poll(&mut self, socks: &'a [TcpStream; 2], timers: Pin<&mut Timers<'_>>, cx: &mut Context<'_>) -> Poll<(End, Option<Fault>)> {
-        let (idle, cancelled) = timers.project();
+    /// Polls the whole connection; `Ready` with why it stopped.
+    fn poll<'s>(
+        &mut self,
+        socks: &'s [TcpStream; 2],
+        watch: &mut Watch<'s>,
+        timers: Pin<&mut Timers<'_>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Stop> {
+        let (timer, cancelled) = timers.project();
         if cancelled.poll(cx).is_ready() {
-            return Poll::Ready((End::Shutdown, None));
+            return Poll::Ready(Stop::End(End::Shutdown, None));
         }
-        if let Poll::Ready(r) = self.poll_dirs(socks, cx) {
-            return Poll::Ready(r);
+        if let Poll::Ready((end, fault)) = self.poll_dirs(socks, watch, cx) {
+            return Poll::Ready(Stop::End(end, fault));
         }
-        if let Some(mut sleep) = idle {
+        if let Some(mut sleep) = timer {
             while sleep.as_mut().poll(cx).is_ready() {
-                let deadline = self.last.saturating_add(self.idle_ns);
                 let now = monotonic_ns();
-                if now >= deadline {
-                    return Poll::Ready((End::IdleTimeout, None));
+                let idle_at = self.last.saturating_add(self.idle_ns);
+                if now >= idle_at {
+                    return Poll::Ready(Stop::End(End::IdleTimeout, None));
                 }
-                sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_nanos(deadline - now));
+                let mut park_at = self.last.saturating_add(self.park_ns);
+                if now >= park_at {
+                    // Everything was just drained (poll_dirs above): nothing is in flight unless
+                    // a destination is not reading, and then the connection is not idle.
+                    if self.parkable() {
+                        return Poll::Ready(Stop::Park);
+                    }
+                    park_at = now.saturating_add(self.park_ns);
+                }
+                let at = idle_at.min(park_at);
+                sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_nanos(at - now));
             }
         }
         Poll::Pending
     }
 
+    /// Both directions open (so no error watch either), no bytes held, no pipe borrowed. A
+    /// copy buffer (the fallback) holds nothing then and is let go.
+    fn parkable(&self) -> bool {
+        self.done == [false; 2] && self.lanes.iter().all(|l| l.pending == 0 && l.pipe.is_none())
+    }
+
     /// Polls both directions; `Ready` with why the connection ended.
-    fn poll_dirs(&mut self, socks: &'a [TcpStream; 2], cx: &mut Context<'_>) -> Poll<(End, Option<Fault>)> {
+    fn poll_dirs<'s>(
+        &mut self,
+        socks: &'s [TcpStream; 2],
+        watch: &mut Watch<'s>,
+        cx: &mut Context<'_>,
+    ) -> Poll<(End, Option<Fault>)> {
         for dir in [Dir::Up, Dir::Down] {
             if !self.done[dir as usize] {
                 match self.poll_lane(socks, dir, cx) {
@@ -352,14 +423,14 @@ impl<'a> Conn<'a> {
                         if self.done == [true; 2] {
                             return Poll::Ready((first, None));
                         }
-                        self.watch = Some(Box::pin(relay::socket_error(&socks[dir.src() as usize])));
+                        *watch = Some(Box::pin(relay::socket_error(&socks[dir.src() as usize])));
                     }
                     Poll::Ready(Err(f)) => return Poll::Ready(ended_by(f)),
                     Poll::Pending => {}
                 }
             }
         }
-        if let Some(w) = &mut self.watch
+        if let Some(w) = watch
             && let Poll::Ready(e) = w.as_mut().poll(cx)
         {
             // Exactly one direction is done while a watch exists: its source failed.
@@ -376,7 +447,7 @@ impl<'a> Conn<'a> {
 
     /// Moves `dir` until its source has nothing more for now (`Pending`, the task's waker
     /// registered), or reached EOF and the FIN was passed on (`Ready(Ok)`).
-    fn poll_lane(&mut self, socks: &'a [TcpStream; 2], dir: Dir, cx: &mut Context<'_>) -> Poll<Result<(), Fault>> {
+    fn poll_lane(&mut self, socks: &[TcpStream; 2], dir: Dir, cx: &mut Context<'_>) -> Poll<Result<(), Fault>> {
         let (src, dst) = (&socks[dir.src() as usize], &socks[dir.dst() as usize]);
         loop {
             let lane = &mut self.lanes[dir as usize];
@@ -495,10 +566,14 @@ mod tests {
     #[tokio::test]
     async fn relay_future_is_small() {
         let e = SpliceEngine::new(0);
-        let ctl = RelayCtl { idle_timeout: Some(Duration::from_secs(60)), force_close: Default::default() };
+        let ctl = RelayCtl {
+            idle_timeout: Some(Duration::from_secs(60)),
+            force_close: Default::default(),
+            park_after: Some(Duration::from_secs(2)),
+        };
         let (c, _fc) = pair().await;
         let (b, _fb) = pair().await;
-        let size = size_of_val(&e.relay(1, c, b, &ctl));
+        let size = size_of_val(&e.relay(1, c, b, &ctl, Progress::new()));
         eprintln!("splice relay future: {size} bytes");
         assert!(size <= 448, "the splice relay future grew to {size} bytes");
     }
@@ -510,10 +585,10 @@ mod tests {
     async fn an_idle_connection_holds_no_pipe() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let e = SpliceEngine::new(0);
-        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default() };
+        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
         let (mut client_far, c) = pair().await;
         let (b, mut backend_far) = pair().await;
-        let relay = e.relay(1, c, b, &ctl);
+        let relay = e.relay(1, c, b, &ctl, Progress::new());
         tokio::pin!(relay);
         let mut one = [0u8; 1];
         for round in 0..3u8 {
@@ -534,7 +609,96 @@ mod tests {
         }
         drop(client_far);
         drop(backend_far);
-        let o = relay.await;
+        let Relayed::Ended(o) = relay.await else { panic!("parked without --park-after") };
         assert_eq!((o.bytes_up, o.bytes_down), (3, 3));
+    }
+
+    fn parking_ctl(after: Duration) -> RelayCtl {
+        RelayCtl { idle_timeout: Some(Duration::from_secs(60)), force_close: Default::default(), park_after: Some(after) }
+    }
+
+    /// An idle connection hands its (open) sockets back with its counters after
+    /// `park_after`; relayed again from them it goes on where it stopped, counters included.
+    #[tokio::test]
+    async fn an_idle_connection_parks_and_goes_on_from_its_progress() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = SpliceEngine::new(0);
+        let ctl = parking_ctl(Duration::from_millis(100));
+        let (mut client_far, c) = pair().await;
+        let (b, mut backend_far) = pair().await;
+        let (mut c, mut b, mut progress) = (c, b, Progress::new());
+        let mut buf = [0u8; 5];
+        for round in 0..2u64 {
+            let t0 = std::time::Instant::now();
+            let relay = e.relay(1, c, b, &ctl, progress);
+            tokio::pin!(relay);
+            client_far.write_all(b"hello").await.unwrap();
+            tokio::select! {
+                _ = &mut relay => panic!("relay stopped with bytes in flight"),
+                r = backend_far.read_exact(&mut buf) => { r.unwrap(); }
+            }
+            backend_far.write_all(b"world").await.unwrap();
+            tokio::select! {
+                _ = &mut relay => panic!("relay stopped with bytes in flight"),
+                r = client_far.read_exact(&mut buf) => { r.unwrap(); }
+            }
+            assert_eq!(&buf, b"world");
+            let Relayed::Parked { socks: [cs, bs], progress: p } = relay.await else { panic!("an idle connection did not park") };
+            assert!(t0.elapsed() >= Duration::from_millis(100), "parked before --park-after");
+            assert_eq!(p.bytes, [5 * (round + 1); 2], "round {round}");
+            c = TcpStream::from_std(std::net::TcpStream::from(cs)).unwrap();
+            b = TcpStream::from_std(std::net::TcpStream::from(bs)).unwrap();
+            progress = p;
+        }
+        // A FIN that arrives while parked is passed on once relayed again.
+        drop(client_far);
+        let relay = e.relay(1, c, b, &ctl, progress);
+        tokio::pin!(relay);
+        let mut rest = Vec::new();
+        tokio::select! {
+            _ = &mut relay => panic!("relay ended before the backend closed"),
+            r = backend_far.read_to_end(&mut rest) => { r.unwrap(); }
+        }
+        assert!(rest.is_empty());
+        drop(backend_far);
+        let Relayed::Ended(o) = relay.await else { panic!("a half-closed connection parked") };
+        assert_eq!((o.bytes_up, o.bytes_down, o.end), (10, 10, End::ClientFin));
+    }
+
+    /// Bytes the destination does not read are in flight: the connection stays in its task
+    /// however long that lasts, and parks only once they are through.
+    #[tokio::test]
+    async fn a_connection_with_bytes_in_flight_does_not_park() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = SpliceEngine::new(0);
+        let ctl = parking_ctl(Duration::from_millis(50));
+        let (mut client_far, c) = pair().await;
+        let (b, mut backend_far) = pair().await;
+        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        tokio::pin!(relay);
+        // More than the two sockets' buffers and a pipe hold: the writer blocks.
+        let total = 32usize << 20;
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..total >> 20 {
+                client_far.write_all(&chunk).await.unwrap();
+            }
+            client_far
+        });
+        // Several park periods with the backend not reading.
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(400), &mut relay).await {
+            panic!("stopped while bytes were in flight: {r:?}");
+        }
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        while got < total {
+            tokio::select! {
+                r = &mut relay => panic!("stopped with {got} of {total} bytes read: {r:?}"),
+                n = backend_far.read(&mut buf) => got += n.unwrap(),
+            }
+        }
+        let _client_far = writer.await.unwrap();
+        let Relayed::Parked { progress, .. } = relay.await else { panic!("did not park once idle") };
+        assert_eq!(progress.bytes, [total as u64, 0]);
     }
 }

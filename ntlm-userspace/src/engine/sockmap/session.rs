@@ -74,7 +74,7 @@ use super::{
     sock,
 };
 use crate::{
-    engine::{Outcome, run_session},
+    engine::{Outcome, Progress, Relayed, run_session},
     relay::{self, Dir, Fault, RelayCtl, Session, Side, monotonic_ns},
 };
 
@@ -164,7 +164,11 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
         Err((client, backend, why)) => {
             log::debug!("conn={id} sockmap: {why}; handing the connection to the splice engine");
             eng.counters.splice_fallbacks.fetch_add(1, Ordering::Relaxed);
-            return eng.splice.relay(id, client, backend, ctl).await;
+            return match eng.splice.relay(id, client, backend, ctl, Progress::new()).await {
+                Relayed::Ended(o) => o,
+                // server.rs gives the sockmap engine's connections no --park-after.
+                Relayed::Parked { .. } => unreachable!("a sockmap-engine connection was parked"),
+            };
         }
     };
     eng.counters.kernel_conns.fetch_add(1, Ordering::Relaxed);

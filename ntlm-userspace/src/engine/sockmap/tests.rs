@@ -34,6 +34,7 @@ fn config(max_inflight: u64, total: u64) -> Config {
         max_inflight_total: total,
         sockmap_sndbuf: crate::config::DEFAULT_SOCKMAP_SNDBUF,
         pipe_size: crate::config::DEFAULT_PIPE_SIZE,
+        park_after: None,
     }
 }
 
@@ -77,7 +78,7 @@ async fn pair() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
 }
 
 fn ctl() -> RelayCtl {
-    RelayCtl { idle_timeout: Some(Duration::from_secs(20)), force_close: CancellationToken::new() }
+    RelayCtl { idle_timeout: Some(Duration::from_secs(20)), force_close: CancellationToken::new(), park_after: None }
 }
 
 async fn relay(e: &Inner, pc: TcpStream, pb: TcpStream) -> Outcome {
