@@ -44,7 +44,7 @@ pub struct BenchArgs {
     pub rounds: Option<u32>,
     /// Only these subjects, comma separated: direct, ntlm-sockmap, ntlm-splice,
     /// ntlm-splice-1t, nginx-1w, nginx-auto, haproxy-1t, haproxy-auto, haproxy-splice-1t,
-    /// haproxy-splice-auto.
+    /// haproxy-splice-auto, haproxy-splice-auto-pipe1m.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub only: Vec<String>,
     /// Only these workloads, comma separated: up, down, par8, lat, idle-1k, idle-10k, rate.
@@ -73,6 +73,9 @@ pub struct BenchArgs {
 
 /// Largest number of idle connections measured ("10k"), before the open-files limit.
 const IDLE_HIGH: u64 = 10_000;
+/// When the idle runs read memory (see `Subject::idle_settle_ms`).
+const IDLE_READ: &str =
+    "read 0.5 s after the last one opened, 3.5 s for ntlm-splice's splice engine, which parks idle connections after 2 s";
 /// Wait after an idle run so its closing connections do not overlap the next workload.
 const AFTER_IDLE: Duration = Duration::from_millis(300);
 /// Time the backend gets to report its address.
@@ -193,7 +196,7 @@ impl Plan {
             Workload {
                 label: idle_label(idle_small),
                 title: format!(
-                    "memory per idle connection, {idle_small} connections (each did one 1-byte round trip)"
+                    "memory per idle connection, {idle_small} connections (each did one 1-byte round trip; {IDLE_READ})"
                 ),
                 kind: WKind::Idle,
                 args: v(&["idle", "--conns", &idle_small.to_string()]),
@@ -211,7 +214,7 @@ impl Plan {
             };
             w.push(Workload {
                 label: "idle-10k".into(),
-                title: format!("memory per idle connection, {high} connections{note}"),
+                title: format!("memory per idle connection, {high} connections{note} ({IDLE_READ})"),
                 kind: WKind::Idle,
                 args: v(&["idle", "--conns", &high.to_string()]),
                 // Slow and steady: a few rounds are enough (one in --quick).
@@ -758,11 +761,15 @@ fn run_turn(
     }
     let mut out = Vec::new();
     for w in todo {
+        let mut args = w.args.clone();
+        if w.kind == WKind::Idle {
+            args.extend(["--settle-ms".to_string(), s.idle_settle_ms().to_string()]);
+        }
         let (report, mut error, wall) = client(
             bench_bin,
             env.dir,
             &format!("{tag}-{}", w.label),
-            &w.args,
+            &args,
             w.deadline_secs,
             &running.addr,
             &running.pids,

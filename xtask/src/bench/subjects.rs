@@ -52,8 +52,10 @@ pub enum Subject {
     Baseline { bin: PathBuf },
     /// nginx stream; `workers: None` is `worker_processes auto` (Debian's shipped default).
     Nginx { workers: Option<u32> },
-    /// HAProxy mode tcp; `threads: None` is its default (one per CPU).
-    Haproxy { threads: Option<u32>, splice: bool },
+    /// HAProxy mode tcp; `threads: None` is its default (one per CPU). `big_pipes`:
+    /// `tune.pipesize` 1 MiB, the pipe size ntlm-splice's splice engine uses (HAProxy's
+    /// default is the kernel's 64 KiB), to show what of a lead is the pipe size alone.
+    Haproxy { threads: Option<u32>, splice: bool, big_pipes: bool },
 }
 
 impl Subject {
@@ -66,22 +68,11 @@ impl Subject {
             Subject::Ntlm { engine: "splice", threads: Some(1) },
             Subject::Nginx { workers: Some(1) },
             Subject::Nginx { workers: None },
-            Subject::Haproxy {
-                threads: Some(1),
-                splice: false,
-            },
-            Subject::Haproxy {
-                threads: None,
-                splice: false,
-            },
-            Subject::Haproxy {
-                threads: Some(1),
-                splice: true,
-            },
-            Subject::Haproxy {
-                threads: None,
-                splice: true,
-            },
+            Subject::Haproxy { threads: Some(1), splice: false, big_pipes: false },
+            Subject::Haproxy { threads: None, splice: false, big_pipes: false },
+            Subject::Haproxy { threads: Some(1), splice: true, big_pipes: false },
+            Subject::Haproxy { threads: None, splice: true, big_pipes: false },
+            Subject::Haproxy { threads: None, splice: true, big_pipes: true },
         ]
     }
 
@@ -94,10 +85,11 @@ impl Subject {
             Subject::Baseline { .. } => "ntlm-splice-baseline".into(),
             Subject::Nginx { workers: Some(n) } => format!("nginx-{n}w"),
             Subject::Nginx { workers: None } => "nginx-auto".into(),
-            Subject::Haproxy { threads, splice } => format!(
-                "haproxy{}-{}",
+            Subject::Haproxy { threads, splice, big_pipes } => format!(
+                "haproxy{}-{}{}",
                 if *splice { "-splice" } else { "" },
-                threads.map_or("auto".to_string(), |t| format!("{t}t"))
+                threads.map_or("auto".to_string(), |t| format!("{t}t")),
+                if *big_pipes { "-pipe1m" } else { "" }
             ),
         }
     }
@@ -108,6 +100,17 @@ impl Subject {
             Subject::Direct => Kind::Direct,
             Subject::Ntlm { .. } | Subject::Baseline { .. } => Kind::Ours,
             _ => Kind::Peer,
+        }
+    }
+
+    /// How long after the last idle connection opened the memory is read (the client's
+    /// `--settle-ms`). ntlm-splice's splice engine parks an idle connection after
+    /// `--park-after` (2 s by default) and trims the heap 1 s after a burst of them parked,
+    /// so it is read once that is done; the others do nothing later that would change it.
+    pub fn idle_settle_ms(&self) -> u64 {
+        match self {
+            Subject::Ntlm { engine: "splice", .. } | Subject::Baseline { .. } => 3500,
+            _ => 500,
         }
     }
 
@@ -133,14 +136,15 @@ impl Subject {
             Subject::Nginx { workers: None } => {
                 "nginx stream, worker_processes auto (Debian's default), proxy_half_close on".into()
             }
-            Subject::Haproxy { threads, splice } => format!(
-                "HAProxy mode tcp, nbthread {}{}",
+            Subject::Haproxy { threads, splice, big_pipes } => format!(
+                "HAProxy mode tcp, nbthread {}{}{}",
                 threads.map_or("default (one per CPU)".to_string(), |t| t.to_string()),
                 if *splice {
                     ", option splice-request + splice-response"
                 } else {
                     ", no splicing"
-                }
+                },
+                if *big_pipes { ", tune.pipesize 1048576 (ntlm-splice's pipe size)" } else { "" }
             ),
         }
     }
@@ -342,7 +346,7 @@ pub fn start(s: &Subject, env: &Env, tag: &str) -> anyhow::Result<Running> {
         ),
         Subject::Baseline { bin } => start_ntlm(bin, "splice", None, env, tag),
         Subject::Nginx { workers } => start_nginx(*workers, env, tag),
-        Subject::Haproxy { threads, splice } => start_haproxy(*threads, *splice, env, tag),
+        Subject::Haproxy { threads, splice, big_pipes } => start_haproxy(*threads, *splice, *big_pipes, env, tag),
     }
 }
 
@@ -502,11 +506,15 @@ fn start_nginx(workers: Option<u32>, env: &Env, tag: &str) -> anyhow::Result<Run
     })
 }
 
+/// `tune.pipesize` of the big-pipe HAProxy variant: ntlm-splice's `--pipe-size` default.
+const HAPROXY_BIG_PIPE: u32 = 1 << 20;
+
 /// HAProxy's config. `maxconn` is sized so that HAProxy's own descriptor estimate
 /// (2 per connection + 2 per pipe + a few) fits the open-files limit.
 pub fn haproxy_conf(
     threads: Option<u32>,
     splice: bool,
+    big_pipes: bool,
     stats: &Path,
     port: u16,
     backend: SocketAddr,
@@ -522,6 +530,9 @@ pub fn haproxy_conf(
     let _ = writeln!(c, "    maxpipes {HAPROXY_MAXPIPES}");
     if let Some(t) = threads {
         let _ = writeln!(c, "    nbthread {t}");
+    }
+    if big_pipes {
+        let _ = writeln!(c, "    tune.pipesize {HAPROXY_BIG_PIPE}");
     }
     let _ = writeln!(
         c,
@@ -547,6 +558,7 @@ pub fn haproxy_conf(
 fn start_haproxy(
     threads: Option<u32>,
     splice: bool,
+    big_pipes: bool,
     env: &Env,
     tag: &str,
 ) -> anyhow::Result<Running> {
@@ -562,7 +574,7 @@ fn start_haproxy(
     let conf = dir.join("haproxy.cfg");
     fs::write(
         &conf,
-        haproxy_conf(threads, splice, &stats, port, env.backend, env.max_conns),
+        haproxy_conf(threads, splice, big_pipes, &stats, port, env.backend, env.max_conns),
     )?;
     let log = dir.join("stderr.log");
     let mut cmd = Command::new(bin);
