@@ -13,6 +13,9 @@
 //! same counters, the same access-log line at its end. While parked, the idle timeout still
 //! runs (a timer for the earliest deadline), and a forced shutdown closes what is parked.
 //! Parking changes nothing of the pairing: the two sockets stay open and paired throughout.
+//!
+//! Freed task memory stays resident in glibc's heaps unless trimmed, so the parker trims
+//! once after a burst of parking ([`trim`]).
 
 use std::{
     collections::BTreeSet,
@@ -57,7 +60,8 @@ pub struct ParkedConn {
 pub struct Parker {
     epoll: AsyncFd<OwnedFd>,
     table: Mutex<Table>,
-    /// Woken when a connection parks with an idle deadline earlier than all others.
+    /// Wakes the parker's loop to look at the table again: a connection parked with an idle
+    /// deadline earlier than all others, or the first since the last heap trim.
     earlier: Notify,
 }
 
@@ -128,26 +132,21 @@ impl Parker {
         let generation = t.next_gen;
         t.next_gen = generation.wrapping_add(1);
         let entry = t.conns.vacant_entry();
-        let Ok(index) = u32::try_from(entry.key()) else {
-            drop(t);
-            conn::resume_now(shared, conn);
-            return;
+        let watched = u32::try_from(entry.key())
+            .map_err(|_| io::Error::other("the table of parked connections is full"))
+            .and_then(|index| {
+                let key = u64::from(generation) << 32 | u64::from(index);
+                self.watch_pair(&conn.socks, key).map(|()| key)
+            });
+        let key = match watched {
+            Ok(key) => key,
+            Err(e) => {
+                drop(t);
+                log::debug!("conn={} cannot park ({e}); relaying it on", conn.meta.id);
+                conn::resume_now(shared, conn);
+                return;
+            }
         };
-        let key = u64::from(generation) << 32 | u64::from(index);
-        let [c, b] = conn.socks.each_ref().map(|s| s.as_raw_fd());
-        if let Err(e) = self.watch(c, key) {
-            drop(t);
-            log::debug!("conn={} cannot park ({e}); relaying it on", conn.meta.id);
-            conn::resume_now(shared, conn);
-            return;
-        }
-        if let Err(e) = self.watch(b, key) {
-            self.unwatch(c);
-            drop(t);
-            log::debug!("conn={} cannot park ({e}); relaying it on", conn.meta.id);
-            conn::resume_now(shared, conn);
-            return;
-        }
         let deadline = shared.ctl.idle_timeout.map(|t| conn.progress.last_ns.saturating_add(nanos(t)));
         log::debug!("conn={} parked", conn.meta.id);
         entry.insert(Slot { generation, deadline, conn });
@@ -162,6 +161,12 @@ impl Parker {
                 self.earlier.notify_one();
             }
         }
+    }
+
+    /// Adds both sockets to the epoll instance under `key`, or neither.
+    fn watch_pair(&self, socks: &[OwnedFd; 2], key: u64) -> io::Result<()> {
+        self.watch(socks[0].as_raw_fd(), key)?;
+        self.watch(socks[1].as_raw_fd(), key).inspect_err(|_| self.unwatch(socks[0].as_raw_fd()))
     }
 
     fn watch(&self, fd: RawFd, key: u64) -> io::Result<()> {
@@ -308,7 +313,12 @@ pub async fn run(shared: Arc<Shared>) {
                 }
                 if trim_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
                     trim_at = None;
-                    let n = std::mem::take(&mut parker.lock().since_trim);
+                    let n = {
+                        let mut t = parker.lock();
+                        // Only trailing free slots can go: the others' keys are in epoll.
+                        t.conns.shrink_to_fit();
+                        std::mem::take(&mut t.since_trim)
+                    };
                     if n >= TRIM_MIN {
                         trim(n);
                     }

@@ -775,6 +775,50 @@ async fn parked_connections_come_back_on_bytes_fin_and_reset() {
     stop_ok(proxy).await;
 }
 
+/// Many connections parking and coming back at once, at random moments, some in the middle
+/// of a burst from the other side: every byte arrives, in order, on the right connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parking_under_churn_loses_nothing() {
+    const CONNS: u64 = 64;
+    const ROUNDS: u64 = 12;
+    let echo = Server::echo().await;
+    let extra = ["--park-after", "20ms", "--idle-timeout", "30s"];
+    let proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..CONNS {
+        let addr = proxy.addr();
+        set.spawn(async move {
+            let mut c = connect(addr).await;
+            let mut sent = 0u64;
+            for r in 0..ROUNDS {
+                // Pauses around the park delay: some connections park, some are caught
+                // just as they do.
+                let pause = (i * 7 + r * 13) % 60;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let len = 1 + (i * 31 + r * 17) % (96 << 10);
+                echo_bulk(&mut c, i << 8 | r, len, &format!("connection {i} round {r}")).await;
+                sent += len;
+            }
+            c.shutdown().await.unwrap();
+            expect_eof(&mut c, QUICK, &format!("connection {i} after its FIN")).await;
+            (c.local_addr().unwrap(), sent)
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = set.join_next().await {
+        done.push(r.expect("a churning connection failed"));
+    }
+    let parked = proxy.count_log_ending(" parked");
+    assert!(parked >= CONNS as usize, "only {parked} parkings for {CONNS} connections:\n{}", proxy.logs());
+    for (me, sent) in done {
+        let line = access_line(&proxy, me).await;
+        assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", sent.to_string()), ("bytes_down", sent.to_string())]);
+    }
+    assert_eq!(echo.accepted(), CONNS, "one backend connection per client");
+    eprintln!("{parked} parkings, {} returns", proxy.count_log_ending(" unparked"));
+    stop_ok(proxy).await;
+}
+
 /// SIGTERM with parked connections: the drain counts them; one that sends a request during
 /// the drain is served; the one still parked at the drain timeout is closed (end=shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
