@@ -37,6 +37,8 @@ use crate::{
 
 /// Events read per epoll_wait(2).
 const EVENTS: usize = 64;
+/// Most epoll_wait(2) batches per wake-up of the parker.
+const BATCHES: usize = 16;
 /// How long after a connection parks the heap is trimmed (so that a burst of parking
 /// connections is trimmed once).
 const TRIM_DELAY: Duration = Duration::from_secs(1);
@@ -259,7 +261,10 @@ pub async fn run(shared: Arc<Shared>) {
                         return;
                     }
                 };
-                loop {
+                // At most BATCHES full batches per wake-up, so that a flood of returning
+                // connections does not keep this worker from the rest (readable() is
+                // ready again at once while events are left, within tokio's task budget).
+                for _ in 0..BATCHES {
                     // SAFETY: events is a valid buffer of EVENTS entries; timeout 0 never blocks.
                     let n = unsafe {
                         libc::epoll_wait(parker.epoll.as_raw_fd(), events.as_mut_ptr(), EVENTS as i32, 0)
@@ -269,7 +274,9 @@ pub async fn run(shared: Arc<Shared>) {
                         if e.kind() == io::ErrorKind::Interrupted {
                             continue;
                         }
+                        // Cannot happen with a valid instance and buffer; do not spin on it.
                         log::error!("parked connections: epoll_wait: {e}");
+                        guard.clear_ready();
                         break;
                     }
                     for ev in &events[..n as usize] {
