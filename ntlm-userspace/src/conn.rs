@@ -131,9 +131,7 @@ fn ended(shared: &Shared, meta: ConnMeta, outcome: &Outcome) {
 pub(crate) fn close_parked(shared: &Shared, conn: ParkedConn, end: End) {
     let ParkedConn { meta, token, socks, progress } = conn;
     drop(socks);
-    let outcome =
-        Outcome { bytes_up: progress.bytes[0], bytes_down: progress.bytes[1], end, fault: None, engine: shared.engine.name() };
-    ended(shared, meta, &outcome);
+    ended(shared, meta, &progress.ended(end, None, shared.engine.name()));
     drop(token);
 }
 
@@ -162,17 +160,10 @@ fn resume(
         ) {
             (Ok(c), Ok(b)) => (c, b),
             (Err(e), _) | (_, Err(e)) => {
-                // epoll_ctl(2) failed (out of memory, or fs.epoll.max_user_watches): the sockets
-                // are closed (dropped above), the connection ends.
+                // epoll_ctl(2) failed (out of memory, or fs.epoll.max_user_watches): both
+                // sockets close as this returns, and the connection ends.
                 log::warn!("conn={} cannot return a parked connection to the runtime: {e}", meta.id);
-                let outcome = Outcome {
-                    bytes_up: progress.bytes[0],
-                    bytes_down: progress.bytes[1],
-                    end: End::Internal,
-                    fault: Some(Fault::Internal(e)),
-                    engine: shared.engine.name(),
-                };
-                ended(&shared, meta, &outcome);
+                ended(&shared, meta, &progress.ended(End::Internal, Some(Fault::Internal(e)), shared.engine.name()));
                 return;
             }
         };

@@ -54,6 +54,13 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// The outcome of a connection that ended with these counters.
+    pub fn ended(self, end: End, fault: Option<Fault>, engine: &'static str) -> Outcome {
+        Outcome { bytes_up: self.bytes[0], bytes_down: self.bytes[1], end, fault, engine }
+    }
+}
+
 impl Default for Progress {
     fn default() -> Self {
         Self::new()

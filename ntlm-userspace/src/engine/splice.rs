@@ -22,7 +22,7 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{Outcome, Progress, Relayed};
+use super::{Progress, Relayed};
 use crate::{
     doctor::{CAP_SYS_ADMIN, CAP_SYS_RESOURCE, cap_eff},
     relay::{self, Dir, End, Fault, RelayCtl, Side, monotonic_ns},
@@ -101,33 +101,25 @@ impl SpliceEngine {
             // One timer serves both the idle timeout and parking: it is re-armed for the
             // earlier of the two.
             let first = [ctl.idle_timeout, ctl.park_after].into_iter().flatten().min();
-            let timers = Timers { idle: first.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
+            let timers = Timers { timer: first.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
             tokio::pin!(timers);
             let mut watch: Watch<'_> = None;
             let stop = std::future::poll_fn(|cx| st.poll(&socks, &mut watch, timers.as_mut(), cx)).await;
             drop(watch);
-            let (bytes, last_ns) = (st.bytes, st.last);
+            let progress = Progress { bytes: st.bytes, last_ns: st.last };
             let (end, fault) = match stop {
                 Stop::End(end, fault) => (end, fault),
                 Stop::Park => {
                     let [client, backend] = socks;
                     // Deregistering can fail only if epoll_ctl(2) does (out of memory); the
                     // socket is then closed, and the connection ends.
-                    match (client.into_std(), backend.into_std()) {
-                        (Ok(c), Ok(b)) => {
-                            return Relayed::Parked { socks: [c.into(), b.into()], progress: Progress { bytes, last_ns } };
-                        }
+                    return match (client.into_std(), backend.into_std()) {
+                        (Ok(c), Ok(b)) => Relayed::Parked { socks: [c.into(), b.into()], progress },
                         (Err(e), _) | (_, Err(e)) => {
                             log::warn!("conn={id} cannot take the sockets out of the runtime to park them: {e}");
-                            return Relayed::Ended(Outcome {
-                                bytes_up: bytes[0],
-                                bytes_down: bytes[1],
-                                end: End::Internal,
-                                fault: Some(Fault::Internal(e)),
-                                engine: "splice",
-                            });
+                            Relayed::Ended(progress.ended(End::Internal, Some(Fault::Internal(e)), "splice"))
                         }
-                    }
+                    };
                 }
             };
             let reset = |side: Side| {
@@ -143,7 +135,7 @@ impl SpliceEngine {
                 }
                 None => {}
             }
-            Relayed::Ended(Outcome { bytes_up: bytes[0], bytes_down: bytes[1], end, fault, engine: "splice" })
+            Relayed::Ended(progress.ended(end, fault, "splice"))
         }
     }
 }
@@ -160,9 +152,11 @@ enum Stop {
     Park,
 }
 
-/// The idle timer and the forced-shutdown waiter of one connection, pinned together.
+/// The timer (idle timeout and parking) and the forced-shutdown waiter of one connection,
+/// pinned together.
 struct Timers<'a> {
-    idle: Option<tokio::time::Sleep>,
+    /// Armed for the earlier of the idle deadline and the park deadline; none if neither is on.
+    timer: Option<tokio::time::Sleep>,
     cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
 }
 
@@ -175,7 +169,7 @@ impl<'a> Timers<'a> {
         // and `Timers` has no Drop impl and is not Unpin-dependent.
         unsafe {
             let this = self.get_unchecked_mut();
-            (this.idle.as_mut().map(|s| Pin::new_unchecked(s)), Pin::new_unchecked(&mut this.cancelled))
+            (this.timer.as_mut().map(|s| Pin::new_unchecked(s)), Pin::new_unchecked(&mut this.cancelled))
         }
     }
 }
