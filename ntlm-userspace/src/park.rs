@@ -354,3 +354,55 @@ fn trim(parked: usize) {
     #[cfg(not(target_env = "gnu"))]
     let _ = parked;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Instant};
+
+    use tokio::sync::Semaphore;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::{balance::Balancer, config::Balance};
+
+    fn parked(id: u64, tracker: &TaskTracker, balancer: &Balancer, slots: &Arc<Semaphore>) -> ParkedConn {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        ParkedConn {
+            meta: ConnMeta {
+                id,
+                peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+                started: Instant::now(),
+                lease: balancer.lease(0),
+                permit: slots.clone().try_acquire_owned().unwrap(),
+            },
+            token: tracker.token(),
+            socks: [a.into(), b.into()],
+            progress: Progress::new(),
+        }
+    }
+
+    /// An event queued for a connection that has left (the other socket's event of one
+    /// already woken, say) must not take out the connection that reused its slot; taking a
+    /// connection also drops its idle deadline.
+    #[test]
+    fn a_stale_key_takes_nothing_and_taking_drops_the_deadline() {
+        let tracker = TaskTracker::new();
+        let balancer = Balancer::new(Balance::RoundRobin, vec![SocketAddr::from(([127, 0, 0, 1], 2))]);
+        let slots = Arc::new(Semaphore::new(4));
+        let mut t = Table { conns: Slab::new(), deadlines: BTreeSet::new(), next_gen: 0, closed: false, since_trim: 0 };
+        let key = |generation: u32, index: usize| u64::from(generation) << 32 | index as u64;
+
+        let first = t.conns.insert(Slot { generation: 7, deadline: Some(100), conn: parked(1, &tracker, &balancer, &slots) });
+        t.deadlines.insert((100, key(7, first)));
+        assert_eq!(t.take(key(7, first)).map(|c| c.meta.id), Some(1));
+        assert!(t.deadlines.is_empty(), "the deadline left with the connection");
+        assert!(t.take(key(7, first)).is_none(), "taken twice");
+
+        let second = t.conns.insert(Slot { generation: 8, deadline: None, conn: parked(2, &tracker, &balancer, &slots) });
+        assert_eq!(second, first, "the slot is reused");
+        assert!(t.take(key(7, second)).is_none(), "an event for the old occupant took the new one");
+        assert_eq!(t.take(key(8, second)).map(|c| c.meta.id), Some(2));
+        assert!(t.take(key(8, 5)).is_none(), "an index never used");
+        assert_eq!(slots.available_permits(), 4, "taken connections were dropped with their slots");
+    }
+}
