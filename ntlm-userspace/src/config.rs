@@ -147,9 +147,9 @@ pub struct ProxyArgs {
     pub pipe_size: u64,
 
     /// splice engine: after this long with no byte moving either way, a connection gives up
-    /// its task and its runtime registrations and waits in one compact table (about 200 bytes
-    /// instead of 1.6 KB) until either socket has bytes, a FIN or an error; the next byte then
-    /// costs a few system calls more. `0` keeps every connection in its task.
+    /// its task and its runtime registrations and waits in one compact table (about 0.4 KB of
+    /// process memory instead of 1.8 KB) until either socket has bytes, a FIN or an error; the
+    /// first request after that takes some 30 µs longer. `0` keeps every connection in its task.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_PARK_AFTER, value_parser = parse_duration)]
     pub park_after: Duration,
 
