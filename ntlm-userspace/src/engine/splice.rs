@@ -297,6 +297,22 @@ impl Drop for Pipe {
     }
 }
 
+/// `SIOCATMARK` from asm-generic/sockios.h (x86-64, arm64; the libc crate defines it only for
+/// the BSDs).
+const SIOCATMARK: libc::Ioctl = 0x8905;
+
+/// Whether the next byte to read from the TCP socket `fd` is urgent data (the mark).
+fn at_urgent_mark(fd: i32) -> bool {
+    let mut at: libc::c_int = 0;
+    // SAFETY: a valid int out-pointer, as SIOCATMARK takes.
+    unsafe { libc::ioctl(fd, SIOCATMARK, &raw mut at) == 0 && at != 0 }
+}
+
+/// A splice(2) that cannot move past TCP urgent data (see `poll_lane`).
+#[derive(Debug, thiserror::Error)]
+#[error("splice(2) stopped at TCP urgent data")]
+struct UrgentMark;
+
 /// The kernel's page size (a pipe's capacity is counted in pages).
 fn page_size() -> usize {
     static PAGE_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -513,14 +529,24 @@ impl<'a> Conn<'a> {
                     // which saves that failing read: one splice(2) per message and direction
                     // on a request/response connection. A FIN read with the bytes stays known
                     // (tokio keeps read-closed readiness), and is read as 0 next.
+                    //
+                    // A splice that fails with EAGAIN may instead be stuck at TCP urgent data:
+                    // splice(2) reads through tcp_read_sock, which stops at the urgent mark and
+                    // never passes it, so the bytes behind it would wait forever. That case is
+                    // told apart by SIOCATMARK and reported as UrgentMark, which leaves the
+                    // readiness set.
                     let mut short = 0;
                     let r = src.try_io(Interest::READABLE, || {
-                        let n = splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize)?;
-                        if n > 0 && n < pipe.slots() {
-                            short = n;
-                            return Err(io::ErrorKind::WouldBlock.into());
+                        match splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize) {
+                            Ok(n) if n > 0 && n < pipe.slots() => {
+                                short = n;
+                                Err(io::ErrorKind::WouldBlock.into())
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src.as_raw_fd()) => {
+                                Err(io::Error::other(UrgentMark))
+                            }
+                            r => r,
                         }
-                        Ok(n)
                     });
                     if short > 0 { Ok(short) } else { r }
                 }
@@ -546,6 +572,14 @@ impl<'a> Conn<'a> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.give_back(dir),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) && lane.copy.is_none() => {
                     log::debug!("splice(2) refused for this socket; copying in userspace");
+                    self.give_back(dir);
+                    self.lanes[dir as usize].copy = Some(copy_buf());
+                }
+                // recv(2) passes the mark (dropping the urgent byte, as it does for any reader
+                // without SO_OOBINLINE, nginx stream included), so this direction copies from
+                // now on; the socket is still readable, so the copy reads at once.
+                Err(e) if e.get_ref().is_some_and(|i| i.is::<UrgentMark>()) => {
+                    log::debug!("urgent data on the {:?} socket; copying this direction in userspace", dir.src());
                     self.give_back(dir);
                     self.lanes[dir as usize].copy = Some(copy_buf());
                 }
@@ -692,6 +726,52 @@ mod tests {
             r = tokio::time::timeout(Duration::from_secs(30), both) => r.expect("bytes stuck in the relay"),
             o = &mut relay => panic!("relay ended: {o:?}"),
         };
+    }
+
+    /// TCP urgent data (MSG_OOB) in the stream: splice(2) cannot read past it, so without
+    /// care the bytes behind it never arrive. They do; the urgent byte itself is dropped, as
+    /// recv(2) drops it for any reader without SO_OOBINLINE (nginx stream included).
+    #[tokio::test]
+    async fn bytes_after_urgent_data_still_arrive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = SpliceEngine::new(0);
+        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
+        let (mut client_far, c) = pair().await;
+        let (b, mut backend_far) = pair().await;
+        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        tokio::pin!(relay);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let mut read = async |want: usize, got: &mut Vec<u8>| {
+            while got.len() < want {
+                let n = backend_far.read(&mut buf).await.unwrap();
+                assert!(n > 0, "EOF after {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        client_far.write_all(b"abc").await.unwrap();
+        tokio::select! {
+            _ = &mut relay => panic!("relay ended"),
+            () = read(3, &mut got) => {}
+        }
+        // SAFETY: plain send(2) of one byte from a valid buffer on an open socket.
+        let sent = unsafe { libc::send(client_far.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+        client_far.write_all(b"def").await.unwrap();
+        tokio::select! {
+            _ = &mut relay => panic!("relay ended"),
+            r = tokio::time::timeout(Duration::from_secs(5), read(6, &mut got)) => {
+                r.unwrap_or_else(|_| panic!("the bytes after the urgent byte did not arrive: {got:?}"))
+            }
+        }
+        assert_eq!(got, b"abcdef");
+        // The connection goes on.
+        client_far.write_all(b"ghi").await.unwrap();
+        tokio::select! {
+            _ = &mut relay => panic!("relay ended"),
+            () = read(9, &mut got) => {}
+        }
+        assert_eq!(got, b"abcdefghi");
     }
 
     fn parking_ctl(after: Duration) -> RelayCtl {
