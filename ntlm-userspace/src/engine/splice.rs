@@ -530,15 +530,17 @@ impl<'a> Conn<'a> {
                     // on a request/response connection. A FIN read with the bytes stays known
                     // (tokio keeps read-closed readiness), and is read as 0 next.
                     //
-                    // A splice that fails with EAGAIN may instead be stuck at TCP urgent data:
-                    // splice(2) reads through tcp_read_sock, which stops at the urgent mark and
-                    // never passes it, so the bytes behind it would wait forever. That case is
-                    // told apart by SIOCATMARK and reported as UrgentMark, which leaves the
-                    // readiness set.
+                    // Short, or failing with EAGAIN, a splice may instead have stopped at TCP
+                    // urgent data: splice(2) reads through tcp_read_sock, which stops at the
+                    // urgent mark and never passes it, so the bytes behind it would wait
+                    // forever. SIOCATMARK (an ioctl that takes no lock, cheaper than the
+                    // failing splice it replaces) tells that case apart: a short read at the
+                    // mark leaves the readiness set, and the failing splice that follows is
+                    // reported as UrgentMark, which leaves it set too.
                     let mut short = 0;
                     let r = src.try_io(Interest::READABLE, || {
                         match splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize) {
-                            Ok(n) if n > 0 && n < pipe.slots() => {
+                            Ok(n) if n > 0 && n < pipe.slots() && !at_urgent_mark(src.as_raw_fd()) => {
                                 short = n;
                                 Err(io::ErrorKind::WouldBlock.into())
                             }
@@ -772,6 +774,41 @@ mod tests {
             () = read(9, &mut got) => {}
         }
         assert_eq!(got, b"abcdefghi");
+    }
+
+    /// Bytes, an urgent byte and more bytes all queued before the relay reads: the splice
+    /// stops short at the mark, which must not be taken for a drained socket.
+    #[tokio::test]
+    async fn bytes_queued_behind_urgent_data_still_arrive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = SpliceEngine::new(0);
+        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
+        let (mut client_far, c) = pair().await;
+        let (b, mut backend_far) = pair().await;
+        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        tokio::pin!(relay);
+        let mut buf = [0u8; 64];
+        let mut read = async |want: usize, got: &mut Vec<u8>| {
+            while got.len() < want {
+                let n = backend_far.read(&mut buf).await.unwrap();
+                assert!(n > 0, "EOF after {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        let mut got = Vec::new();
+        client_far.write_all(b"jkl").await.unwrap();
+        // SAFETY: as above.
+        let sent = unsafe { libc::send(client_far.as_raw_fd(), b"?".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+        client_far.write_all(b"mno").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            _ = &mut relay => panic!("relay ended"),
+            r = tokio::time::timeout(Duration::from_secs(5), read(6, &mut got)) => {
+                r.unwrap_or_else(|_| panic!("bytes queued behind the urgent byte did not arrive: {got:?}"))
+            }
+        }
+        assert_eq!(got, b"jklmno");
     }
 
     fn parking_ctl(after: Duration) -> RelayCtl {
