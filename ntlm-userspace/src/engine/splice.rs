@@ -650,11 +650,8 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_holds_no_pipe() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = SpliceEngine::new(0);
-        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
-        let (mut client_far, c) = pair().await;
-        let (b, mut backend_far) = pair().await;
-        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        let (e, ctl) = (SpliceEngine::new(0), no_park());
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
         tokio::pin!(relay);
         let mut one = [0u8; 1];
         for round in 0..3u8 {
@@ -688,13 +685,10 @@ mod tests {
     #[tokio::test]
     async fn writes_of_every_size_through_a_pipe_with_few_slots_all_arrive() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = SpliceEngine::new(0);
-        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
-        let (mut client_far, c) = pair().await;
-        let (b, mut backend_far) = pair().await;
-        client_far.set_nodelay(true).unwrap();
-        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        let (e, ctl) = (SpliceEngine::new(0), no_park());
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
         tokio::pin!(relay);
+        client_far.set_nodelay(true).unwrap();
         // 20,000 one-byte writes, then 4 MiB in writes of 1 to 12,000 bytes.
         let sizes: Vec<usize> = std::iter::repeat_n(1, 20_000)
             .chain((0..).map(|i: usize| 1 + (i * 7919) % 12_000).scan(0usize, |sum, n| {
@@ -730,48 +724,63 @@ mod tests {
         };
     }
 
+    /// A relay without idle timeout or parking, between two fresh socket pairs: the far end
+    /// of the client, the far end of the backend, and the relay future.
+    async fn relayed<'a>(
+        e: &'a SpliceEngine,
+        ctl: &'a RelayCtl,
+    ) -> (TcpStream, TcpStream, impl Future<Output = Relayed> + 'a) {
+        let (client_far, c) = pair().await;
+        let (b, backend_far) = pair().await;
+        (client_far, backend_far, e.relay(1, c, b, ctl, Progress::new()))
+    }
+
+    fn no_park() -> RelayCtl {
+        RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None }
+    }
+
+    /// send(2) of one byte as TCP urgent data (MSG_OOB).
+    fn send_urgent(s: &TcpStream, byte: u8) {
+        // SAFETY: plain send(2) of one byte from a valid buffer on an open socket.
+        let sent = unsafe { libc::send(s.as_raw_fd(), (&raw const byte).cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+    }
+
+    /// Reads from `r` until `got` holds `want` bytes, or fails after 5 s saying what came.
+    async fn read_until(r: &mut TcpStream, got: &mut Vec<u8>, want: usize, what: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let reading = async {
+            while got.len() < want {
+                let n = r.read(&mut buf).await.unwrap();
+                assert!(n > 0, "{what}: EOF after {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), reading).await.is_err() {
+            panic!("{what}: only {got:?} arrived");
+        }
+    }
+
     /// TCP urgent data (MSG_OOB) in the stream: splice(2) cannot read past it, so without
     /// care the bytes behind it never arrive. They do; the urgent byte itself is dropped, as
     /// recv(2) drops it for any reader without SO_OOBINLINE (nginx stream included).
     #[tokio::test]
     async fn bytes_after_urgent_data_still_arrive() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = SpliceEngine::new(0);
-        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
-        let (mut client_far, c) = pair().await;
-        let (b, mut backend_far) = pair().await;
-        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        use tokio::io::AsyncWriteExt;
+        let (e, ctl) = (SpliceEngine::new(0), no_park());
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
         tokio::pin!(relay);
         let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        let mut read = async |want: usize, got: &mut Vec<u8>| {
-            while got.len() < want {
-                let n = backend_far.read(&mut buf).await.unwrap();
-                assert!(n > 0, "EOF after {got:?}");
-                got.extend_from_slice(&buf[..n]);
+        for (bytes, urgent, want) in [(&b"abc"[..], Some(b'!'), 3), (b"def", None, 6), (b"ghi", None, 9)] {
+            client_far.write_all(bytes).await.unwrap();
+            tokio::select! {
+                _ = &mut relay => panic!("relay ended"),
+                () = read_until(&mut backend_far, &mut got, want, "bytes after the urgent byte") => {}
             }
-        };
-        client_far.write_all(b"abc").await.unwrap();
-        tokio::select! {
-            _ = &mut relay => panic!("relay ended"),
-            () = read(3, &mut got) => {}
-        }
-        // SAFETY: plain send(2) of one byte from a valid buffer on an open socket.
-        let sent = unsafe { libc::send(client_far.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
-        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
-        client_far.write_all(b"def").await.unwrap();
-        tokio::select! {
-            _ = &mut relay => panic!("relay ended"),
-            r = tokio::time::timeout(Duration::from_secs(5), read(6, &mut got)) => {
-                r.unwrap_or_else(|_| panic!("the bytes after the urgent byte did not arrive: {got:?}"))
+            if let Some(u) = urgent {
+                send_urgent(&client_far, u);
             }
-        }
-        assert_eq!(got, b"abcdef");
-        // The connection goes on.
-        client_far.write_all(b"ghi").await.unwrap();
-        tokio::select! {
-            _ = &mut relay => panic!("relay ended"),
-            () = read(9, &mut got) => {}
         }
         assert_eq!(got, b"abcdefghi");
     }
@@ -780,33 +789,18 @@ mod tests {
     /// stops short at the mark, which must not be taken for a drained socket.
     #[tokio::test]
     async fn bytes_queued_behind_urgent_data_still_arrive() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = SpliceEngine::new(0);
-        let ctl = RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None };
-        let (mut client_far, c) = pair().await;
-        let (b, mut backend_far) = pair().await;
-        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        use tokio::io::AsyncWriteExt;
+        let (e, ctl) = (SpliceEngine::new(0), no_park());
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
         tokio::pin!(relay);
-        let mut buf = [0u8; 64];
-        let mut read = async |want: usize, got: &mut Vec<u8>| {
-            while got.len() < want {
-                let n = backend_far.read(&mut buf).await.unwrap();
-                assert!(n > 0, "EOF after {got:?}");
-                got.extend_from_slice(&buf[..n]);
-            }
-        };
-        let mut got = Vec::new();
         client_far.write_all(b"jkl").await.unwrap();
-        // SAFETY: as above.
-        let sent = unsafe { libc::send(client_far.as_raw_fd(), b"?".as_ptr().cast(), 1, libc::MSG_OOB) };
-        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+        send_urgent(&client_far, b'?');
         client_far.write_all(b"mno").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut got = Vec::new();
         tokio::select! {
             _ = &mut relay => panic!("relay ended"),
-            r = tokio::time::timeout(Duration::from_secs(5), read(6, &mut got)) => {
-                r.unwrap_or_else(|_| panic!("bytes queued behind the urgent byte did not arrive: {got:?}"))
-            }
+            () = read_until(&mut backend_far, &mut got, 6, "bytes queued behind the urgent byte") => {}
         }
         assert_eq!(got, b"jklmno");
     }
