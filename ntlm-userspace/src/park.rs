@@ -32,7 +32,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::{
     conn::{self, ConnMeta, Shared},
     engine::Progress,
-    relay::{End, monotonic_ns},
+    relay::{End, duration_ns, monotonic_ns},
 };
 
 /// Events read per epoll_wait(2).
@@ -67,6 +67,7 @@ pub struct Parker {
     earlier: Notify,
 }
 
+#[derive(Default)]
 struct Table {
     conns: Slab<Slot>,
     /// (idle deadline in CLOCK_MONOTONIC ns, key) of every parked connection, if the idle
@@ -102,7 +103,7 @@ impl Parker {
         }?;
         Ok(Parker {
             epoll,
-            table: Mutex::new(Table { conns: Slab::new(), deadlines: BTreeSet::new(), next_gen: 0, closed: false, since_trim: 0 }),
+            table: Mutex::default(),
             earlier: Notify::new(),
         })
     }
@@ -149,7 +150,7 @@ impl Parker {
                 return;
             }
         };
-        let deadline = shared.ctl.idle_timeout.map(|t| conn.progress.last_ns.saturating_add(nanos(t)));
+        let deadline = shared.ctl.idle_timeout.map(|t| conn.progress.last_ns.saturating_add(duration_ns(t)));
         log::debug!("conn={} parked", conn.meta.id);
         entry.insert(Slot { generation, deadline, conn });
         t.since_trim += 1;
@@ -205,10 +206,6 @@ impl Table {
         }
         Some(slot.conn)
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 /// Runs the parker of `shared` until a forced shutdown, which closes every parked
@@ -389,7 +386,7 @@ mod tests {
         let tracker = TaskTracker::new();
         let balancer = Balancer::new(Balance::RoundRobin, vec![SocketAddr::from(([127, 0, 0, 1], 2))]);
         let slots = Arc::new(Semaphore::new(4));
-        let mut t = Table { conns: Slab::new(), deadlines: BTreeSet::new(), next_gen: 0, closed: false, since_trim: 0 };
+        let mut t = Table::default();
         let key = |generation: u32, index: usize| u64::from(generation) << 32 | index as u64;
 
         let first = t.conns.insert(Slot { generation: 7, deadline: Some(100), conn: parked(1, &tracker, &balancer, &slots) });

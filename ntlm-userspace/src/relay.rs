@@ -151,6 +151,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `d` in nanoseconds, saturating at u64::MAX (some 584 years).
+pub fn duration_ns(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
 /// Runs a session to its end and says why it ended. The session still owns the sockets;
 /// dropping it closes them (with a reset where [`Session::reset_on_close`] asked for one).
 pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
@@ -219,7 +224,7 @@ async fn idle_watch<S: Session>(s: &S, timeout: Option<Duration>) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
-    let timeout_ns = timeout.as_nanos().min(u64::MAX as u128) as u64;
+    let timeout_ns = duration_ns(timeout);
     loop {
         let deadline = s.last_activity_ns().saturating_add(timeout_ns);
         let now = monotonic_ns();

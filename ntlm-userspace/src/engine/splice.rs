@@ -31,8 +31,7 @@ use crate::{
 /// The kernel's default pipe capacity (16 pages), which a pipe keeps when it cannot be
 /// enlarged.
 const DEFAULT_PIPE: usize = 64 << 10;
-/// The page size pipes are counted in (x86-64, arm64 with 4 KiB pages; only the budget of
-/// enlarged pipes depends on it).
+/// The page size assumed if sysconf cannot tell (see [`page_size`]).
 const PAGE: usize = 4096;
 /// Empty pipes kept for reuse; more are closed when returned.
 const PIPE_POOL_MAX: usize = 256;
@@ -225,7 +224,7 @@ pub fn pipe_check(pipe_size: u64) -> String {
     } else {
         format!(
             "at most {} MiB of enlarged pipes at once (half of fs.pipe-user-pages-soft; no CAP_SYS_RESOURCE)",
-            (sizing.budget * PAGE) >> 20
+            (sizing.budget * page_size()) >> 20
         )
     };
     match Pipe::new(&sizing) {
@@ -255,7 +254,7 @@ impl Pipe {
             Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]), cap: DEFAULT_PIPE as u32 }
         };
         if sizing.bytes > DEFAULT_PIPE {
-            let pages = sizing.bytes.div_ceil(PAGE);
+            let pages = sizing.bytes.div_ceil(page_size());
             if BIG_PIPE_PAGES.fetch_add(pages, Ordering::Relaxed).saturating_add(pages) <= sizing.budget {
                 let want = libc::c_int::try_from(sizing.bytes).unwrap_or(libc::c_int::MAX);
                 // SAFETY: plain fcntl on a pipe descriptor we own.
@@ -287,7 +286,7 @@ impl Pipe {
 
     /// Pages counted in [`BIG_PIPE_PAGES`] for this pipe.
     fn pages(&self) -> usize {
-        if self.cap as usize > DEFAULT_PIPE { self.cap as usize / PAGE } else { 0 }
+        if self.cap as usize > DEFAULT_PIPE { self.cap as usize / page_size() } else { 0 }
     }
 }
 
@@ -313,7 +312,8 @@ fn at_urgent_mark(fd: i32) -> bool {
 #[error("splice(2) stopped at TCP urgent data")]
 struct UrgentMark;
 
-/// The kernel's page size (a pipe's capacity is counted in pages).
+/// The kernel's page size: a pipe's capacity, its slots and the user's pipe budget
+/// (`fs.pipe-user-pages-soft`) are all counted in pages.
 fn page_size() -> usize {
     static PAGE_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     // SAFETY: sysconf has no preconditions.
@@ -368,7 +368,7 @@ struct Conn<'a> {
 
 impl<'a> Conn<'a> {
     fn new(engine: &'a SpliceEngine, ctl: &RelayCtl, progress: Progress) -> Self {
-        let ns = |t: Option<Duration>| t.map_or(u64::MAX, |t| t.as_nanos().min(u64::MAX as u128) as u64);
+        let ns = |t: Option<Duration>| t.map_or(u64::MAX, relay::duration_ns);
         Conn {
             engine,
             lanes: Default::default(),
@@ -724,8 +724,8 @@ mod tests {
         };
     }
 
-    /// A relay without idle timeout or parking, between two fresh socket pairs: the far end
-    /// of the client, the far end of the backend, and the relay future.
+    /// A relay under `ctl` between two fresh socket pairs: the far end of the client, the far
+    /// end of the backend, and the relay future.
     async fn relayed<'a>(
         e: &'a SpliceEngine,
         ctl: &'a RelayCtl,
@@ -862,11 +862,8 @@ mod tests {
     #[tokio::test]
     async fn a_connection_with_bytes_in_flight_does_not_park() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let e = SpliceEngine::new(0);
-        let ctl = parking_ctl(Duration::from_millis(50));
-        let (mut client_far, c) = pair().await;
-        let (b, mut backend_far) = pair().await;
-        let relay = e.relay(1, c, b, &ctl, Progress::new());
+        let (e, ctl) = (SpliceEngine::new(0), parking_ctl(Duration::from_millis(50)));
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
         tokio::pin!(relay);
         // More than the two sockets' buffers and a pipe hold: the writer blocks.
         let total = 32usize << 20;
