@@ -49,6 +49,10 @@ pub fn engines() -> Vec<String> {
     }
 }
 
+/// `RUST_LOG` for a proxy whose parking is under test: its debug lines say when a connection
+/// parks (`conn=N parked`) and comes back (`conn=N unparked`).
+pub const PARK_LOG: &str = "info,ntlm_splice::park=debug";
+
 /// Whether the sockmap engine's own suite runs here: `$NTLM_SPLICE_TEST_SOCKMAP=1`, set by
 /// `cargo xtask test` when `ntlm-splice doctor` finds the engine usable (required in CI).
 pub fn sockmap_suite() -> bool {

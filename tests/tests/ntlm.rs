@@ -415,8 +415,7 @@ async fn idle_authenticated_connection_never_leaks_its_identity() {
         let (backend, proxy) = if parks {
             let backend = backend(demo_users()).await;
             let extra = ["--park-after", "100ms"];
-            let log = "info,ntlm_splice::park=debug";
-            let proxy = Proxy::start_with_log(&engine, &[backend.local_addr()], &extra, log).await;
+            let proxy = Proxy::start_with_log(&engine, &[backend.local_addr()], &extra, harness::PARK_LOG).await;
             (backend, proxy)
         } else {
             setup(&engine, demo_users()).await

@@ -16,7 +16,7 @@ use std::{
 };
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, Proxy},
+    harness::{self, AccessLine, PARK_LOG, Proxy},
     servers::{self, Server, Unresponsive},
 };
 use tokio::{
@@ -698,9 +698,6 @@ async fn sigterm_closes_what_outlives_the_drain_timeout() {
 // 9b. Parked idle connections (splice engine, --park-after)
 // ---------------------------------------------------------------------------------------
 
-/// `RUST_LOG` that shows when connections park and come back.
-const PARK_LOG: &str = "info,ntlm_splice::park=debug";
-
 /// Writes `len` pattern bytes and reads the echo back concurrently; checks every byte.
 async fn echo_bulk(s: &mut TcpStream, seed: u64, len: u64, what: &str) {
     let (mut r, mut w) = s.split();
@@ -708,16 +705,14 @@ async fn echo_bulk(s: &mut TcpStream, seed: u64, len: u64, what: &str) {
         servers::send_pattern(&mut w, seed, len).await.unwrap_or_else(|e| panic!("{what}: write: {e}"));
     };
     let recv = async {
+        let mut v = servers::Verifier::new(seed);
         let mut buf = vec![0u8; servers::CHUNK];
-        let mut want = vec![0u8; servers::CHUNK];
-        let mut off = 0u64;
-        while off < len {
-            let n = r.read(&mut buf).await.unwrap_or_else(|e| panic!("{what}: read at {off}: {e}"));
-            assert!(n > 0, "{what}: EOF after {off} of {len} echoed bytes");
-            servers::pattern_fill(seed, off, &mut want[..n]);
-            assert!(buf[..n] == want[..n], "{what}: echoed bytes differ at offset {off}..{}", off + n as u64);
-            off += n as u64;
+        while v.len < len {
+            let n = r.read(&mut buf).await.unwrap_or_else(|e| panic!("{what}: read at {}: {e}", v.len));
+            assert!(n > 0, "{what}: EOF after {} of {len} echoed bytes", v.len);
+            v.update(&buf[..n]);
         }
+        v.assert_exact(len, what);
     };
     within(BULK, what, async { tokio::join!(send, recv) }).await;
 }

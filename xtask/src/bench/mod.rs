@@ -73,9 +73,6 @@ pub struct BenchArgs {
 
 /// Largest number of idle connections measured ("10k"), before the open-files limit.
 const IDLE_HIGH: u64 = 10_000;
-/// When the idle runs read memory (see `Subject::idle_settle_ms`).
-const IDLE_READ: &str =
-    "read 0.5 s after the last one opened, 3.5 s for ntlm-splice's splice engine, which parks idle connections after 2 s";
 /// Wait after an idle run so its closing connections do not overlap the next workload.
 const AFTER_IDLE: Duration = Duration::from_millis(300);
 /// Time the backend gets to report its address.
@@ -196,7 +193,8 @@ impl Plan {
             Workload {
                 label: idle_label(idle_small),
                 title: format!(
-                    "memory per idle connection, {idle_small} connections (each did one 1-byte round trip; {IDLE_READ})"
+                    "memory per idle connection, {idle_small} connections (each did one 1-byte round trip; {})",
+                    idle_read()
                 ),
                 kind: WKind::Idle,
                 args: v(&["idle", "--conns", &idle_small.to_string()]),
@@ -215,7 +213,7 @@ impl Plan {
             };
             w.push(Workload {
                 label: "idle-10k".into(),
-                title: format!("memory per idle connection, {high} connections{note} ({IDLE_READ})"),
+                title: format!("memory per idle connection, {high} connections{note} ({})", idle_read()),
                 kind: WKind::Idle,
                 args: v(&["idle", "--conns", &high.to_string()]),
                 // Slow and steady: a few rounds are enough (one in --quick).
@@ -248,6 +246,16 @@ impl Plan {
             nofile,
         })
     }
+}
+
+/// When the idle runs read memory (see `Subject::idle_settle_ms`), for the table titles.
+fn idle_read() -> String {
+    let s = |ms: u64| ms as f64 / 1000.0;
+    format!(
+        "read {} s after the last one opened, {} s for ntlm-splice's splice engine, which parks idle connections after 2 s",
+        s(subjects::IDLE_SETTLE_MS),
+        s(subjects::IDLE_SETTLE_PARKED_MS)
+    )
 }
 
 fn idle_label(n: u64) -> String {

@@ -109,8 +109,8 @@ impl Subject {
     /// so it is read once that is done; the others do nothing later that would change it.
     pub fn idle_settle_ms(&self) -> u64 {
         match self {
-            Subject::Ntlm { engine: "splice", .. } | Subject::Baseline { .. } => 3500,
-            _ => 500,
+            Subject::Ntlm { engine: "splice", .. } | Subject::Baseline { .. } => IDLE_SETTLE_PARKED_MS,
+            _ => IDLE_SETTLE_MS,
         }
     }
 
@@ -505,6 +505,13 @@ fn start_nginx(workers: Option<u32>, env: &Env, tag: &str) -> anyhow::Result<Run
         proc: Some(p),
     })
 }
+
+/// When idle memory is read, after the last idle connection opened (see
+/// [`Subject::idle_settle_ms`]).
+pub const IDLE_SETTLE_MS: u64 = 500;
+/// The same for ntlm-splice's splice engine: `--park-after` (2 s) plus the 1 s heap-trim delay
+/// plus [`IDLE_SETTLE_MS`].
+pub const IDLE_SETTLE_PARKED_MS: u64 = 3500;
 
 /// `tune.pipesize` of the big-pipe HAProxy variant: ntlm-splice's `--pipe-size` default.
 const HAPROXY_BIG_PIPE: u32 = 1 << 20;
