@@ -1,5 +1,16 @@
-//! The lifecycle of one client connection: pick a backend, connect (failing over in
-//! balancer order), hand the pair to the engine, and write one access-log line.
+//! The life of one client connection, owned here from accept to the access-log line, in
+//! named stages:
+//!
+//! 1. inspect the client: nothing is read yet (the PROXY header in, the SNI peek and the NTLM
+//!    observer go here, each returning what it learnt and never hiding bytes it consumed);
+//! 2. choose the route: today the one route of the command line;
+//! 3. [`connect`](connect_stage): a new backend connection for this client alone, failing
+//!    over in balancer order;
+//! 4. the engine: moves bytes under the lifecycle contract ([`crate::lifecycle`]) until the
+//!    connection ends, or hands it to the parker while idle ([`park`](crate::park), which
+//!    gives it back through [`park::Owner`]);
+//! 5. [`end`](Lifecycle::ended): the backend lease and the connection slot are given up;
+//! 6. [`access_log`]: one line per connection, whichever way it ended.
 //!
 //! The backend socket is created here for this client alone and closed when the engine
 //! returns: it is never pooled, reused or shared. That is the security property the
@@ -16,18 +27,23 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::TcpStream, sync::OwnedSemaphorePermit};
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use crate::{
     balance::{BackendLease, Balancer},
     config::Config,
-    engine::{Engine, Outcome, Progress, Relayed},
-    park::{ParkedConn, Parker},
-    relay::{End, Fault, RelayCtl},
+    engine::Engine,
+    lifecycle::{End, EngineKind, Fault, Outcome, Progress, RelayCtl, Relayed},
+    park::{self, Owner as _, Parked, Parker, Refused},
 };
 
-/// Everything a connection task needs, shared by all of them.
-pub struct Shared {
+/// The log target of parking and unparking (debug): the parker's own module, where an
+/// operator looking for parking turns logging up (`RUST_LOG=ntlm_splice::park=debug`).
+const PARK_TARGET: &str = "ntlm_splice::park";
+
+/// What every connection of a running server shares: its configuration, its route (the
+/// balancer), its engine, the timeouts and the trackers the drain waits on.
+pub struct Lifecycle {
     /// Validated configuration.
     pub config: Arc<Config>,
     /// Backend selection.
@@ -40,7 +56,7 @@ pub struct Shared {
     /// for them.
     pub tracker: TaskTracker,
     /// Where idle connections wait without a task (`--park-after`, splice engine).
-    pub parker: Option<Parker>,
+    pub parker: Option<Parker<Waiting>>,
 }
 
 /// Who a connection is, for its whole life (parking included).
@@ -57,16 +73,24 @@ pub struct ConnMeta {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// A parked connection's identity, and the token that keeps the drain counting it.
+pub struct Waiting {
+    /// Who it is.
+    pub meta: ConnMeta,
+    /// Keeps the connection counted by the drain on shutdown while it has no task.
+    pub token: TaskTrackerToken,
+}
+
 /// Serves one accepted client connection to its end, then releases its connection slot
 /// (`permit`).
 ///
 /// Everything is owned by this one future, which is the connection's task: while the
-/// connection is idle its size is what the connection costs in memory. So the connect phase
+/// connection is idle its size is what the connection costs in memory. So the connect stage
 /// (timeouts, failover) is boxed and freed once connected, and this is not an `async fn`,
 /// which would store its by-value arguments a second time.
 #[allow(clippy::manual_async_fn)]
 pub fn serve(
-    shared: Arc<Shared>,
+    lc: Arc<Lifecycle>,
     id: u64,
     client: TcpStream,
     peer: SocketAddr,
@@ -74,80 +98,90 @@ pub fn serve(
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let started = Instant::now();
-        // The connect phase (timeouts, failover) is one boxed future, freed once connected.
-        // Its output is destructured in place: a named local holding the backend or the lease
-        // (or borrowed, as by set_nodelay) would keep its slot in this task for the
-        // connection's whole life.
-        let Some((backend, lease)) = Box::pin(async {
-            tokio::select! {
-                c = connect_backend(&shared, id, peer) => c,
-                () = shared.ctl.force_close.cancelled() => None,
-            }
-        })
-        .await
-        else {
+        // Stages 1-3: inspect (nothing yet), route (the only one), connect. Boxed, freed once
+        // connected. Its output is destructured in place: a named local holding the backend
+        // or the lease (or borrowed, as by set_nodelay) would keep its slot in this task for
+        // the connection's whole life.
+        let Some((backend, lease)) = Box::pin(connect_stage(&lc, id, peer)).await else {
             // Dropping the client closes it at once: no backend would take it.
             drop(client);
-            access_log(id, peer, None, shared.engine.name(), &Outcome {
-                bytes_up: 0,
-                bytes_down: 0,
-                end: End::ConnectFailed,
-                fault: None,
-                engine: shared.engine.name(),
-            }, started.elapsed());
+            let outcome = Progress::new().ended(End::ConnectFailed, None, lc.engine.kind());
+            access_log(id, peer, None, &outcome, started.elapsed());
             drop(permit);
             return;
         };
-        let relayed = shared.engine.relay(id, client, backend, &shared.ctl, Progress::new()).await;
-        finish(&shared, ConnMeta { id, peer, started, lease, permit }, relayed);
+        // Stage 4: the engine.
+        let relayed = lc.engine.relay(id, client, backend, &lc.ctl, Progress::new()).await;
+        lc.returned(ConnMeta { id, peer, started, lease, permit }, relayed);
     }
 }
 
-/// A connection's task returned: the access log if it ended, else parking.
-fn finish(shared: &Arc<Shared>, meta: ConnMeta, relayed: Relayed) {
-    match relayed {
-        Relayed::Ended(outcome) => ended(shared, meta, &outcome),
-        Relayed::Parked { socks, progress } => {
-            let conn = ParkedConn { meta, token: shared.tracker.token(), socks, progress };
-            match &shared.parker {
-                Some(parker) => parker.park(shared, conn),
-                None => resume_now(shared, conn),
+/// Stage 3: a backend connection for this client, or `None` if none accepted (or shutdown
+/// was forced while trying).
+async fn connect_stage(lc: &Lifecycle, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
+    tokio::select! {
+        c = connect_backend(lc, id, peer) => c,
+        () = lc.ctl.force_close.cancelled() => None,
+    }
+}
+
+impl Lifecycle {
+    /// The engine returned: stages 5-6 if the connection ended, else parking.
+    fn returned(self: &Arc<Self>, meta: ConnMeta, relayed: Relayed) {
+        match relayed {
+            Relayed::Ended(outcome) => self.ended(meta, &outcome),
+            Relayed::Parked { socks, progress } => {
+                let conn = Parked { meta: Waiting { meta, token: self.tracker.token() }, socks, progress };
+                let Some(parker) = &self.parker else { return self.resume(conn) };
+                let id = conn.meta.meta.id;
+                match parker.park(conn) {
+                    Ok(()) => log::debug!(target: PARK_TARGET, "conn={id} parked"),
+                    Err((conn, Refused::Closed)) => self.close(conn, End::Shutdown),
+                    Err((conn, e @ Refused::Watch(_))) => {
+                        log::debug!("conn={} cannot park ({e}); relaying it on", conn.meta.meta.id);
+                        self.resume(conn);
+                    }
+                }
             }
         }
     }
+
+    /// Stages 5-6: gives up the backend lease and the connection slot, and writes the
+    /// access-log line.
+    fn ended(&self, meta: ConnMeta, outcome: &Outcome) {
+        let ConnMeta { id, peer, started, lease, permit } = meta;
+        let backend_addr = self.balancer.addr(lease.index());
+        drop(lease);
+        access_log(id, peer, Some(backend_addr), outcome, started.elapsed());
+        drop(permit);
+    }
 }
 
-/// Writes the access-log line of a connection that ended, then gives up its backend lease
-/// and its connection slot.
-fn ended(shared: &Shared, meta: ConnMeta, outcome: &Outcome) {
-    let ConnMeta { id, peer, started, lease, permit } = meta;
-    let backend_addr = shared.balancer.addr(lease.index());
-    drop(lease);
-    access_log(id, peer, Some(backend_addr), outcome.engine, outcome, started.elapsed());
-    drop(permit);
-}
+/// The parker gives connections back here.
+impl park::Owner<Waiting> for Arc<Lifecycle> {
+    /// Starts a task that relays a parked connection again, from where it stopped.
+    fn resume(&self, conn: Parked<Waiting>) {
+        let Parked { meta: Waiting { meta, token }, socks, progress } = conn;
+        log::debug!(target: PARK_TARGET, "conn={} unparked", meta.id);
+        self.tracker.spawn(resume(self.clone(), meta, socks, progress));
+        // Only now: the new task is tracked, so the drain never sees the connection gone.
+        drop(token);
+    }
 
-/// Closes a parked connection (idle timeout, forced shutdown) and logs it.
-pub(crate) fn close_parked(shared: &Shared, conn: ParkedConn, end: End) {
-    let ParkedConn { meta, token, socks, progress } = conn;
-    drop(socks);
-    ended(shared, meta, &progress.ended(end, None, shared.engine.name()));
-    drop(token);
-}
-
-/// Starts a task that relays a parked connection again, from where it stopped.
-pub(crate) fn resume_now(shared: &Arc<Shared>, conn: ParkedConn) {
-    let ParkedConn { meta, token, socks, progress } = conn;
-    shared.tracker.spawn(resume(shared.clone(), meta, socks, progress));
-    // Only now: the new task is tracked, so the drain never sees the connection gone.
-    drop(token);
+    /// Closes a parked connection (idle timeout, forced shutdown) and logs it.
+    fn close(&self, conn: Parked<Waiting>, end: End) {
+        let Parked { meta: Waiting { meta, token }, socks, progress } = conn;
+        drop(socks);
+        self.ended(meta, &progress.ended(end, None, self.engine.kind()));
+        drop(token);
+    }
 }
 
 /// The task of a connection taken out of the parker: back into the runtime, then relayed as
 /// before. Not an `async fn` (see [`serve`]).
 #[allow(clippy::manual_async_fn)]
 fn resume(
-    shared: Arc<Shared>,
+    lc: Arc<Lifecycle>,
     meta: ConnMeta,
     socks: [OwnedFd; 2],
     progress: Progress,
@@ -163,20 +197,20 @@ fn resume(
                 // epoll_ctl(2) failed (out of memory, or fs.epoll.max_user_watches): both
                 // sockets close as this returns, and the connection ends.
                 log::warn!("conn={} cannot return a parked connection to the runtime: {e}", meta.id);
-                ended(&shared, meta, &progress.ended(End::Internal, Some(Fault::Internal(e)), shared.engine.name()));
+                lc.ended(meta, &progress.ended(End::Internal, Some(Fault::Internal(e)), lc.engine.kind()));
                 return;
             }
         };
-        let relayed = shared.engine.relay(meta.id, client, backend, &shared.ctl, progress).await;
-        finish(&shared, meta, relayed);
+        let relayed = lc.engine.relay(meta.id, client, backend, &lc.ctl, progress).await;
+        lc.returned(meta, relayed);
     }
 }
 
-async fn connect_backend(shared: &Shared, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
-    let timeout = shared.config.connect_timeout;
-    for (index, addr) in shared.balancer.order(peer) {
+async fn connect_backend(lc: &Lifecycle, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
+    let timeout = lc.config.connect_timeout;
+    for (index, addr) in lc.balancer.order(peer) {
         match tokio::time::timeout(timeout, connect(id, addr)).await {
-            Ok(Ok(s)) => return Some((s, shared.balancer.lease(index))),
+            Ok(Ok(s)) => return Some((s, lc.balancer.lease(index))),
             Ok(Err(e)) => log::warn!("conn={id} backend={addr} connect failed: {e}; trying the next backend"),
             Err(_) => log::warn!(
                 "conn={id} backend={addr} connect timed out after {}; trying the next backend",
@@ -214,14 +248,9 @@ async fn connect(id: u64, addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-fn access_log(
-    id: u64,
-    client: SocketAddr,
-    backend: Option<SocketAddr>,
-    engine: &str,
-    o: &Outcome,
-    elapsed: Duration,
-) {
+/// Stage 6: the access-log line (target `access`) of a connection that ended.
+fn access_log(id: u64, client: SocketAddr, backend: Option<SocketAddr>, o: &Outcome, elapsed: Duration) {
+    let engine: EngineKind = o.engine;
     let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
     let error = match &o.fault {
         Some(f) => format!(" error=\"{}\"", f.to_string().replace('"', "'")),
@@ -243,7 +272,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::config::{Balance, EngineChoice};
+    use crate::config::EngineChoice;
 
     #[tokio::test]
     async fn backend_connect_sets_nodelay_and_reports_refusal() {
@@ -278,18 +307,10 @@ mod tests {
             listen: vec![addr],
             backends: vec![addr],
             engine: EngineChoice::Splice,
-            balance: Balance::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Some(Duration::from_secs(3600)),
-            drain_timeout: Duration::from_secs(1),
             max_connections: 1,
-            max_inflight: 1 << 20,
-            max_inflight_total: 1 << 20,
-            sockmap_sndbuf: 0,
-            pipe_size: 0,
-            park_after: Some(Duration::from_secs(2)),
+            ..Config::default()
         });
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Lifecycle {
             balancer: crate::balance::Balancer::new(config.balance, config.backends.clone()),
             ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: CancellationToken::new(), park_after: config.park_after },
             engine: Arc::new(Engine::select(&config).unwrap().0),

@@ -8,18 +8,10 @@ use std::time::Instant;
 use aya::maps::MapType;
 
 use crate::{
-    config::{
-        Balance, Config, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_SOCKMAP_SNDBUF, EngineChoice,
-    },
+    config::Config,
     engine::sockmap::{self, SockmapEngine},
+    sys::caps::{self, Cap},
 };
-
-/// Capability bits in `/proc/self/status` `CapEff`.
-const CAP_NET_ADMIN: u32 = 12;
-pub(crate) const CAP_SYS_ADMIN: u32 = 21;
-pub(crate) const CAP_SYS_RESOURCE: u32 = 24;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
 
 fn line(key: &str, value: impl std::fmt::Display) {
     let v = value.to_string();
@@ -30,13 +22,6 @@ fn line(key: &str, value: impl std::fmt::Display) {
     }
 }
 
-/// This process's effective capabilities, as a bit set (`None` if unreadable).
-pub(crate) fn cap_eff() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_string())
@@ -44,16 +29,15 @@ fn kernel_release() -> String {
 
 /// Prints the report.
 pub fn run() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = caps::euid();
     line("uid", uid);
-    match cap_eff() {
-        Some(caps) => {
-            let has = |bit: u32| if caps & (1 << bit) != 0 { "yes" } else { "no" };
-            line("cap_bpf", has(CAP_BPF));
-            line("cap_net_admin", has(CAP_NET_ADMIN));
-            line("cap_perfmon", has(CAP_PERFMON));
-            line("cap_sys_admin", has(CAP_SYS_ADMIN));
+    match caps::effective() {
+        Some(set) => {
+            let has = |cap| if caps::holds(set, cap) { "yes" } else { "no" };
+            line("cap_bpf", has(Cap::Bpf));
+            line("cap_net_admin", has(Cap::NetAdmin));
+            line("cap_perfmon", has(Cap::Perfmon));
+            line("cap_sys_admin", has(Cap::SysAdmin));
         }
         None => line("capabilities", "unknown (no CapEff in /proc/self/status)"),
     }
@@ -92,7 +76,7 @@ pub fn run() -> anyhow::Result<()> {
         )
     } else {
         let started = Instant::now();
-        match SockmapEngine::load(&default_config()) {
+        match SockmapEngine::load(&Config::default()) {
             Ok(e) => {
                 line("programs", "loaded and attached");
                 line("self_test", format!("passed ({} ms including load)", started.elapsed().as_millis()));
@@ -127,24 +111,4 @@ pub fn run() -> anyhow::Result<()> {
     line("auto_engine", engine);
     line("auto_reason", why);
     Ok(())
-}
-
-/// The configuration a proxy with default flags would run with (only the engine's limits
-/// matter here).
-fn default_config() -> Config {
-    Config {
-        listen: Vec::new(),
-        backends: Vec::new(),
-        engine: EngineChoice::Auto,
-        balance: Balance::RoundRobin,
-        connect_timeout: std::time::Duration::from_secs(5),
-        idle_timeout: None,
-        drain_timeout: std::time::Duration::from_secs(30),
-        max_connections: DEFAULT_MAX_CONNECTIONS,
-        max_inflight: DEFAULT_MAX_INFLIGHT,
-        max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
-        sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
-        pipe_size: crate::config::DEFAULT_PIPE_SIZE,
-        park_after: None,
-    }
 }

@@ -49,7 +49,7 @@ async fn proxy(args: ntlm_splice::config::ProxyArgs, threads: usize) -> anyhow::
     let listeners = server::bind(&config.listen)?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    log::info!("engine={} reason=\"{reason}\"", engine.name());
+    log::info!("engine={} reason=\"{reason}\"", engine.kind());
     for l in &listeners {
         log::info!(
             "listening addr={} backends={} max_connections={} threads={threads}",
@@ -69,14 +69,7 @@ async fn proxy(args: ntlm_splice::config::ProxyArgs, threads: usize) -> anyhow::
 
 /// Raises the soft open-files limit to the hard limit: each connection holds two sockets.
 fn raise_nofile_limit() {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 || l.rlim_cur >= l.rlim_max {
-        return;
-    }
-    let raised = libc::rlimit { rlim_cur: l.rlim_max, rlim_max: l.rlim_max };
-    // SAFETY: valid pointer to an initialised rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        log::warn!("cannot raise the open-files limit: {}", std::io::Error::last_os_error());
+    if let Err(e) = ntlm_splice::sys::rlimit::raise_nofile() {
+        log::warn!("cannot raise the open-files limit: {e}");
     }
 }

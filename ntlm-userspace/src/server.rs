@@ -24,10 +24,10 @@ use tokio_util::{
 use crate::{
     balance::Balancer,
     config::Config,
-    conn::{self, Shared},
+    conn::{self, Lifecycle},
     engine::Engine,
+    lifecycle::RelayCtl,
     park::{self, Parker},
-    relay::RelayCtl,
 };
 
 /// Listen backlog: where clients wait while `--max-connections` are busy. The kernel clamps
@@ -81,7 +81,7 @@ pub async fn run(
     let stop_accept = CancellationToken::new();
     let conns = TaskTracker::new();
     let parker = match config.park_after {
-        Some(_) if engine.parks() => match Parker::new() {
+        Some(_) if engine.parks() => match Parker::new(config.idle_timeout) {
             Ok(p) => Some(p),
             Err(e) => {
                 log::warn!("cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks");
@@ -90,7 +90,7 @@ pub async fn run(
         },
         _ => None,
     };
-    let shared = Arc::new(Shared {
+    let lc = Arc::new(Lifecycle {
         balancer: Balancer::new(config.balance, config.backends.clone()),
         ctl: RelayCtl {
             idle_timeout: config.idle_timeout,
@@ -105,12 +105,19 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let next_id = Arc::new(AtomicU64::new(1));
     let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(config.connect_timeout)));
-    let _parker = AbortOnDropHandle::new(tokio::spawn(park::run(shared.clone())));
+    let _parker = AbortOnDropHandle::new(tokio::spawn({
+        let lc = lc.clone();
+        async move {
+            if let Some(parker) = &lc.parker {
+                park::run(parker, &lc, &lc.ctl.force_close).await;
+            }
+        }
+    }));
     let mut acceptors = Vec::new();
     for listener in listeners {
         acceptors.push(tokio::spawn(accept_loop(
             listener,
-            shared.clone(),
+            lc.clone(),
             slots.clone(),
             conns.clone(),
             next_id.clone(),
@@ -129,7 +136,7 @@ pub async fn run(
     log::info!(
         "shutdown: stopped accepting; draining live={} connections (parked={}) for up to {}",
         conns.len(),
-        shared.parker.as_ref().map_or(0, Parker::len),
+        lc.parker.as_ref().map_or(0, Parker::len),
         humantime::format_duration(config.drain_timeout)
     );
     conns.close();
@@ -147,7 +154,7 @@ pub async fn run(
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    lc: Arc<Lifecycle>,
     slots: Arc<Semaphore>,
     conns: TaskTracker,
     next_id: Arc<AtomicU64>,
@@ -170,7 +177,7 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                conns.spawn(conn::serve(shared.clone(), id, client, peer, permit));
+                conns.spawn(conn::serve(lc.clone(), id, client, peer, permit));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff == ACCEPT_BACKOFF_MIN {

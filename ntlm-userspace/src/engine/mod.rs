@@ -1,6 +1,12 @@
-//! Data engines. Both run behind the same lifecycle ([`crate::relay`]): the connection
-//! module pairs the sockets, an engine moves the bytes.
+//! Data engines. Both implement the lifecycle contract of [`crate::lifecycle`]: the
+//! connection module (`conn`) pairs the sockets, an engine moves the bytes until the
+//! connection ends (or, splice engine, parks) and says how it ended.
+//!
+//! - `splice/`: userspace splice(2), a hand-written state machine per connection;
+//! - `sockmap/`: the in-kernel redirect, run through [`driver::drive`];
+//! - `driver.rs`: the async driver of the contract over a [`driver::Session`].
 
+pub mod driver;
 pub mod sockmap;
 pub mod splice;
 
@@ -11,7 +17,7 @@ use tokio_util::either::Either;
 
 use crate::{
     config::{Config, EngineChoice},
-    relay::{self, End, Fault, RelayCtl},
+    lifecycle::{EngineKind, Outcome, Progress, Relayed, RelayCtl},
 };
 
 /// The engine a proxy run uses for all its connections.
@@ -22,76 +28,11 @@ pub enum Engine {
     Sockmap(Arc<sockmap::SockmapEngine>),
 }
 
-/// The outcome of one connection's data phase.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Bytes delivered client to backend.
-    pub bytes_up: u64,
-    /// Bytes delivered backend to client.
-    pub bytes_down: u64,
-    /// Why it ended.
-    pub end: End,
-    /// The failure behind a reset or internal end, for the log.
-    pub fault: Option<Fault>,
-    /// Engine that carried the connection (sockmap may hand one to splice, e.g. a client
-    /// that half-closed before it could be inserted).
-    pub engine: &'static str,
-}
-
-/// What a connection's data phase had done when it was parked, to go on from there.
-#[derive(Clone, Copy, Debug)]
-pub struct Progress {
-    /// Bytes delivered, indexed by [`relay::Dir`]: (client to backend, backend to client).
-    pub bytes: [u64; 2],
-    /// CLOCK_MONOTONIC ns of the last byte moved (the idle timeout counts from it).
-    pub last_ns: u64,
-}
-
-impl Progress {
-    /// A connection that has moved nothing yet.
-    pub fn new() -> Progress {
-        Progress { bytes: [0; 2], last_ns: relay::monotonic_ns() }
-    }
-}
-
-impl Progress {
-    /// The outcome of a connection that ended with these counters.
-    pub fn ended(self, end: End, fault: Option<Fault>, engine: &'static str) -> Outcome {
-        Outcome { bytes_up: self.bytes[0], bytes_down: self.bytes[1], end, fault, engine }
-    }
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// How an engine's data phase returned.
-#[derive(Debug)]
-pub enum Relayed {
-    /// The connection ended; both sockets are closed.
-    Ended(Outcome),
-    /// Nothing moved for `--park-after` and nothing is in flight: the sockets, taken out of
-    /// the runtime (still open), and the progress so far, for [`crate::park`].
-    Parked {
-        /// Client, backend.
-        socks: [std::os::fd::OwnedFd; 2],
-        /// Counters to go on with.
-        progress: Progress,
-    },
-}
-
 /// Why `--engine auto` runs splice(2) in this release, even where the eBPF programs load.
-///
-/// Measured on kernel 6.18 (see the README): under sustained backpressure the sockmap
-/// engine copies in userspace (its pause lane), where it is slower than splice(2), and in
-/// the benchmark splice(2) uploaded faster over one connection (1381 vs 1050 MB/s) at less
-/// host CPU per GB. (The duplicated retransmission that also kept it opt-in is now cut in
-/// the verdict.) `--engine sockmap` opts in.
+/// The measurements behind it are in the README's engine section (they change with kernels
+/// and releases, so they are not repeated here).
 pub const AUTO_REASON: &str = "auto: splice(2); the sockmap engine is opt-in (--engine sockmap) in this release: \
-     measured on this kernel generation, splice(2) uploads faster over one connection and, \
-     under backpressure, the sockmap engine copies in userspace";
+     see the README's engine section for the measurements behind this choice";
 
 /// An engine choice that cannot be honoured.
 #[derive(Debug, thiserror::Error)]
@@ -120,11 +61,11 @@ impl Engine {
         }
     }
 
-    /// The engine's name for logs.
-    pub fn name(&self) -> &'static str {
+    /// Which engine this is (the log's `engine=`).
+    pub fn kind(&self) -> EngineKind {
         match self {
-            Engine::Splice(_) => "splice",
-            Engine::Sockmap(_) => "sockmap",
+            Engine::Splice(_) => EngineKind::Splice,
+            Engine::Sockmap(_) => EngineKind::Sockmap,
         }
     }
 
@@ -158,9 +99,9 @@ impl Engine {
     }
 }
 
-/// Runs a session through the shared lifecycle and collects its outcome.
-pub(crate) async fn run_session<S: relay::Session>(s: &S, ctl: &RelayCtl, engine: &'static str) -> Outcome {
-    let (end, fault) = relay::drive(s, ctl).await;
+/// Runs a session through the lifecycle's driver and collects its outcome.
+pub(crate) async fn run_session<S: driver::Session>(s: &S, ctl: &RelayCtl, engine: EngineKind) -> Outcome {
+    let (end, fault) = driver::drive(s, ctl).await;
     let (bytes_up, bytes_down) = s.bytes();
     Outcome { bytes_up, bytes_down, end, fault, engine }
 }

@@ -10,7 +10,7 @@
 use std::{
     future::Future,
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     pin::Pin,
     sync::{
         Mutex,
@@ -22,17 +22,20 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{Progress, Relayed};
+use super::driver::socket_error;
 use crate::{
-    doctor::{CAP_SYS_ADMIN, CAP_SYS_RESOURCE, cap_eff},
-    relay::{self, Dir, End, Fault, RelayCtl, Side, monotonic_ns},
+    lifecycle::{Dir, End, EngineKind, Fault, Fins, Progress, RelayCtl, Relayed, Side},
+    sys::{
+        caps::{self, Cap},
+        clock::{duration_ns, monotonic_ns},
+        pipe::{self as sys_pipe, page_size},
+        sock::{at_urgent_mark, set_linger_zero, shutdown_write},
+    },
 };
 
 /// The kernel's default pipe capacity (16 pages), which a pipe keeps when it cannot be
 /// enlarged.
 const DEFAULT_PIPE: usize = 64 << 10;
-/// The page size assumed if sysconf cannot tell (see [`page_size`]).
-const PAGE: usize = 4096;
 /// Empty pipes kept for reuse; more are closed when returned.
 const PIPE_POOL_MAX: usize = 256;
 /// Buffer of the copy fallback.
@@ -80,7 +83,7 @@ impl SpliceEngine {
     /// idle connection costs what its task holds, so the state is kept to the sockets, two
     /// small lanes, the idle timer and the shutdown waiter (`relay_future_is_small` keeps it
     /// so). Not an `async fn`, whose by-value arguments would be stored twice. The lifecycle
-    /// is the one [`relay::drive`] implements for the other engine: both directions run until
+    /// is the contract of [`crate::lifecycle`], which [`super::driver::drive`] runs for the other engine: both directions run until
     /// each passed its FIN on; a failure resets the other socket; the idle timeout; a forced
     /// shutdown. With `ctl.park_after`, a connection that moved nothing for that long, with
     /// nothing in flight and both directions open, returns its sockets instead
@@ -116,25 +119,17 @@ impl SpliceEngine {
                         (Ok(c), Ok(b)) => Relayed::Parked { socks: [c.into(), b.into()], progress },
                         (Err(e), _) | (_, Err(e)) => {
                             log::warn!("conn={id} cannot take the sockets out of the runtime to park them: {e}");
-                            Relayed::Ended(progress.ended(End::Internal, Some(Fault::Internal(e)), "splice"))
+                            Relayed::Ended(progress.ended(End::Internal, Some(Fault::Internal(e)), EngineKind::Splice))
                         }
                     };
                 }
             };
-            let reset = |side: Side| {
-                if let Err(e) = relay::set_linger_zero(socks[side as usize].as_fd()) {
+            for &side in fault.as_ref().map_or(&[][..], Fault::resets) {
+                if let Err(e) = set_linger_zero(socks[side as usize].as_fd()) {
                     log::debug!("conn={id} SO_LINGER on {side:?} socket failed: {e}");
                 }
-            };
-            match &fault {
-                Some(Fault::Socket { side, .. }) => reset(side.other()),
-                Some(Fault::Internal(_)) => {
-                    reset(Side::Client);
-                    reset(Side::Backend);
-                }
-                None => {}
             }
-            Relayed::Ended(progress.ended(end, fault, "splice"))
+            Relayed::Ended(progress.ended(end, fault, EngineKind::Splice))
         }
     }
 }
@@ -178,16 +173,6 @@ fn copy_buf() -> Box<[u8; COPY_BUF]> {
     vec![0; COPY_BUF].into_boxed_slice().try_into().expect("COPY_BUF bytes")
 }
 
-/// How a failure ends the connection.
-fn ended_by(fault: Fault) -> (End, Option<Fault>) {
-    let end = match &fault {
-        Fault::Socket { side: Side::Client, .. } => End::ClientReset,
-        Fault::Socket { side: Side::Backend, .. } => End::BackendReset,
-        Fault::Internal(_) => End::Internal,
-    };
-    (end, Some(fault))
-}
-
 /// How large new pipes are made (`--pipe-size`).
 struct PipeSizing {
     /// Requested capacity in bytes; 0: the kernel's default.
@@ -202,7 +187,7 @@ struct PipeSizing {
 impl PipeSizing {
     fn new(bytes: u64) -> PipeSizing {
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
-        let privileged = cap_eff().is_some_and(|c| c & (1 << CAP_SYS_RESOURCE | 1 << CAP_SYS_ADMIN) != 0);
+        let privileged = caps::any(&[Cap::SysResource, Cap::SysAdmin]);
         let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok());
@@ -244,22 +229,13 @@ struct Pipe {
 
 impl Pipe {
     fn new(sizing: &PipeSizing) -> io::Result<Pipe> {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a valid two-int array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 returned two fresh descriptors that we now own.
-        let mut p = unsafe {
-            Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]), cap: DEFAULT_PIPE as u32 }
-        };
+        let (r, w) = sys_pipe::pipe()?;
+        let mut p = Pipe { r, w, cap: DEFAULT_PIPE as u32 };
         if sizing.bytes > DEFAULT_PIPE {
             let pages = sizing.bytes.div_ceil(page_size());
             if BIG_PIPE_PAGES.fetch_add(pages, Ordering::Relaxed).saturating_add(pages) <= sizing.budget {
-                let want = libc::c_int::try_from(sizing.bytes).unwrap_or(libc::c_int::MAX);
-                // SAFETY: plain fcntl on a pipe descriptor we own.
-                let got = unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
-                if let Ok(got) = u32::try_from(got)
+                let got = sys_pipe::set_capacity(&p.w, sizing.bytes);
+                if let Ok(got) = got.as_ref().map(|&g| u32::try_from(g).unwrap_or(u32::MAX))
                     && got as usize > DEFAULT_PIPE
                 {
                     // The kernel rounds up to a power of two pages: count what it gave.
@@ -270,7 +246,9 @@ impl Pipe {
                 }
                 // EPERM (above fs.pipe-max-size, or the user's pipe pages) or ENOMEM: the
                 // pipe keeps the default size.
-                log::debug!("F_SETPIPE_SZ {want}: {}; this pipe keeps the default size", io::Error::last_os_error());
+                if let Err(e) = got {
+                    log::debug!("F_SETPIPE_SZ {}: {e}; this pipe keeps the default size", sizing.bytes);
+                }
             }
             BIG_PIPE_PAGES.fetch_sub(pages, Ordering::Relaxed);
         }
@@ -296,44 +274,10 @@ impl Drop for Pipe {
     }
 }
 
-/// `SIOCATMARK` from asm-generic/sockios.h (x86-64, arm64; the libc crate defines it only for
-/// the BSDs).
-const SIOCATMARK: libc::Ioctl = 0x8905;
-
-/// Whether the next byte to read from the TCP socket `fd` is urgent data (the mark).
-fn at_urgent_mark(fd: i32) -> bool {
-    let mut at: libc::c_int = 0;
-    // SAFETY: a valid int out-pointer, as SIOCATMARK takes.
-    unsafe { libc::ioctl(fd, SIOCATMARK, &raw mut at) == 0 && at != 0 }
-}
-
 /// A splice(2) that cannot move past TCP urgent data (see `poll_lane`).
 #[derive(Debug, thiserror::Error)]
 #[error("splice(2) stopped at TCP urgent data")]
 struct UrgentMark;
-
-/// The kernel's page size: a pipe's capacity, its slots and the user's pipe budget
-/// (`fs.pipe-user-pages-soft`) are all counted in pages.
-fn page_size() -> usize {
-    static PAGE_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    *PAGE_SIZE.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(PAGE).max(1))
-}
-
-fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
-    // SAFETY: plain syscall; null offsets are valid for sockets and pipes.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-}
 
 /// One direction's state.
 #[derive(Default)]
@@ -361,14 +305,13 @@ struct Conn<'a> {
     idle_ns: u64,
     /// `--park-after` in ns (u64::MAX: never).
     park_ns: u64,
-    /// Directions finished (the source's EOF passed on), indexed by [`Dir`].
-    done: [bool; 2],
-    first_fin: Option<End>,
+    /// Directions finished (the source's EOF passed on), and which first.
+    fins: Fins,
 }
 
 impl<'a> Conn<'a> {
     fn new(engine: &'a SpliceEngine, ctl: &RelayCtl, progress: Progress) -> Self {
-        let ns = |t: Option<Duration>| t.map_or(u64::MAX, relay::duration_ns);
+        let ns = |t: Option<Duration>| t.map_or(u64::MAX, duration_ns);
         Conn {
             engine,
             lanes: Default::default(),
@@ -376,8 +319,7 @@ impl<'a> Conn<'a> {
             last: progress.last_ns,
             idle_ns: ns(ctl.idle_timeout),
             park_ns: ns(ctl.park_after),
-            done: [false; 2],
-            first_fin: None,
+            fins: Fins::default(),
         }
     }
 
@@ -422,7 +364,7 @@ impl<'a> Conn<'a> {
     /// Both directions open (so no error watch either), no bytes held, no pipe borrowed. A
     /// copy buffer (the fallback) holds nothing then and is let go.
     fn parkable(&self) -> bool {
-        self.done == [false; 2] && self.lanes.iter().all(|l| l.pending == 0 && l.pipe.is_none())
+        self.fins.none() && self.lanes.iter().all(|l| l.pending == 0 && l.pipe.is_none())
     }
 
     /// Polls both directions; `Ready` with why the connection ended.
@@ -433,21 +375,15 @@ impl<'a> Conn<'a> {
         cx: &mut Context<'_>,
     ) -> Poll<(End, Option<Fault>)> {
         for dir in [Dir::Up, Dir::Down] {
-            if !self.done[dir as usize] {
+            if !self.fins.is_done(dir) {
                 match self.poll_lane(socks, dir, cx) {
                     Poll::Ready(Ok(())) => {
-                        self.done[dir as usize] = true;
-                        let fin = match dir {
-                            Dir::Up => End::ClientFin,
-                            Dir::Down => End::BackendFin,
-                        };
-                        let first = *self.first_fin.get_or_insert(fin);
-                        if self.done == [true; 2] {
-                            return Poll::Ready((first, None));
+                        if let Some(end) = self.fins.finish(dir) {
+                            return Poll::Ready((end, None));
                         }
-                        *watch = Some(Box::pin(relay::socket_error(&socks[dir.src() as usize])));
+                        *watch = Some(Box::pin(socket_error(&socks[dir.src() as usize])));
                     }
-                    Poll::Ready(Err(f)) => return Poll::Ready(ended_by(f)),
+                    Poll::Ready(Err(f)) => return Poll::Ready(f.ending()),
                     Poll::Pending => {}
                 }
             }
@@ -456,8 +392,8 @@ impl<'a> Conn<'a> {
             && let Poll::Ready(e) = w.as_mut().poll(cx)
         {
             // Exactly one direction is done while a watch exists: its source failed.
-            let side = if self.done[Dir::Up as usize] { Side::Client } else { Side::Backend };
-            return Poll::Ready(ended_by(Fault::on(side)(e)));
+            let side = if self.fins.is_done(Dir::Up) { Side::Client } else { Side::Backend };
+            return Poll::Ready(Fault::on(side)(e).ending());
         }
         Poll::Pending
     }
@@ -480,7 +416,7 @@ impl<'a> Conn<'a> {
                 let r = match (&lane.copy, &lane.pipe) {
                     (Some(buf), _) => dst.try_write(&buf[lane.copy_off as usize..(lane.copy_off + lane.pending) as usize]),
                     (None, Some(pipe)) => {
-                        dst.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), lane.pending as usize))
+                        dst.try_io(Interest::WRITABLE, || sys_pipe::splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), lane.pending as usize))
                     }
                     (None, None) => unreachable!("pending bytes are in the pipe or the copy buffer"),
                 };
@@ -539,12 +475,12 @@ impl<'a> Conn<'a> {
                     // reported as UrgentMark, which leaves it set too.
                     let mut short = 0;
                     let r = src.try_io(Interest::READABLE, || {
-                        match splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize) {
-                            Ok(n) if n > 0 && n < pipe.slots() && !at_urgent_mark(src.as_raw_fd()) => {
+                        match sys_pipe::splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize) {
+                            Ok(n) if n > 0 && n < pipe.slots() && !at_urgent_mark(src.as_fd()) => {
                                 short = n;
                                 Err(io::ErrorKind::WouldBlock.into())
                             }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src.as_raw_fd()) => {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src.as_fd()) => {
                                 Err(io::Error::other(UrgentMark))
                             }
                             r => r,
@@ -557,17 +493,13 @@ impl<'a> Conn<'a> {
             match r {
                 Ok(0) => {
                     self.give_back(dir);
-                    let other = match dir {
-                        Dir::Up => Dir::Down,
-                        Dir::Down => Dir::Up,
-                    };
-                    if self.done[other as usize] {
+                    if self.fins.is_done(dir.other()) {
                         // The last direction: both sockets are closed right after, and close(2)
                         // sends this FIN (no RST: each socket's source side reached EOF, so
                         // neither has unread bytes). One syscall per connection saved.
                         return Poll::Ready(Ok(()));
                     }
-                    return Poll::Ready(relay::shutdown_write(dst.as_fd()).map_err(Fault::on(dir.dst())));
+                    return Poll::Ready(shutdown_write(dst.as_fd()).map_err(Fault::on(dir.dst())));
                 }
                 Ok(n) => lane.pending = n as u32,
                 // Drained for now: the empty pipe goes back; poll_read_ready registers the waker.
@@ -610,8 +542,7 @@ mod tests {
     }
 
     fn pipe_capacity(p: &Pipe) -> i32 {
-        // SAFETY: plain fcntl on a pipe descriptor the test owns.
-        unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_GETPIPE_SZ) }
+        sys_pipe::capacity(&p.w).unwrap() as i32
     }
 
     /// `--pipe-size` reaches the kernel, and splice(2) calls are sized to what the pipe got;
@@ -741,9 +672,8 @@ mod tests {
 
     /// send(2) of one byte as TCP urgent data (MSG_OOB).
     fn send_urgent(s: &TcpStream, byte: u8) {
-        // SAFETY: plain send(2) of one byte from a valid buffer on an open socket.
-        let sent = unsafe { libc::send(s.as_raw_fd(), (&raw const byte).cast(), 1, libc::MSG_OOB) };
-        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+        let sent = crate::sys::sock::send_flags(s.as_fd(), &[byte], libc::MSG_OOB);
+        assert_eq!(sent.unwrap(), 1, "send(MSG_OOB)");
     }
 
     /// Reads from `r` until `got` holds `want` bytes, or fails after 5 s saying what came.

@@ -59,8 +59,11 @@ use std::{
 use anyhow::Context as _;
 use tokio::net::TcpStream;
 
-use super::{Outcome, splice::SpliceEngine};
-use crate::{config::Config, relay::RelayCtl};
+use super::splice::SpliceEngine;
+use crate::{
+    config::Config,
+    lifecycle::{Outcome, RelayCtl},
+};
 
 /// Environment variable (test hook) naming trap fixes to switch off, comma separated, to
 /// prove that a test catches the trap: `kick`, `drain`, `fin`, `order`, `backpressure`,

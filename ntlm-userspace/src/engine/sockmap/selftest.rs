@@ -16,7 +16,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, session, snapshot};
-use crate::relay::{End, RelayCtl};
+use crate::lifecycle::{End, EngineKind, RelayCtl};
 
 /// Bytes sent each way.
 const BYTES: usize = 48 << 10;
@@ -103,7 +103,7 @@ async fn exercise(inner: &Inner) -> anyhow::Result<()> {
         outcome.end,
         outcome.fault.map(|f| f.to_string())
     );
-    ensure!(outcome.engine == "sockmap", "the connection was carried by {}, not the kernel", outcome.engine);
+    ensure!(outcome.engine == EngineKind::Sockmap, "the connection was carried by {}, not the kernel", outcome.engine);
     ensure!(
         (outcome.bytes_up, outcome.bytes_down) == (BYTES as u64, BYTES as u64),
         "byte counters say {}/{} instead of {BYTES}/{BYTES}",

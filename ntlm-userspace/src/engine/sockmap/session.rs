@@ -74,8 +74,12 @@ use super::{
     sock,
 };
 use crate::{
-    engine::{Outcome, Progress, Relayed, run_session},
-    relay::{self, Dir, Fault, RelayCtl, Session, Side, monotonic_ns},
+    engine::{
+        driver::{self, Session},
+        run_session,
+    },
+    lifecycle::{Dir, EngineKind, Fault, Outcome, Progress, RelayCtl, Relayed, Side},
+    sys::{clock::monotonic_ns, sock::shutdown_write},
 };
 
 /// First sleep of the drain and pause polls; doubled up to [`POLL_MAX`].
@@ -154,7 +158,7 @@ struct Conn<'e> {
     /// CLOCK_MONOTONIC ns of the last byte moved that the kernel's `last_ns` does not show
     /// (userspace copy, drain progress).
     last_user: AtomicU64,
-    reset: relay::ResetOnClose,
+    reset: driver::ResetOnClose,
 }
 
 /// Relays one connection (the engine's `relay`).
@@ -173,7 +177,7 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
     };
     eng.counters.kernel_conns.fetch_add(1, Ordering::Relaxed);
     let pauses_before = eng.counters.pauses.load(Ordering::Relaxed);
-    let mut outcome = run_session(&conn, ctl, "sockmap").await;
+    let mut outcome = run_session(&conn, ctl, EngineKind::Sockmap).await;
     let copied = [conn.dirs[0].copied.load(Ordering::Relaxed), conn.dirs[1].copied.load(Ordering::Relaxed)];
     if copied != [0, 0] {
         log::info!(
@@ -184,7 +188,7 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
         );
     }
     if !conn.dirs.iter().any(|d| d.kernel.load(Ordering::Relaxed)) {
-        outcome.engine = "copy";
+        outcome.engine = EngineKind::Copy;
     }
     drop(conn);
     outcome
@@ -550,7 +554,7 @@ impl<'e> Conn<'e> {
         if self.eng.breaks.no_fin {
             return std::future::pending().await;
         }
-        relay::shutdown_write(self.fd(dir.dst())).map_err(Fault::on(dir.dst()))
+        shutdown_write(self.fd(dir.dst())).map_err(Fault::on(dir.dst()))
     }
 
     /// Kernel forwarding until the source's EOF. Returns once the source reached EOF and

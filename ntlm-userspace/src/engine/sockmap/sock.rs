@@ -1,17 +1,18 @@
-//! The few socket facts the sockmap engine reads from the kernel, each one syscall.
+//! The few socket facts the sockmap engine reads from the kernel, each one syscall, built on
+//! the generic wrappers of [`crate::sys::sock`].
 
-use std::{
-    io,
-    os::fd::{AsRawFd, BorrowedFd},
-};
+use std::{io, os::fd::BorrowedFd};
+
+pub(super) use crate::sys::sock::{peek_one as peek, recv, take_error};
+use crate::sys::sock::{getsockopt, ioctl_int, setsockopt_int};
 
 /// `SO_COOKIE`: the socket's 64-bit cookie, the key of every map.
 const SO_COOKIE: libc::c_int = 57;
 /// `SIOCOUTQ`: bytes in the send queue not yet acknowledged by the peer (sent or not).
-const SIOCOUTQ: libc::c_ulong = 0x5411;
+const SIOCOUTQ: libc::Ioctl = 0x5411;
 /// `SIOCINQ` (FIONREAD): bytes in the receive queue not yet read. Meaningful only before
 /// the socket enters a sockmap (afterwards it reports the psock queue).
-const SIOCINQ: libc::c_ulong = 0x541B;
+const SIOCINQ: libc::Ioctl = 0x541B;
 /// `TCP_CLOSE_WAIT` in `tcpi_state`.
 pub(super) const TCP_CLOSE_WAIT: u8 = 8;
 /// `TCP_CLOSE` in `tcpi_state`.
@@ -91,22 +92,6 @@ const _: () = assert!(std::mem::offset_of!(TcpInfo, bytes_acked) == 120);
 const _: () = assert!(std::mem::offset_of!(TcpInfo, bytes_received) == 128);
 const _: () = assert!(std::mem::size_of::<TcpInfo>() == 216);
 
-fn getsockopt<T: Copy + Default>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<(T, usize)> {
-    let mut v = T::default();
-    let mut len = size_of::<T>() as libc::socklen_t;
-    // SAFETY: v is a valid, writable buffer of `len` bytes.
-    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
-    if rc == 0 { Ok((v, len as usize)) } else { Err(io::Error::last_os_error()) }
-}
-
-fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
-    // SAFETY: valid fd and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const v).cast(), size_of::<libc::c_int>() as libc::socklen_t)
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
 /// The socket's cookie (`SO_COOKIE`).
 pub(super) fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_COOKIE).map(|(c, _)| c)
@@ -119,13 +104,6 @@ pub(super) fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
         return Err(io::Error::other(format!("TCP_INFO too short ({len} bytes): kernel older than 4.1")));
     }
     Ok(info)
-}
-
-fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: both requests write one int.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v) };
-    if rc == 0 { Ok(v.max(0) as u64) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Every byte written into this socket so far (its TCP took them): acknowledged plus still
@@ -185,25 +163,3 @@ pub(super) fn set_sndbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<u64> {
     Ok(u64::try_from(got).unwrap_or(0))
 }
 
-/// The pending socket error (`SO_ERROR`, which also clears it), as an `io::Error`.
-pub(super) fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
-    let (e, _) = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
-    Ok((e != 0).then(|| io::Error::from_raw_os_error(e)))
-}
-
-/// `recv(MSG_DONTWAIT)` into `buf`.
-pub(super) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    recv_flags(fd, buf, libc::MSG_DONTWAIT)
-}
-
-/// Whether a read would return something, without taking it: `recv(MSG_PEEK |
-/// MSG_DONTWAIT)` of one byte. `Ok(1)`: bytes; `Ok(0)`: the EOF; `WouldBlock`: neither.
-pub(super) fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    recv_flags(fd, &mut [0u8; 1], libc::MSG_PEEK | libc::MSG_DONTWAIT)
-}
-
-fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-}

@@ -16,7 +16,7 @@ use super::*;
 use crate::{
     config::{Balance, EngineChoice},
     engine::Outcome,
-    relay::{End, RelayCtl},
+    lifecycle::{End, EngineKind, RelayCtl},
 };
 use std::sync::atomic::Ordering;
 
@@ -474,7 +474,7 @@ async fn trap8_client_that_half_closed_early_is_still_served() {
     tokio::time::timeout(STEP, user.read_to_end(&mut back)).await.unwrap().unwrap();
     assert_eq!(back, b"response");
     let o = tokio::time::timeout(STEP, r).await.unwrap().unwrap();
-    assert_eq!((o.bytes_up, o.bytes_down, o.engine), (7, 8, "splice"));
+    assert_eq!((o.bytes_up, o.bytes_down, o.engine), (7, 8, EngineKind::Splice));
     assert_eq!(snapshot(&e).splice_fallbacks, 1);
 }
 
@@ -542,7 +542,7 @@ async fn backend_reset_while_draining_is_reported() {
         (sent, user)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    crate::relay::set_linger_zero(server.as_fd()).unwrap();
+    crate::sys::sock::set_linger_zero(server.as_fd()).unwrap();
     drop(server);
     let o = tokio::time::timeout(STEP, r).await.expect("the relay hung after the backend reset").unwrap();
     assert_eq!(o.end, End::BackendReset, "{o:?}");

@@ -1,118 +1,16 @@
-//! The data phase of one paired connection, shared by every engine.
-//!
-//! An engine provides a [`Session`]: two directions that each move bytes until their
-//! source reaches EOF and then pass the FIN on (`shutdown(SHUT_WR)` on the destination),
-//! plus byte counters and the time of the last byte moved. [`drive`] runs both directions
-//! together (never `select!` over the two: one side's EOF must not cancel the other),
-//! and ends the connection on the first of: both directions finished (half-close works:
-//! the open direction keeps flowing), a reset or error on either socket (the other side is
-//! then reset too), the idle timeout, or a forced shutdown.
+//! The async driver of the lifecycle contract ([`crate::lifecycle`]): an engine provides a
+//! [`Session`], two directions that each move bytes until their source reaches EOF and then
+//! pass the FIN on, plus byte counters and the time of the last byte moved; [`drive`] runs both
+//! directions together (never `select!` over the two: one side's EOF must not cancel the other)
+//! and ends the connection as the contract says. The sockmap engine runs through it; the
+//! splice engine applies the same contract in its own state machine (see its module).
 
 use std::{future::Future, io, time::Duration};
 
-use tokio_util::sync::CancellationToken;
-
-/// A socket of the pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// The accepted client connection.
-    Client,
-    /// The connection we opened to the backend.
-    Backend,
-}
-
-impl Side {
-    /// The other socket of the pair.
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-}
-
-/// A direction of the pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// Client to backend.
-    Up,
-    /// Backend to client.
-    Down,
-}
-
-impl Dir {
-    /// The socket bytes of this direction are read from.
-    pub fn src(self) -> Side {
-        match self {
-            Dir::Up => Side::Client,
-            Dir::Down => Side::Backend,
-        }
-    }
-    /// The socket bytes of this direction are written to.
-    pub fn dst(self) -> Side {
-        self.src().other()
-    }
-}
-
-/// Why a connection ended (the access log's `end=`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
-    /// The client half-closed first; both directions then finished.
-    ClientFin,
-    /// The backend half-closed first; both directions then finished.
-    BackendFin,
-    /// The client's socket failed (reset, timeout); the backend was reset.
-    ClientReset,
-    /// The backend's socket failed; the client was reset.
-    BackendReset,
-    /// No byte moved for the idle timeout.
-    IdleTimeout,
-    /// No backend accepted the connection.
-    ConnectFailed,
-    /// Closed by the proxy's shutdown after the drain timeout.
-    Shutdown,
-    /// The engine failed for a reason of its own (e.g. a BPF map update); both closed.
-    Internal,
-}
-
-impl End {
-    /// The access-log spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            End::ClientFin => "client_fin",
-            End::BackendFin => "backend_fin",
-            End::ClientReset => "client_reset",
-            End::BackendReset => "backend_reset",
-            End::IdleTimeout => "idle_timeout",
-            End::ConnectFailed => "connect_failed",
-            End::Shutdown => "shutdown",
-            End::Internal => "internal_error",
-        }
-    }
-}
-
-/// A failure while moving bytes, tagged with the socket (or the engine) at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum Fault {
-    /// A socket of the pair failed (reset, broken pipe, timeout).
-    #[error("{side:?} socket: {source}")]
-    Socket {
-        /// Which socket.
-        side: Side,
-        /// The error.
-        source: io::Error,
-    },
-    /// The engine itself failed.
-    #[error("engine: {0}")]
-    Internal(#[source] io::Error),
-}
-
-impl Fault {
-    /// A socket failure on `side`.
-    pub fn on(side: Side) -> impl FnOnce(io::Error) -> Fault {
-        move |source| Fault::Socket { side, source }
-    }
-}
+use crate::{
+    lifecycle::{Dir, End, Fault, Fins, RelayCtl, Side, idle_deadline},
+    sys::{clock::monotonic_ns, sock::set_linger_zero},
+};
 
 /// One paired connection as an engine runs it.
 pub trait Session: Send + Sync {
@@ -130,32 +28,6 @@ pub trait Session: Send + Sync {
     fn socket(&self, side: Side) -> &tokio::net::TcpStream;
 }
 
-/// What the lifecycle hands every session.
-#[derive(Clone, Debug)]
-pub struct RelayCtl {
-    /// Idle timeout, `None` for none.
-    pub idle_timeout: Option<Duration>,
-    /// Cancelled when live connections must close (shutdown after the drain timeout).
-    pub force_close: CancellationToken,
-    /// Idle time after which an engine that can park a connection ([`crate::park`]) hands
-    /// it back instead of waiting in its task; `None`: never.
-    pub park_after: Option<Duration>,
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so kernel and
-/// userspace activity times compare directly.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// `d` in nanoseconds, saturating at u64::MAX (some 584 years).
-pub fn duration_ns(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
-}
-
 /// Runs a session to its end and says why it ended. The session still owns the sockets;
 /// dropping it closes them (with a reset where [`Session::reset_on_close`] asked for one).
 pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
@@ -163,41 +35,30 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
     let down = s.run(Dir::Down);
     let idle = idle_watch(s, ctl.idle_timeout);
     tokio::pin!(up, down, idle);
-    let (mut up_done, mut down_done) = (false, false);
-    let mut first_fin = None;
+    let mut fins = Fins::default();
     loop {
         // Once a direction has finished, nothing reads its source any more: a reset that
         // arrives there after the FIN (or while the other direction is idle) would go unseen
         // until the idle timeout, so the lifecycle watches that socket for errors itself.
         let finished = tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; r.map(|()| End::ClientFin) }
-            r = &mut down, if !down_done => { down_done = true; r.map(|()| End::BackendFin) }
-            e = socket_error(s.socket(Side::Client)), if up_done => Err(Fault::on(Side::Client)(e)),
-            e = socket_error(s.socket(Side::Backend)), if down_done => Err(Fault::on(Side::Backend)(e)),
+            r = &mut up, if !fins.is_done(Dir::Up) => r.map(|()| Dir::Up),
+            r = &mut down, if !fins.is_done(Dir::Down) => r.map(|()| Dir::Down),
+            e = socket_error(s.socket(Side::Client)), if fins.is_done(Dir::Up) => Err(Fault::on(Side::Client)(e)),
+            e = socket_error(s.socket(Side::Backend)), if fins.is_done(Dir::Down) => Err(Fault::on(Side::Backend)(e)),
             () = &mut idle => return (End::IdleTimeout, None),
             () = ctl.force_close.cancelled() => return (End::Shutdown, None),
         };
         match finished {
-            Ok(fin) => {
-                first_fin.get_or_insert(fin);
-                if up_done && down_done {
-                    return (first_fin.unwrap_or(fin), None);
+            Ok(dir) => {
+                if let Some(end) = fins.finish(dir) {
+                    return (end, None);
                 }
             }
             Err(fault) => {
-                let end = match &fault {
-                    Fault::Socket { side: Side::Client, .. } => End::ClientReset,
-                    Fault::Socket { side: Side::Backend, .. } => End::BackendReset,
-                    Fault::Internal(_) => End::Internal,
-                };
-                match &fault {
-                    Fault::Socket { side, .. } => s.reset_on_close(side.other()),
-                    Fault::Internal(_) => {
-                        s.reset_on_close(Side::Client);
-                        s.reset_on_close(Side::Backend);
-                    }
+                for &side in fault.resets() {
+                    s.reset_on_close(side);
                 }
-                return (end, Some(fault));
+                return fault.ending();
             }
         }
     }
@@ -221,12 +82,11 @@ pub(crate) async fn socket_error(sock: &tokio::net::TcpStream) -> io::Error {
 }
 
 async fn idle_watch<S: Session>(s: &S, timeout: Option<Duration>) {
-    let Some(timeout) = timeout else {
+    if timeout.is_none() {
         return std::future::pending().await;
-    };
-    let timeout_ns = duration_ns(timeout);
+    }
     loop {
-        let deadline = s.last_activity_ns().saturating_add(timeout_ns);
+        let deadline = idle_deadline(s.last_activity_ns(), timeout);
         let now = monotonic_ns();
         if now >= deadline {
             return;
@@ -259,36 +119,6 @@ impl ResetOnClose {
     }
 }
 
-/// Sets SO_LINGER {on, 0} so that closing `fd` sends a reset instead of a FIN.
-pub fn set_linger_zero(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: valid fd and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const l).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-/// `shutdown(SHUT_WR)`: passes a FIN on. A peer that is already gone is not an error here
-/// (ENOTCONN): the direction is over either way, and the other direction reports the reset.
-pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a valid fd.
-    let rc = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOTCONN) { Ok(()) } else { Err(e) }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{
@@ -297,6 +127,7 @@ mod tests {
     };
 
     use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
 
