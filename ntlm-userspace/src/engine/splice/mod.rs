@@ -6,16 +6,21 @@
 //! Pipes are borrowed from a small pool only while a burst is in flight and returned empty,
 //! so an idle connection holds just its two sockets (a 10,000-connection box would
 //! otherwise need 40,000 extra descriptors).
+//!
+//! - `mod.rs` (here): the engine and the per-connection state machine, which applies the
+//!   lifecycle contract of [`crate::lifecycle`] (ends, resets, idle timeout, parking);
+//! - `pipe.rs`: the pipes, their size (`--pipe-size`) and budget, the pool;
+//! - `urgent.rs`: filling a pipe from a socket, and TCP urgent data, which splice(2) cannot
+//!   pass.
+
+mod pipe;
+mod urgent;
 
 use std::{
     future::Future,
     io,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
     pin::Pin,
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -26,28 +31,21 @@ use super::driver::socket_error;
 use crate::{
     lifecycle::{Dir, End, EngineKind, Fault, Fins, Progress, RelayCtl, Relayed, Side},
     sys::{
-        caps::{self, Cap},
         clock::{duration_ns, monotonic_ns},
-        pipe::{self as sys_pipe, page_size},
-        sock::{at_urgent_mark, set_linger_zero, shutdown_write},
+        pipe as sys_pipe,
+        sock::{set_linger_zero, shutdown_write},
     },
 };
 
-/// The kernel's default pipe capacity (16 pages), which a pipe keeps when it cannot be
-/// enlarged.
-const DEFAULT_PIPE: usize = 64 << 10;
-/// Empty pipes kept for reuse; more are closed when returned.
-const PIPE_POOL_MAX: usize = 256;
+pub use pipe::pipe_check;
+use pipe::{Pipe, PipePool};
+
 /// Buffer of the copy fallback.
 const COPY_BUF: usize = 64 << 10;
 
-/// Pages of enlarged pipes alive in this process, against [`PipeSizing::budget`].
-static BIG_PIPE_PAGES: AtomicUsize = AtomicUsize::new(0);
-
 /// The splice engine: holds the shared pipe pool.
 pub struct SpliceEngine {
-    pool: Mutex<Vec<Pipe>>,
-    sizing: PipeSizing,
+    pipes: PipePool,
 }
 
 impl Default for SpliceEngine {
@@ -60,21 +58,7 @@ impl SpliceEngine {
     /// A new engine with an empty pipe pool whose pipes get `pipe_size` bytes of capacity
     /// where the kernel allows (0: its default).
     pub fn new(pipe_size: u64) -> Self {
-        Self { pool: Mutex::new(Vec::new()), sizing: PipeSizing::new(pipe_size) }
-    }
-
-    fn take_pipe(&self) -> io::Result<Pipe> {
-        if let Some(p) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(p);
-        }
-        Pipe::new(&self.sizing)
-    }
-
-    fn give_pipe(&self, p: Pipe) {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < PIPE_POOL_MAX {
-            pool.push(p);
-        }
+        Self { pipes: PipePool::new(pipe_size) }
     }
 
     /// Relays one paired connection to its end, or until it is parked.
@@ -172,112 +156,6 @@ impl<'a> Timers<'a> {
 fn copy_buf() -> Box<[u8; COPY_BUF]> {
     vec![0; COPY_BUF].into_boxed_slice().try_into().expect("COPY_BUF bytes")
 }
-
-/// How large new pipes are made (`--pipe-size`).
-struct PipeSizing {
-    /// Requested capacity in bytes; 0: the kernel's default.
-    bytes: usize,
-    /// Most pages of enlarged pipes alive at once. Without CAP_SYS_RESOURCE or
-    /// CAP_SYS_ADMIN, once a user's pipes hold more than `fs.pipe-user-pages-soft` pages the
-    /// kernel refuses to enlarge more and gives every new pipe of that user (ours and its
-    /// other processes') 2 pages instead of 16; half that limit leaves room for the rest.
-    budget: usize,
-}
-
-impl PipeSizing {
-    fn new(bytes: u64) -> PipeSizing {
-        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
-        let privileged = caps::any(&[Cap::SysResource, Cap::SysAdmin]);
-        let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok());
-        let budget = match soft {
-            _ if privileged => usize::MAX,
-            Some(0) => usize::MAX,
-            Some(pages) => pages / 2,
-            None => 4096, // 16 MiB of 4 KiB pages when the limit cannot be read
-        };
-        PipeSizing { bytes, budget }
-    }
-}
-
-/// For `doctor`: what a new pipe gets with `--pipe-size` `pipe_size` on this host.
-pub fn pipe_check(pipe_size: u64) -> String {
-    let sizing = PipeSizing::new(pipe_size);
-    let budget = if sizing.budget == usize::MAX {
-        "no limit on enlarged pipes".to_string()
-    } else {
-        format!(
-            "at most {} MiB of enlarged pipes at once (half of fs.pipe-user-pages-soft; no CAP_SYS_RESOURCE)",
-            (sizing.budget * page_size()) >> 20
-        )
-    };
-    match Pipe::new(&sizing) {
-        Ok(p) => format!("{} bytes per pipe (--pipe-size {pipe_size}); {budget}", p.cap),
-        Err(e) => format!("cannot create a pipe: {e}"),
-    }
-}
-
-/// A pipe pair; both ends non-blocking.
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-    /// Bytes it holds (the most one splice(2) into it can move); above [`DEFAULT_PIPE`], its
-    /// pages are counted in [`BIG_PIPE_PAGES`]. A `u32`: every connection carries two lanes.
-    cap: u32,
-}
-
-impl Pipe {
-    fn new(sizing: &PipeSizing) -> io::Result<Pipe> {
-        let (r, w) = sys_pipe::pipe()?;
-        let mut p = Pipe { r, w, cap: DEFAULT_PIPE as u32 };
-        if sizing.bytes > DEFAULT_PIPE {
-            let pages = sizing.bytes.div_ceil(page_size());
-            if BIG_PIPE_PAGES.fetch_add(pages, Ordering::Relaxed).saturating_add(pages) <= sizing.budget {
-                let got = sys_pipe::set_capacity(&p.w, sizing.bytes);
-                if let Ok(got) = got.as_ref().map(|&g| u32::try_from(g).unwrap_or(u32::MAX))
-                    && got as usize > DEFAULT_PIPE
-                {
-                    // The kernel rounds up to a power of two pages: count what it gave.
-                    p.cap = got;
-                    BIG_PIPE_PAGES.fetch_add(p.pages(), Ordering::Relaxed);
-                    BIG_PIPE_PAGES.fetch_sub(pages, Ordering::Relaxed);
-                    return Ok(p);
-                }
-                // EPERM (above fs.pipe-max-size, or the user's pipe pages) or ENOMEM: the
-                // pipe keeps the default size.
-                if let Err(e) = got {
-                    log::debug!("F_SETPIPE_SZ {}: {e}; this pipe keeps the default size", sizing.bytes);
-                }
-            }
-            BIG_PIPE_PAGES.fetch_sub(pages, Ordering::Relaxed);
-        }
-        Ok(p)
-    }
-}
-
-impl Pipe {
-    /// Buffers (slots) the pipe holds: one page each, at most.
-    fn slots(&self) -> usize {
-        self.cap as usize / page_size()
-    }
-
-    /// Pages counted in [`BIG_PIPE_PAGES`] for this pipe.
-    fn pages(&self) -> usize {
-        if self.cap as usize > DEFAULT_PIPE { self.cap as usize / page_size() } else { 0 }
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        BIG_PIPE_PAGES.fetch_sub(self.pages(), Ordering::Relaxed);
-    }
-}
-
-/// A splice(2) that cannot move past TCP urgent data (see `poll_lane`).
-#[derive(Debug, thiserror::Error)]
-#[error("splice(2) stopped at TCP urgent data")]
-struct UrgentMark;
 
 /// One direction's state.
 #[derive(Default)]
@@ -443,7 +321,7 @@ impl<'a> Conn<'a> {
                 }
             }
             if lane.copy.is_none() && lane.pipe.is_none() {
-                match self.engine.take_pipe() {
+                match self.engine.pipes.take() {
                     Ok(p) => lane.pipe = Some(p),
                     Err(e) => {
                         log::debug!("no pipe ({e}); copying in userspace");
@@ -456,38 +334,7 @@ impl<'a> Conn<'a> {
                     lane.copy_off = 0;
                     src.try_read(&mut buf[..])
                 }
-                (None, Some(pipe)) => {
-                    // A splice that moved fewer bytes than the pipe has slots stopped because the
-                    // socket had nothing more, not because the (empty) pipe filled up: each slot
-                    // holds at least a byte, and the call asked for the pipe's whole capacity.
-                    // The socket's readiness is then cleared as a failed read would clear it
-                    // (try_io sees WouldBlock; tokio's tick keeps anything that arrived since),
-                    // which saves that failing read: one splice(2) per message and direction
-                    // on a request/response connection. A FIN read with the bytes stays known
-                    // (tokio keeps read-closed readiness), and is read as 0 next.
-                    //
-                    // Short, or failing with EAGAIN, a splice may instead have stopped at TCP
-                    // urgent data: splice(2) reads through tcp_read_sock, which stops at the
-                    // urgent mark and never passes it, so the bytes behind it would wait
-                    // forever. SIOCATMARK (an ioctl that takes no lock, cheaper than the
-                    // failing splice it replaces) tells that case apart: a short read at the
-                    // mark leaves the readiness set, and the failing splice that follows is
-                    // reported as UrgentMark, which leaves it set too.
-                    let mut short = 0;
-                    let r = src.try_io(Interest::READABLE, || {
-                        match sys_pipe::splice(src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.cap as usize) {
-                            Ok(n) if n > 0 && n < pipe.slots() && !at_urgent_mark(src.as_fd()) => {
-                                short = n;
-                                Err(io::ErrorKind::WouldBlock.into())
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src.as_fd()) => {
-                                Err(io::Error::other(UrgentMark))
-                            }
-                            r => r,
-                        }
-                    });
-                    if short > 0 { Ok(short) } else { r }
-                }
+                (None, Some(pipe)) => urgent::fill_pipe(src, pipe),
                 (None, None) => unreachable!("a pipe or a copy buffer was just set"),
             };
             match r {
@@ -512,7 +359,7 @@ impl<'a> Conn<'a> {
                 // recv(2) passes the mark (dropping the urgent byte, as it does for any reader
                 // without SO_OOBINLINE, nginx stream included), so this direction copies from
                 // now on; the socket is still readable, so the copy reads at once.
-                Err(e) if e.get_ref().is_some_and(|i| i.is::<UrgentMark>()) => {
+                Err(e) if urgent::is_urgent_mark(&e) => {
                     log::debug!("urgent data on the {:?} socket; copying this direction in userspace", dir.src());
                     self.give_back(dir);
                     self.lanes[dir as usize].copy = Some(copy_buf());
@@ -525,7 +372,7 @@ impl<'a> Conn<'a> {
     /// Returns `dir`'s pipe to the pool; only called when it is empty.
     fn give_back(&mut self, dir: Dir) {
         if let Some(p) = self.lanes[dir as usize].pipe.take() {
-            self.engine.give_pipe(p);
+            self.engine.pipes.give(p);
         }
     }
 }
@@ -539,24 +386,6 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (c, l.accept().await.unwrap().0)
-    }
-
-    fn pipe_capacity(p: &Pipe) -> i32 {
-        sys_pipe::capacity(&p.w).unwrap() as i32
-    }
-
-    /// `--pipe-size` reaches the kernel, and splice(2) calls are sized to what the pipe got;
-    /// 0, or no budget left for enlarged pipes, leaves the kernel's default.
-    #[test]
-    fn pipes_get_the_configured_size_within_the_budget() {
-        let big = Pipe::new(&PipeSizing { bytes: 1 << 20, budget: usize::MAX }).unwrap();
-        assert_eq!((pipe_capacity(&big), big.cap), (1 << 20, 1 << 20));
-        let odd = Pipe::new(&PipeSizing { bytes: 300 << 10, budget: usize::MAX }).unwrap();
-        assert_eq!((pipe_capacity(&odd), odd.cap), (512 << 10, 512 << 10), "rounded up to a power of two pages");
-        for sizing in [PipeSizing { bytes: 0, budget: usize::MAX }, PipeSizing { bytes: 1 << 20, budget: 0 }] {
-            let p = Pipe::new(&sizing).unwrap();
-            assert_eq!((pipe_capacity(&p), p.cap as usize), (DEFAULT_PIPE as i32, DEFAULT_PIPE));
-        }
     }
 
     /// The relay future is most of an idle connection's task (see `conn::serve`).
@@ -599,7 +428,7 @@ mod tests {
             assert_eq!(one, [round]);
             // Let the relay see EAGAIN and return the pipe.
             let _ = tokio::time::timeout(Duration::from_millis(20), &mut relay).await;
-            assert_eq!(e.pool.lock().unwrap().len(), 1, "round {round}: the idle connection kept its pipe");
+            assert_eq!(e.pipes.pooled(), 1, "round {round}: the idle connection kept its pipe");
         }
         drop(client_far);
         drop(backend_far);
