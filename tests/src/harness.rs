@@ -104,7 +104,12 @@ impl AccessLine {
 struct Log {
     lines: Mutex<Vec<String>>,
     grew: Notify,
+    /// Output streams (stdout, stderr) read to their end.
+    closed: std::sync::atomic::AtomicUsize,
 }
+
+/// The child's output streams the log reads.
+const LOG_STREAMS: usize = 2;
 
 /// A running `ntlm-splice` child. Dropping it kills the child (by its own PID).
 pub struct Proxy {
@@ -171,6 +176,7 @@ impl Proxy {
                     log.lines.lock().unwrap().push(line);
                     log.grew.notify_waiters();
                 }
+                log.closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 log.grew.notify_waiters();
             });
         }
@@ -255,6 +261,22 @@ impl Proxy {
         }
     }
 
+    /// Waits (bounded) until the log readers reached the end of the child's stdout and
+    /// stderr, i.e. the log holds everything the child wrote.
+    pub async fn wait_output_closed(&self) {
+        let closed = || self.log.closed.load(std::sync::atomic::Ordering::Relaxed) >= LOG_STREAMS;
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while !closed() {
+            let grew = self.log.grew.notified();
+            if closed() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, grew).await.is_err() && !closed() {
+                panic!("the proxy's output did not close within {STOP_TIMEOUT:?}:\n{}", self.logs());
+            }
+        }
+    }
+
     /// Sends `sig` to the child.
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain syscall; the PID is our own running child.
@@ -272,8 +294,8 @@ impl Proxy {
     pub async fn wait_exit(&mut self) -> ExitStatus {
         match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
             Ok(Ok(status)) => {
-                // Let the log readers drain the pipes.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The log readers drain the pipes to their end (the child's last lines).
+                self.wait_output_closed().await;
                 status
             }
             Ok(Err(e)) => panic!("waiting for ntlm-splice: {e}"),

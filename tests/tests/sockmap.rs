@@ -100,9 +100,10 @@ async fn upload(
     let started = Instant::now();
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     if let Err(e) = within(BULK, "upload", servers::send_pattern(&mut c, seed, len)).await {
-        // The proxy's log says why it ended the connection (its lines come just after the
-        // reset the client saw).
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The proxy's log says why it ended the connection: its access line comes just after
+        // the reset the client saw.
+        eprintln!("upload through sockmap failed: {e}");
+        proxy.wait_access_lines(1, QUICK).await;
         panic!("upload through sockmap failed: {e}\nproxy log:\n{}", proxy.logs());
     }
     c.shutdown().await.unwrap();
@@ -155,8 +156,9 @@ async fn echo_of_1_gib_is_byte_exact_both_ways() {
     let v = match (got, sent) {
         (Ok(v), Ok(())) => v,
         (got, sent) => {
-            // The proxy's log says why it ended the connection.
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // The proxy's log says why it ended the connection (its access line).
+            eprintln!("echo through sockmap failed: received {got:?}, sent {sent:?}");
+            proxy.wait_access_lines(1, QUICK).await;
             panic!("echo through sockmap failed: received {got:?}, sent {sent:?}\nproxy log:\n{}", proxy.logs());
         }
     };
@@ -414,9 +416,25 @@ impl ReadTrace {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("strace (cargo xtask test installs it)");
-        // strace writes nothing until a traced call; give it time to attach every thread.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // strace writes nothing until a traced call: wait until it traces every thread.
+        let tracer = child.id();
+        let deadline = Instant::now() + QUICK;
+        while !Self::traced_by(pid, tracer) {
+            assert!(Instant::now() < deadline, "strace did not attach to every thread of {pid} within {QUICK:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling interval
+        }
         ReadTrace { child, out }
+    }
+
+    /// Whether every thread of `pid` has `tracer` as its tracer (`TracerPid:` in
+    /// /proc/PID/task/TID/status).
+    fn traced_by(pid: u32, tracer: u32) -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("status")).is_ok_and(|st| {
+                st.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|v| v.trim() == tracer.to_string())
+            })
+        })
     }
 
     /// Detaches and returns the sum of the byte counts the traced calls returned.
@@ -455,7 +473,13 @@ async fn paced_upload_is_moved_without_the_process_reading_it() {
     let mut first = [0u8; 1];
     servers::pattern_fill(17, 0, &mut first);
     c.write_all(&first).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The backend connection exists once the sink accepted it; the map inserts follow at once,
+    // and attaching strace (every thread) takes longer than that.
+    let deadline = Instant::now() + QUICK;
+    while sink.accepted() == 0 {
+        assert!(Instant::now() < deadline, "the proxy did not connect to the sink within {QUICK:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling interval
+    }
     let trace = ReadTrace::attach(proxy.pid()).await;
     let mut buf = vec![0u8; MIB as usize];
     let mut off = 1;
