@@ -1,15 +1,19 @@
 //! The life of one client connection, owned here from accept to the access-log line, in
 //! named stages:
 //!
-//! 1. inspect the client: nothing is read yet (the PROXY header in, the SNI peek and the NTLM
-//!    observer go here, each returning what it learnt and never hiding bytes it consumed);
-//! 2. choose the route: today the one route of the command line;
-//! 3. [`connect`](connect_stage): a new backend connection for this client alone, failing
-//!    over in balancer order;
-//! 4. the engine: moves bytes under the lifecycle contract ([`crate::lifecycle`]) until the
-//!    connection ends, or hands it to the parker while idle ([`park`](crate::park), which
-//!    gives it back through [`park::Owner`]);
-//! 5. [`end`](Lifecycle::ended): the backend lease and the connection slot are given up;
+//! 1. [`inspect`]: on a listen address with SNI routes, the client's TLS server name is
+//!    peeked (never consumed) within the address's `sni_timeout`; elsewhere nothing is read
+//!    (the PROXY header in and the NTLM observer go here too, each returning what it learnt
+//!    and never hiding bytes it consumed);
+//! 2. route: the [`Site`] of the listen address picks the [`Route`] (by server name, else its
+//!    default); the connection keeps that `Arc<Route>` for its life, whatever a reload does;
+//! 3. [`connect`](connect_backend): a new backend connection for this client alone, in the
+//!    route's balancer order, failing over; a refused or timed-out connect counts against
+//!    the backend's health when the route checks health;
+//! 4. the engine of the route: moves bytes under the lifecycle contract
+//!    ([`crate::lifecycle`]) until the connection ends, or hands it to the parker while idle
+//!    ([`park`](crate::park), which gives it back through [`park::Owner`]);
+//! 5. [`end`](Lifecycle::ended): the backend [`Lease`] and the connection slot are given up;
 //! 6. [`access_log`]: one line per connection, whichever way it ended.
 //!
 //! The backend socket is created here for this client alone and closed when the engine
@@ -27,36 +31,31 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::TcpStream, sync::OwnedSemaphorePermit};
-use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 
 use crate::{
-    balance::{BackendLease, Balancer},
-    config::Config,
-    engine::Engine,
-    lifecycle::{End, EngineKind, Fault, Outcome, Progress, RelayCtl, Relayed},
+    lifecycle::{End, EngineKind, Fault, Outcome, Progress, Relayed},
     park::{self, Owner as _, Parked, Parker, Refused},
+    route::{Lease, Route, Site},
+    sni,
 };
 
 /// The log target of parking and unparking (debug): the parker's own module, where an
 /// operator looking for parking turns logging up (`RUST_LOG=ntlm_splice::park=debug`).
 const PARK_TARGET: &str = "ntlm_splice::park";
 
-/// What every connection of a running server shares: its configuration, its route (the
-/// balancer), its engine, the timeouts and the trackers the drain waits on.
+/// What every connection of a running server shares, whatever its route.
 pub struct Lifecycle {
-    /// Validated configuration.
-    pub config: Arc<Config>,
-    /// Backend selection.
-    pub balancer: Balancer,
-    /// The data engine.
-    pub engine: Arc<Engine>,
-    /// Timeouts and the forced-close signal.
-    pub ctl: RelayCtl,
     /// Every connection's task (and every parked connection, by a token): the drain waits
     /// for them.
     pub tracker: TaskTracker,
-    /// Where idle connections wait without a task (`--park-after`, splice engine).
+    /// Where idle connections wait without a task (splice engine, `park_after`).
     pub parker: Option<Parker<Waiting>>,
+    /// Cancelled when live connections must close (shutdown after the drain timeout).
+    pub force_close: CancellationToken,
 }
 
 /// Who a connection is, for its whole life (parking included).
@@ -67,9 +66,11 @@ pub struct ConnMeta {
     pub peer: SocketAddr,
     /// When it was accepted.
     pub started: Instant,
+    /// Its route, as it was when the connection was routed.
+    pub route: Arc<Route>,
     /// The backend it was paired with, counted for least-conn.
-    pub lease: BackendLease,
-    /// Its slot under `--max-connections`.
+    pub lease: Lease,
+    /// Its slot under `max_connections`.
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -81,16 +82,24 @@ pub struct Waiting {
     pub token: TaskTrackerToken,
 }
 
-/// Serves one accepted client connection to its end, then releases its connection slot
-/// (`permit`).
+/// Why a connection got no backend (the access log's `end=` and `error=`).
+struct Unserved {
+    route: Option<Arc<Route>>,
+    end: End,
+    why: Option<Fault>,
+}
+
+/// Serves one client connection accepted on `site` to its end, then releases its connection
+/// slot (`permit`).
 ///
 /// Everything is owned by this one future, which is the connection's task: while the
-/// connection is idle its size is what the connection costs in memory. So the connect stage
-/// (timeouts, failover) is boxed and freed once connected, and this is not an `async fn`,
-/// which would store its by-value arguments a second time.
+/// connection is idle its size is what the connection costs in memory. So stages 1-3 (the
+/// peek, timeouts, failover) are one boxed future, freed once connected, and this is not an
+/// `async fn`, which would store its by-value arguments a second time.
 #[allow(clippy::manual_async_fn)]
 pub fn serve(
     lc: Arc<Lifecycle>,
+    site: Arc<Site>,
     id: u64,
     client: TcpStream,
     peer: SocketAddr,
@@ -98,31 +107,74 @@ pub fn serve(
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let started = Instant::now();
-        // Stages 1-3: inspect (nothing yet), route (the only one), connect. Boxed, freed once
-        // connected. Its output is destructured in place: a named local holding the backend
+        // Stages 1-3. The output is destructured in place: a named local holding the backend
         // or the lease (or borrowed, as by set_nodelay) would keep its slot in this task for
         // the connection's whole life.
-        let Some((backend, lease)) = Box::pin(connect_stage(&lc, id, peer)).await else {
-            // Dropping the client closes it at once: no backend would take it.
-            drop(client);
-            let outcome = Progress::new().ended(End::ConnectFailed, None, lc.engine.kind());
-            access_log(id, peer, None, &outcome, started.elapsed());
-            drop(permit);
-            return;
+        let (route, backend, lease) = match Box::pin(route_and_connect(&lc, site, id, &client, peer)).await {
+            Ok(c) => c,
+            Err(u) => {
+                // Dropping the client closes it at once: no backend would take it.
+                drop(client);
+                let engine = u.route.as_ref().map_or(EngineKind::Splice, |r| r.engine.kind());
+                let outcome = Progress::new().ended(u.end, u.why, engine);
+                access_log(id, peer, u.route.as_deref(), None, &outcome, started.elapsed());
+                drop(permit);
+                return;
+            }
         };
-        // Stage 4: the engine.
-        let relayed = lc.engine.relay(id, client, backend, &lc.ctl, Progress::new()).await;
-        lc.returned(ConnMeta { id, peer, started, lease, permit }, relayed);
+        // Stage 4: the route's engine.
+        let relayed = route.engine.relay(id, client, backend, &route.ctl, Progress::new()).await;
+        lc.returned(ConnMeta { id, peer, started, route, lease, permit }, relayed);
     }
 }
 
-/// Stage 3: a backend connection for this client, or `None` if none accepted (or shutdown
-/// was forced while trying).
-async fn connect_stage(lc: &Lifecycle, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
-    tokio::select! {
-        c = connect_backend(lc, id, peer) => c,
-        () = lc.ctl.force_close.cancelled() => None,
+/// Stages 1-3: inspect the client, choose its route, connect a backend of that route.
+async fn route_and_connect(
+    lc: &Lifecycle,
+    site: Arc<Site>,
+    id: u64,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<(Arc<Route>, TcpStream, Lease), Unserved> {
+    let name = tokio::select! {
+        n = inspect(&site, client) => n,
+        () = lc.force_close.cancelled() => return Err(Unserved { route: None, end: End::Shutdown, why: None }),
+    };
+    let route = match (&name, site.route(name.as_ref().ok().and_then(|n| n.as_deref()))) {
+        // A client on an SNI address that sent no ClientHello in time (or closed, or sent
+        // something else) gets the default route only if it sent *something* that is not
+        // TLS; a silent or broken one is closed without a backend.
+        (Err(e), _) if !matches!(e, sni::SniError::NotTls) => {
+            return Err(Unserved { route: None, end: End::NoRoute, why: Some(Fault::Unrouted(e.to_string())) });
+        }
+        (_, Some(r)) => r.clone(),
+        (n, None) => {
+            let why = match n {
+                Ok(Some(name)) => format!("no route for the server name {name:?} and no default route"),
+                Ok(None) => "the client sent no server name and there is no default route".to_string(),
+                Err(e) => format!("{e}, and there is no default route"),
+            };
+            return Err(Unserved { route: None, end: End::NoRoute, why: Some(Fault::Unrouted(why)) });
+        }
+    };
+    drop(site);
+    let connected = tokio::select! {
+        c = connect_backend(&route, id, peer) => c,
+        () = lc.force_close.cancelled() => None,
+    };
+    match connected {
+        Some((backend, lease)) => Ok((route, backend, lease)),
+        None => Err(Unserved { route: Some(route), end: End::ConnectFailed, why: None }),
     }
+}
+
+/// Stage 1: what the client says before the route is chosen: the TLS server name on an
+/// address with SNI routes (peeked, so the backend still gets every byte), else nothing.
+async fn inspect(site: &Site, client: &TcpStream) -> Result<Option<String>, sni::SniError> {
+    if !site.needs_sni() {
+        return Ok(None);
+    }
+    sni::peek_server_name(client, site.sni_timeout).await
 }
 
 impl Lifecycle {
@@ -131,14 +183,15 @@ impl Lifecycle {
         match relayed {
             Relayed::Ended(outcome) => self.ended(meta, &outcome),
             Relayed::Parked { socks, progress } => {
+                let idle_timeout = meta.route.ctl.idle_timeout;
                 let conn = Parked { meta: Waiting { meta, token: self.tracker.token() }, socks, progress };
                 let Some(parker) = &self.parker else { return self.resume(conn) };
                 let id = conn.meta.meta.id;
-                match parker.park(conn) {
+                match parker.park(conn, idle_timeout) {
                     Ok(()) => log::debug!(target: PARK_TARGET, "conn={id} parked"),
                     Err((conn, Refused::Closed)) => self.close(conn, End::Shutdown),
                     Err((conn, e @ Refused::Watch(_))) => {
-                        log::debug!("conn={} cannot park ({e}); relaying it on", conn.meta.meta.id);
+                        log::debug!("conn={id} cannot park ({e}); relaying it on");
                         self.resume(conn);
                     }
                 }
@@ -149,10 +202,10 @@ impl Lifecycle {
     /// Stages 5-6: gives up the backend lease and the connection slot, and writes the
     /// access-log line.
     fn ended(&self, meta: ConnMeta, outcome: &Outcome) {
-        let ConnMeta { id, peer, started, lease, permit } = meta;
-        let backend_addr = self.balancer.addr(lease.index());
+        let ConnMeta { id, peer, started, route, lease, permit } = meta;
+        let backend = lease.backend().addr;
         drop(lease);
-        access_log(id, peer, Some(backend_addr), outcome, started.elapsed());
+        access_log(id, peer, Some(&route), Some(backend), outcome, started.elapsed());
         drop(permit);
     }
 }
@@ -172,13 +225,14 @@ impl park::Owner<Waiting> for Arc<Lifecycle> {
     fn close(&self, conn: Parked<Waiting>, end: End) {
         let Parked { meta: Waiting { meta, token }, socks, progress } = conn;
         drop(socks);
-        self.ended(meta, &progress.ended(end, None, self.engine.kind()));
+        let engine = meta.route.engine.kind();
+        self.ended(meta, &progress.ended(end, None, engine));
         drop(token);
     }
 }
 
 /// The task of a connection taken out of the parker: back into the runtime, then relayed as
-/// before. Not an `async fn` (see [`serve`]).
+/// before, on its route's engine. Not an `async fn` (see [`serve`]).
 #[allow(clippy::manual_async_fn)]
 fn resume(
     lc: Arc<Lifecycle>,
@@ -197,26 +251,33 @@ fn resume(
                 // epoll_ctl(2) failed (out of memory, or fs.epoll.max_user_watches): both
                 // sockets close as this returns, and the connection ends.
                 log::warn!("conn={} cannot return a parked connection to the runtime: {e}", meta.id);
-                lc.ended(meta, &progress.ended(End::Internal, Some(Fault::Internal(e)), lc.engine.kind()));
+                let engine = meta.route.engine.kind();
+                lc.ended(meta, &progress.ended(End::Internal, Some(Fault::Internal(e)), engine));
                 return;
             }
         };
-        let relayed = lc.engine.relay(meta.id, client, backend, &lc.ctl, progress).await;
+        let route = meta.route.clone();
+        let relayed = route.engine.relay(meta.id, client, backend, &route.ctl, progress).await;
         lc.returned(meta, relayed);
     }
 }
 
-async fn connect_backend(lc: &Lifecycle, id: u64, peer: SocketAddr) -> Option<(TcpStream, BackendLease)> {
-    let timeout = lc.config.connect_timeout;
-    for (index, addr) in lc.balancer.order(peer) {
-        match tokio::time::timeout(timeout, connect(id, addr)).await {
-            Ok(Ok(s)) => return Some((s, lc.balancer.lease(index))),
-            Ok(Err(e)) => log::warn!("conn={id} backend={addr} connect failed: {e}; trying the next backend"),
-            Err(_) => log::warn!(
-                "conn={id} backend={addr} connect timed out after {}; trying the next backend",
-                humantime::format_duration(timeout)
+/// Stage 3: a new backend connection of `route` for this client, trying the backends in the
+/// balancer's order with the route's connect timeout.
+async fn connect_backend(route: &Route, id: u64, peer: SocketAddr) -> Option<(TcpStream, Lease)> {
+    let timeout = route.connect_timeout();
+    for backend in route.order(peer) {
+        let addr = backend.addr;
+        let err = match tokio::time::timeout(timeout, connect(id, addr)).await {
+            Ok(Ok(s)) => return Some((s, Lease::new(backend))),
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {}", humantime::format_duration(timeout)),
             ),
-        }
+        };
+        log::warn!("conn={id} route={} backend={addr} connect failed: {err}; trying the next backend", route.name());
+        route.connect_failed(backend, &err);
     }
     None
 }
@@ -249,8 +310,16 @@ async fn connect(id: u64, addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Stage 6: the access-log line (target `access`) of a connection that ended.
-fn access_log(id: u64, client: SocketAddr, backend: Option<SocketAddr>, o: &Outcome, elapsed: Duration) {
+fn access_log(
+    id: u64,
+    client: SocketAddr,
+    route: Option<&Route>,
+    backend: Option<SocketAddr>,
+    o: &Outcome,
+    elapsed: Duration,
+) {
     let engine: EngineKind = o.engine;
+    let route = route.map_or("-", Route::name);
     let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
     let error = match &o.fault {
         Some(f) => format!(" error=\"{}\"", f.to_string().replace('"', "'")),
@@ -258,7 +327,7 @@ fn access_log(id: u64, client: SocketAddr, backend: Option<SocketAddr>, o: &Outc
     };
     log::info!(
         target: "access",
-        "conn={id} client={client} backend={backend} engine={engine} bytes_up={} bytes_down={} duration_ms={} end={}{error}",
+        "conn={id} client={client} route={route} backend={backend} engine={engine} bytes_up={} bytes_down={} duration_ms={} end={}{error}",
         o.bytes_up,
         o.bytes_down,
         elapsed.as_millis(),

@@ -8,6 +8,8 @@
 //! - a failure ([`Fault`]): on a socket, the other socket is reset; inside the engine, both
 //!   are ([`Fault::resets`]); `end` says which ([`Fault::end`]);
 //! - no byte moved for the idle timeout ([`End::IdleTimeout`], [`idle_deadline`]);
+//! - one side half-closed longer ago than the half-close timeout ([`End::HalfCloseTimeout`],
+//!   [`RelayCtl::half_close_timeout`]; HAProxy's `timeout client-fin` / `server-fin`);
 //! - a forced shutdown after the drain timeout ([`End::Shutdown`], [`RelayCtl::force_close`]).
 //!
 //! The engine returns [`Relayed`]: the [`Outcome`] for the access log, or (splice engine) the
@@ -94,8 +96,13 @@ pub enum End {
     BackendReset,
     /// No byte moved for the idle timeout.
     IdleTimeout,
+    /// One side half-closed and the other did not finish within the half-close timeout.
+    HalfCloseTimeout,
     /// No backend accepted the connection.
     ConnectFailed,
+    /// No route for the client: on an address with SNI routes, its server name matched none
+    /// and there is no default route, or it sent no ClientHello in time.
+    NoRoute,
     /// Closed by the proxy's shutdown after the drain timeout.
     Shutdown,
     /// The engine failed for a reason of its own (e.g. a BPF map update); both closed.
@@ -111,7 +118,9 @@ impl End {
             End::ClientReset => "client_reset",
             End::BackendReset => "backend_reset",
             End::IdleTimeout => "idle_timeout",
+            End::HalfCloseTimeout => "half_close_timeout",
             End::ConnectFailed => "connect_failed",
+            End::NoRoute => "no_route",
             End::Shutdown => "shutdown",
             End::Internal => "internal_error",
         }
@@ -132,6 +141,9 @@ pub enum Fault {
     /// The engine itself failed.
     #[error("engine: {0}")]
     Internal(#[source] io::Error),
+    /// The client could not be routed (why, for the log; no payload in it).
+    #[error("{0}")]
+    Unrouted(String),
 }
 
 impl Fault {
@@ -146,6 +158,7 @@ impl Fault {
             Fault::Socket { side: Side::Client, .. } => End::ClientReset,
             Fault::Socket { side: Side::Backend, .. } => End::BackendReset,
             Fault::Internal(_) => End::Internal,
+            Fault::Unrouted(_) => End::NoRoute,
         }
     }
 
@@ -156,6 +169,7 @@ impl Fault {
             Fault::Socket { side: Side::Client, .. } => &[Side::Backend],
             Fault::Socket { side: Side::Backend, .. } => &[Side::Client],
             Fault::Internal(_) => &[Side::Client, Side::Backend],
+            Fault::Unrouted(_) => &[],
         }
     }
 
@@ -190,6 +204,11 @@ impl Fins {
     pub fn none(&self) -> bool {
         self.done == [false; 2]
     }
+
+    /// Whether exactly one direction finished: the connection is half-closed.
+    pub fn half(&self) -> bool {
+        self.done[0] != self.done[1]
+    }
 }
 
 /// What the lifecycle hands every engine for a connection.
@@ -202,6 +221,16 @@ pub struct RelayCtl {
     /// Idle time after which an engine that can park a connection ([`crate::park`]) hands
     /// it back instead of waiting in its task; `None`: never.
     pub park_after: Option<Duration>,
+    /// Longest a connection may stay half-closed (one direction finished, the other not);
+    /// `None`: no limit.
+    pub half_close_timeout: Option<Duration>,
+}
+
+impl RelayCtl {
+    /// Timeouts off, nothing to park, never forced closed: for tests.
+    pub fn unlimited() -> RelayCtl {
+        RelayCtl { idle_timeout: None, force_close: CancellationToken::new(), park_after: None, half_close_timeout: None }
+    }
 }
 
 /// CLOCK_MONOTONIC ns at which a connection whose last byte moved at `last_ns` times out;

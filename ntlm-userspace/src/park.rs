@@ -89,8 +89,6 @@ pub struct Parker<M> {
     /// Wakes the parker's loop to look at the table again: a connection parked with an idle
     /// deadline earlier than all others, or the first since the last heap trim.
     earlier: Notify,
-    /// The idle timeout, which keeps running while parked.
-    idle_timeout: Option<Duration>,
 }
 
 struct Table<M> {
@@ -120,13 +118,12 @@ struct Slot<M> {
 }
 
 impl<M> Parker<M> {
-    /// A parker with an empty table, whose connections close after `idle_timeout` without a
-    /// byte. Needs the runtime (its epoll instance is watched by it).
-    pub fn new(idle_timeout: Option<Duration>) -> io::Result<Parker<M>> {
+    /// A parker with an empty table. Needs the runtime (its epoll instance is watched by it).
+    pub fn new() -> io::Result<Parker<M>> {
         // SAFETY: the AsyncFd owns the Epoll from here until it is dropped, and an Epoll
         // always returns the descriptor it owns.
         let epoll = unsafe { AsyncFd::register_with_interest(Epoll::new()?, tokio::io::Interest::READABLE) }?;
-        Ok(Parker { epoll, table: Mutex::new(Table::default()), earlier: Notify::new(), idle_timeout })
+        Ok(Parker { epoll, table: Mutex::new(Table::default()), earlier: Notify::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table<M>> {
@@ -143,8 +140,9 @@ impl<M> Parker<M> {
         self.len() == 0
     }
 
-    /// Parks `conn`, or gives it back saying why not.
-    pub fn park(&self, conn: Parked<M>) -> Result<(), (Parked<M>, Refused)> {
+    /// Parks `conn`, which closes after `idle_timeout` without a byte (the timeout keeps
+    /// running while parked), or gives it back saying why not.
+    pub fn park(&self, conn: Parked<M>, idle_timeout: Option<Duration>) -> Result<(), (Parked<M>, Refused)> {
         let mut t = self.lock();
         if t.closed {
             return Err((conn, Refused::Closed));
@@ -162,7 +160,7 @@ impl<M> Parker<M> {
             Ok(key) => key,
             Err(e) => return Err((conn, Refused::Watch(e))),
         };
-        let deadline = self.idle_timeout.map(|_| idle_deadline(conn.progress.last_ns, self.idle_timeout));
+        let deadline = idle_timeout.map(|_| idle_deadline(conn.progress.last_ns, idle_timeout));
         entry.insert(Slot { generation, deadline, conn });
         t.since_trim += 1;
         if t.since_trim == 1 {

@@ -1,9 +1,21 @@
-//! Listeners, the accept loops, the connection cap and graceful shutdown.
+//! The running server: its listeners and their accept loops, the connection cap, health
+//! checks, reload and graceful shutdown.
+//!
+//! [`Server::start`] resolves and checks everything a configuration needs and binds every
+//! listen address before a client is accepted, so a bad configuration fails at start with a
+//! reason. [`Server::run`] then serves until told to stop, applying reloads in between:
+//! a reload reads and validates the whole file first and changes nothing if any part of it
+//! fails (parse, names that do not resolve, an engine that cannot load, an address that
+//! cannot be bound); otherwise it binds new listen addresses, closes removed ones, keeps the
+//! others open (no connect attempt is refused during a reload), swaps in the new routes and
+//! restarts the health checks. Live connections keep the route and backend they have.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     net::SocketAddr,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -12,28 +24,27 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    sync::Semaphore,
-};
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{
     sync::CancellationToken,
     task::{AbortOnDropHandle, TaskTracker},
 };
 
 use crate::{
-    balance::Balancer,
-    config::Config,
+    config::{Config, diff, file},
     conn::{self, Lifecycle},
-    engine::Engine,
-    lifecycle::RelayCtl,
+    engine::Engines,
+    health,
     park::{self, Parker},
+    route::{Site, Table},
 };
 
-/// Listen backlog: where clients wait while `--max-connections` are busy. The kernel clamps
+/// Listen backlog: where clients wait while `max_connections` are busy. The kernel clamps
 /// it to `net.core.somaxconn` (4096 by default since Linux 5.4); 1,024 overflowed when 1,000
 /// clients connected at once (TcpExtListenOverflows, then syncookies).
-pub const LISTEN_BACKLOG: u32 = 4096;
+pub const LISTEN_BACKLOG: i32 = 4096;
 /// First pause after accept fails for lack of descriptors or memory.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest pause between accept retries.
@@ -43,120 +54,282 @@ const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Shortest period of [`timer_floor`]: below it the wake-ups would cost more than they save.
 const TIMER_FLOOR_MIN: Duration = Duration::from_millis(50);
 
-/// Binds every `--listen` address (SO_REUSEADDR, backlog [`LISTEN_BACKLOG`]).
-///
-/// TCP_NODELAY is set on the listener: Linux copies it to every accepted socket, which saves
-/// one setsockopt(2) per connection.
-pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
-    addrs
-        .iter()
-        .map(|&addr| {
-            let s = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
-            s.set_reuseaddr(true)?;
-            s.set_nodelay(true)?;
-            s.bind(addr)?;
-            s.listen(LISTEN_BACKLOG)
-        })
-        .zip(addrs)
-        .map(|(r, addr)| {
-            r.with_context(|| {
-                format!(
-                    "cannot listen on {addr}: is another process using the port? \
-                     (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-                )
-            })
-        })
-        .collect()
+/// What [`Server::run`] is told to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Read the configuration file again and apply it (SIGHUP).
+    Reload,
+    /// Stop accepting, drain, exit (SIGTERM, SIGINT).
+    Shutdown,
 }
 
-/// Serves clients on `listeners` until `shutdown` completes, then drains: stops accepting,
-/// lets live connections finish for up to the drain timeout, closes the rest, returns.
-pub async fn run(
-    listeners: Vec<TcpListener>,
-    config: Arc<Config>,
-    engine: Arc<Engine>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let force_close = CancellationToken::new();
-    let stop_accept = CancellationToken::new();
-    let conns = TaskTracker::new();
-    let parker = match config.park_after {
-        Some(_) if engine.parks() => match Parker::new(config.idle_timeout) {
+/// One bound listen address and its accept loop.
+struct Listener {
+    /// The routes on this address, swapped by a reload.
+    site: Arc<ArcSwap<Site>>,
+    /// Stops the accept loop, which closes the socket.
+    stop: CancellationToken,
+    /// The accept loop.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A server that has bound its listeners and is ready to serve.
+pub struct Server {
+    /// The file it was read from, for reloads (`None`: from the command line).
+    path: Option<PathBuf>,
+    config: Config,
+    engines: Engines,
+    table: Table,
+    lc: Arc<Lifecycle>,
+    /// Bound but not yet serving (until [`Server::run`]).
+    pending: Vec<(SocketAddr, TcpListener)>,
+    listeners: HashMap<SocketAddr, Listener>,
+    /// Stops the health checks of the current table.
+    health_stop: CancellationToken,
+    slots: Arc<Semaphore>,
+    next_id: Arc<AtomicU64>,
+    stop_accept: CancellationToken,
+}
+
+impl Server {
+    /// Everything short of serving: the engines, the routes (host names resolved), every
+    /// listen address bound. Fails with the reason on the first problem.
+    pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Server> {
+        let force_close = CancellationToken::new();
+        let parker = match Parker::new() {
             Ok(p) => Some(p),
             Err(e) => {
                 log::warn!("cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks");
                 None
             }
-        },
-        _ => None,
-    };
-    let lc = Arc::new(Lifecycle {
-        balancer: Balancer::new(config.balance, config.backends.clone()),
-        ctl: RelayCtl {
-            idle_timeout: config.idle_timeout,
-            force_close: force_close.clone(),
-            park_after: config.park_after.filter(|_| parker.is_some()),
-        },
-        engine,
-        config: config.clone(),
-        tracker: conns.clone(),
-        parker,
-    });
-    let slots = Arc::new(Semaphore::new(config.max_connections));
-    let next_id = Arc::new(AtomicU64::new(1));
-    let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(config.connect_timeout)));
-    let _parker = AbortOnDropHandle::new(tokio::spawn({
-        let lc = lc.clone();
-        async move {
-            if let Some(parker) = &lc.parker {
-                park::run(parker, &lc, &lc.ctl.force_close).await;
-            }
+        };
+        let engines = Engines::new(&config.global);
+        let table = Table::build(&config, &engines, None, &force_close, parker.is_some()).await?;
+        let mut pending = Vec::new();
+        for &addr in table.sites.keys() {
+            pending.push((addr, bind(addr)?));
         }
-    }));
-    let mut acceptors = Vec::new();
-    for listener in listeners {
-        acceptors.push(tokio::spawn(accept_loop(
-            listener,
-            lc.clone(),
-            slots.clone(),
-            conns.clone(),
-            next_id.clone(),
-            stop_accept.clone(),
-        )));
+        let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker, force_close });
+        let slots = Arc::new(Semaphore::new(config.global.max_connections));
+        Ok(Server {
+            path,
+            config,
+            engines,
+            table,
+            lc,
+            pending,
+            listeners: HashMap::new(),
+            health_stop: CancellationToken::new(),
+            slots,
+            next_id: Arc::new(AtomicU64::new(1)),
+            stop_accept: CancellationToken::new(),
+        })
     }
 
-    shutdown.await;
-    stop_accept.cancel();
-    for a in acceptors {
-        // The accept loops own the listeners: once they return, the ports are closed.
-        if let Err(e) = a.await {
-            log::error!("accept loop failed: {e}");
+    /// Serves until `Control::Shutdown` (or `control` closes), applying `Control::Reload`s;
+    /// then drains: stops accepting, lets live connections finish for up to the drain
+    /// timeout, closes the rest, returns.
+    pub async fn run(mut self, mut control: tokio::sync::mpsc::Receiver<Control>) -> anyhow::Result<()> {
+        for r in self.table.routes.values() {
+            log::info!("route={} engine={} reason=\"{}\"", r.name(), r.engine.kind(), r.engine_reason);
+        }
+        for (addr, listener) in std::mem::take(&mut self.pending) {
+            self.serve_on(addr, listener)?;
+        }
+        self.start_health();
+        let min_connect = self.config.routes.iter().map(|r| r.options.connect_timeout).min().unwrap_or(Duration::from_secs(5));
+        let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(min_connect)));
+        let _parker = AbortOnDropHandle::new(tokio::spawn({
+            let lc = self.lc.clone();
+            async move {
+                if let Some(parker) = &lc.parker {
+                    park::run(parker, &lc, &lc.force_close).await;
+                }
+            }
+        }));
+        loop {
+            match control.recv().await {
+                Some(Control::Reload) => self.reload().await,
+                Some(Control::Shutdown) | None => break,
+            }
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Starts the accept loop of `listener`, bound for `addr` (as configured).
+    fn serve_on(&mut self, addr: SocketAddr, listener: TcpListener) -> io::Result<()> {
+        let local = listener.local_addr()?;
+        let site = self.table.sites[&addr].clone();
+        let names: Vec<&str> = site.routes().map(|r| r.name()).collect();
+        let backends: Vec<String> =
+            site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
+        log::info!(
+            "listening addr={local} routes={} backends={} max_connections={}",
+            names.join(","),
+            backends.join(","),
+            self.config.global.max_connections
+        );
+        let site = Arc::new(ArcSwap::new(site));
+        let stop = self.stop_accept.child_token();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            site.clone(),
+            self.lc.clone(),
+            self.slots.clone(),
+            self.next_id.clone(),
+            stop.clone(),
+        ));
+        self.listeners.insert(addr, Listener { site, stop, task });
+        Ok(())
+    }
+
+    /// One health-check task per backend of every route with `[route.health]`.
+    fn start_health(&mut self) {
+        self.health_stop = CancellationToken::new();
+        for r in self.table.routes.values() {
+            if let Some(check) = &r.health {
+                for b in &r.backends {
+                    tokio::spawn(health::run(b.clone(), check.clone(), self.health_stop.clone()));
+                }
+            }
         }
     }
-    log::info!(
-        "shutdown: stopped accepting; draining live={} connections (parked={}) for up to {}",
-        conns.len(),
-        lc.parker.as_ref().map_or(0, Parker::len),
-        humantime::format_duration(config.drain_timeout)
-    );
-    conns.close();
-    if tokio::time::timeout(config.drain_timeout, conns.wait()).await.is_err() {
-        let live = conns.len();
-        log::warn!("shutdown: drain timeout reached; closing live={live} connections");
-        force_close.cancel();
-        if tokio::time::timeout(FORCE_CLOSE_GRACE, conns.wait()).await.is_err() {
-            log::error!("shutdown: connections did not close within {FORCE_CLOSE_GRACE:?}; exiting anyway");
+
+    /// Reads the configuration file again and applies it, or changes nothing and says why.
+    async fn reload(&mut self) {
+        let Some(path) = self.path.clone() else {
+            log::warn!("reload: the configuration came from the command line; nothing to reload (use --config FILE)");
+            return;
+        };
+        match self.try_reload(&path).await {
+            Ok(summary) => log::info!("reload: applied {}: {summary}", path.display()),
+            Err(e) => log::error!("reload: {} rejected, the running configuration is unchanged: {e:#}", path.display()),
         }
     }
-    log::info!("shutdown: done");
-    Ok(())
+
+    async fn try_reload(&mut self, path: &std::path::Path) -> anyhow::Result<String> {
+        let mut new = file::load(path)?;
+        let plan = diff::plan(&self.config, &new);
+        if !plan.restart_needed.is_empty() {
+            log::warn!(
+                "reload: [global] {} changed; that takes a restart, the running values are kept",
+                plan.restart_needed.join(", ")
+            );
+            new.global = self.config.global.clone();
+        }
+        let table = Table::build(&new, &self.engines, Some(&self.table), &self.lc.force_close, self.lc.parker.is_some())
+            .await?;
+        // Bind every new address before changing anything: one that fails leaves all as it was
+        // (the sockets bound so far close as `bound` drops).
+        let mut bound = Vec::new();
+        for &addr in &plan.bind {
+            bound.push((addr, bind(addr)?));
+        }
+        // Commit.
+        self.table = table;
+        self.config = new;
+        for addr in &plan.close {
+            if let Some(l) = self.listeners.remove(addr) {
+                l.stop.cancel();
+                log::info!("reload: stopped listening on {addr}");
+            }
+        }
+        for (addr, l) in &self.listeners {
+            l.site.store(self.table.sites[addr].clone());
+        }
+        for (addr, listener) in bound {
+            self.serve_on(addr, listener)?;
+        }
+        self.health_stop.cancel();
+        self.start_health();
+        Ok(format!(
+            "routes added={:?} removed={:?} changed={:?}; listeners bound={:?} closed={:?} kept={}",
+            plan.added,
+            plan.removed,
+            plan.changed,
+            plan.bind,
+            plan.close,
+            plan.keep.len()
+        ))
+    }
+
+    /// Stops accepting, waits for live connections up to the drain timeout, then closes them.
+    async fn drain(self) {
+        self.stop_accept.cancel();
+        self.health_stop.cancel();
+        for (_, l) in self.listeners {
+            // The accept loops own the listeners: once they return, the ports are closed.
+            if let Err(e) = l.task.await {
+                log::error!("accept loop failed: {e}");
+            }
+        }
+        let conns = &self.lc.tracker;
+        let drain_timeout = self.config.global.drain_timeout;
+        log::info!(
+            "shutdown: stopped accepting; draining live={} connections (parked={}) for up to {}",
+            conns.len(),
+            self.lc.parker.as_ref().map_or(0, Parker::len),
+            humantime::format_duration(drain_timeout)
+        );
+        conns.close();
+        if tokio::time::timeout(drain_timeout, conns.wait()).await.is_err() {
+            let live = conns.len();
+            log::warn!("shutdown: drain timeout reached; closing live={live} connections");
+            self.lc.force_close.cancel();
+            if tokio::time::timeout(FORCE_CLOSE_GRACE, conns.wait()).await.is_err() {
+                log::error!("shutdown: connections did not close within {FORCE_CLOSE_GRACE:?}; exiting anyway");
+            }
+        }
+        log::info!("shutdown: done");
+    }
+}
+
+/// Serves `config` until `shutdown` completes, then drains (no reloads): what tests and
+/// embedders use.
+pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let server = Server::start(config, None).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let run = server.run(rx);
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => return r,
+        () = shutdown => {}
+    }
+    tx.send(Control::Shutdown).await.ok();
+    run.await
+}
+
+/// Binds `addr` (SO_REUSEADDR, TCP_NODELAY, backlog [`LISTEN_BACKLOG`]; IPV6_V6ONLY on IPv6
+/// addresses so that `[::]:443` and `0.0.0.0:443` can both be listened on).
+///
+/// TCP_NODELAY is set on the listener: Linux copies it to every accepted socket, which saves
+/// one setsockopt(2) per connection.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listen = || -> io::Result<TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_tcp_nodelay(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        TcpListener::from_std(s.into())
+    };
+    listen().with_context(|| {
+        format!(
+            "cannot listen on {addr}: is another process using the port? \
+             (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        )
+    })
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    site: Arc<ArcSwap<Site>>,
     lc: Arc<Lifecycle>,
     slots: Arc<Semaphore>,
-    conns: TaskTracker,
     next_id: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
@@ -177,11 +350,11 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                conns.spawn(conn::serve(lc.clone(), id, client, peer, permit));
+                lc.tracker.spawn(conn::serve(lc.clone(), site.load_full(), id, client, peer, permit));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff == ACCEPT_BACKOFF_MIN {
-                    log::warn!("accept failed: {e}; backing off and retrying (raise the open-files limit or lower --max-connections)");
+                    log::warn!("accept failed: {e}; backing off and retrying (raise the open-files limit or lower max_connections)");
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -202,7 +375,8 @@ async fn accept_loop(
 /// timeouts, an hour away. strace counted 0.64 of those writes per connection (1.67 writes
 /// per connection, of which one is the access log). A timer that fires every half connect
 /// timeout is always earlier, so a new connect timeout never wakes the driver; it costs one
-/// wake-up per half connect timeout instead (2.5 s by default).
+/// wake-up per half connect timeout instead (2.5 s by default). With several routes, the
+/// shortest connect timeout sets it.
 async fn timer_floor(connect_timeout: Duration) {
     let period = timer_floor_period(connect_timeout);
     loop {
@@ -237,9 +411,18 @@ mod tests {
     /// the listener.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay() {
-        let l = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap().remove(0);
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (a, _) = l.accept().await.unwrap();
         assert!(a.nodelay().unwrap());
+    }
+
+    /// `[::]:P` and `0.0.0.0:P` can both be listened on (IPV6_V6ONLY), as the example
+    /// configuration does.
+    #[tokio::test]
+    async fn ipv6_and_ipv4_wildcards_bind_side_by_side() {
+        let v6 = bind("[::]:0".parse().unwrap()).unwrap();
+        let port = v6.local_addr().unwrap().port();
+        bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("the IPv4 wildcard on the IPv6 wildcard's port");
     }
 }

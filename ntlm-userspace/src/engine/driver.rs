@@ -36,6 +36,8 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
     let idle = idle_watch(s, ctl.idle_timeout);
     tokio::pin!(up, down, idle);
     let mut fins = Fins::default();
+    // Set when the first direction finishes, if there is a half-close timeout.
+    let mut half_close: Option<tokio::time::Instant> = None;
     loop {
         // Once a direction has finished, nothing reads its source any more: a reset that
         // arrives there after the FIN (or while the other direction is idle) would go unseen
@@ -46,6 +48,7 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
             e = socket_error(s.socket(Side::Client)), if fins.is_done(Dir::Up) => Err(Fault::on(Side::Client)(e)),
             e = socket_error(s.socket(Side::Backend)), if fins.is_done(Dir::Down) => Err(Fault::on(Side::Backend)(e)),
             () = &mut idle => return (End::IdleTimeout, None),
+            () = sleep_until(half_close), if half_close.is_some() => return (End::HalfCloseTimeout, None),
             () = ctl.force_close.cancelled() => return (End::Shutdown, None),
         };
         match finished {
@@ -53,6 +56,7 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
                 if let Some(end) = fins.finish(dir) {
                     return (end, None);
                 }
+                half_close = ctl.half_close_timeout.map(|t| tokio::time::Instant::now() + t);
             }
             Err(fault) => {
                 for &side in fault.resets() {
@@ -61,6 +65,14 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
                 return fault.ending();
             }
         }
+    }
+}
+
+/// Sleeps until `at` (never, for `None`).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -127,7 +139,6 @@ mod tests {
     };
 
     use tokio::sync::Notify;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
 
@@ -192,7 +203,7 @@ mod tests {
     }
 
     fn ctl(idle: Option<Duration>) -> RelayCtl {
-        RelayCtl { idle_timeout: idle, force_close: CancellationToken::new(), park_after: None }
+        RelayCtl { idle_timeout: idle, ..RelayCtl::unlimited() }
     }
 
     #[tokio::test]
@@ -250,6 +261,23 @@ mod tests {
         let (end, _) = tokio::time::timeout(Duration::from_secs(5), d).await.expect("reset went unseen");
         assert_eq!(end, End::ClientReset);
         assert_eq!(*s.reset.lock().unwrap(), [Side::Backend]);
+    }
+
+    /// After one direction finished, the connection may stay half-closed at most the
+    /// half-close timeout; before that, that timeout does not run.
+    #[tokio::test]
+    async fn a_half_closed_session_ends_at_the_half_close_timeout() {
+        let s = Script::new().await;
+        s.last.store(monotonic_ns(), Ordering::Relaxed);
+        let c = RelayCtl { half_close_timeout: Some(Duration::from_millis(100)), ..RelayCtl::unlimited() };
+        let d = drive(&s, &c);
+        tokio::pin!(d);
+        assert!(tokio::time::timeout(Duration::from_millis(300), &mut d).await.is_err(), "ended while both were open");
+        let fin = std::time::Instant::now();
+        s.up.notify_one();
+        let (end, fault) = tokio::time::timeout(Duration::from_secs(5), d).await.expect("half-close timeout unseen");
+        assert_eq!((end, fault.is_none()), (End::HalfCloseTimeout, true));
+        assert!(fin.elapsed() >= Duration::from_millis(100), "ended before the timeout: {:?}", fin.elapsed());
     }
 
     #[tokio::test]

@@ -10,13 +10,16 @@ pub mod driver;
 pub mod sockmap;
 pub mod splice;
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+};
 
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::{
-    config::{Config, EngineChoice},
+    config::{EngineChoice, file::Global},
     lifecycle::{EngineKind, Outcome, Progress, Relayed, RelayCtl},
 };
 
@@ -37,30 +40,52 @@ pub const AUTO_REASON: &str = "auto: splice(2); the sockmap engine is opt-in (--
 /// An engine choice that cannot be honoured.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "--engine sockmap requested but the eBPF engine is unavailable: {reason}. \
-     Run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with sockmap support, \
-     check the host with `ntlm-splice doctor`, or pass --engine splice"
+    "the sockmap engine was requested (--engine sockmap, or engine = \"sockmap\") but the eBPF engine is \
+     unavailable: {reason}. Run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with sockmap support, \
+     check the host with `ntlm-splice doctor`, or use the splice engine"
 )]
 pub struct Unavailable {
     /// Why sockmap cannot be used here.
     pub reason: String,
 }
 
-impl Engine {
-    /// Picks the engine for `config.engine`, with the reason for the log line.
-    pub fn select(config: &Config) -> Result<(Engine, String), Unavailable> {
-        match config.engine {
-            EngineChoice::Splice => {
-                Ok((Engine::Splice(splice::SpliceEngine::new(config.pipe_size)), "requested with --engine splice".into()))
-            }
-            EngineChoice::Sockmap => match sockmap::SockmapEngine::load(config) {
-                Ok(e) => Ok((Engine::Sockmap(Arc::new(e)), "requested with --engine sockmap; self-test passed".into())),
-                Err(e) => Err(Unavailable { reason: format!("{e:#}") }),
-            },
-            EngineChoice::Auto => Ok((Engine::Splice(splice::SpliceEngine::new(config.pipe_size)), AUTO_REASON.into())),
-        }
+/// The engines of a running server, made when a route first asks for one: every route
+/// that uses an engine shares it (one pipe pool, one set of loaded eBPF programs).
+pub struct Engines {
+    /// Process-wide engine settings (pipe size, the sockmap engine's limits).
+    global: Global,
+    splice: Arc<Engine>,
+    /// Loaded on first use; a failed load is not cached (a later reload may try again).
+    sockmap: Mutex<Option<Arc<Engine>>>,
+}
+
+impl Engines {
+    /// The splice engine, ready; the sockmap engine is loaded when a route asks for it.
+    pub fn new(global: &Global) -> Engines {
+        let splice = Arc::new(Engine::Splice(splice::SpliceEngine::new(global.pipe_size)));
+        Engines { global: global.clone(), splice, sockmap: Mutex::new(None) }
     }
 
+    /// The engine for `choice`, with the reason for the log line.
+    pub fn get(&self, choice: EngineChoice) -> Result<(Arc<Engine>, String), Unavailable> {
+        match choice {
+            EngineChoice::Splice => Ok((self.splice.clone(), "requested with engine splice".into())),
+            EngineChoice::Auto => Ok((self.splice.clone(), AUTO_REASON.into())),
+            EngineChoice::Sockmap => {
+                let mut loaded = self.sockmap.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(e) = &*loaded {
+                    return Ok((e.clone(), "requested with engine sockmap; self-test passed".into()));
+                }
+                let e = sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
+                let e = Arc::new(Engine::Sockmap(Arc::new(e)));
+                *loaded = Some(e.clone());
+                Ok((e, "requested with engine sockmap; self-test passed".into()))
+            }
+        }
+    }
+}
+
+impl Engine {
     /// Which engine this is (the log's `engine=`).
     pub fn kind(&self) -> EngineKind {
         match self {

@@ -29,7 +29,7 @@ use tokio::{io::Interest, net::TcpStream};
 
 use super::driver::socket_error;
 use crate::{
-    lifecycle::{Dir, End, EngineKind, Fault, Fins, Progress, RelayCtl, Relayed, Side},
+    lifecycle::{Dir, End, EngineKind, Fault, Fins, Progress, RelayCtl, Relayed, Side, idle_deadline},
     sys::{
         clock::{duration_ns, monotonic_ns},
         pipe as sys_pipe,
@@ -84,9 +84,9 @@ impl SpliceEngine {
         // Made here, not in the block: the block would keep `progress` beside it.
         let mut st = Conn::new(self, ctl, progress);
         async move {
-            // One timer serves both the idle timeout and parking: it is re-armed for the
-            // earlier of the two.
-            let first = [ctl.idle_timeout, ctl.park_after].into_iter().flatten().min();
+            // One timer serves the idle timeout, parking and the half-close timeout: it is
+            // re-armed for the earliest.
+            let first = [ctl.idle_timeout, ctl.park_after, ctl.half_close_timeout].into_iter().flatten().min();
             let timers = Timers { timer: first.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
             tokio::pin!(timers);
             let mut watch: Watch<'_> = None;
@@ -152,6 +152,20 @@ impl<'a> Timers<'a> {
     }
 }
 
+/// Longest the connection timer is set for at once; when nothing is due (no idle timeout,
+/// half-closed, no half-close timeout) it fires this rarely and is set again.
+const TIMER_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// The timer instant for CLOCK_MONOTONIC ns `at`, read at `now`; at most [`TIMER_MAX`] away.
+fn timer_at(now: u64, at: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_nanos(at.saturating_sub(now)).min(TIMER_MAX)
+}
+
+/// Nanoseconds from now until `deadline`.
+fn until(deadline: tokio::time::Instant) -> u64 {
+    duration_ns(deadline.saturating_duration_since(tokio::time::Instant::now()))
+}
+
 /// A zeroed copy buffer, allocated on the heap directly.
 fn copy_buf() -> Box<[u8; COPY_BUF]> {
     vec![0; COPY_BUF].into_boxed_slice().try_into().expect("COPY_BUF bytes")
@@ -179,24 +193,24 @@ struct Conn<'a> {
     bytes: [u64; 2],
     /// CLOCK_MONOTONIC ns of the last byte moved.
     last: u64,
-    /// The idle timeout in ns (u64::MAX: none).
-    idle_ns: u64,
-    /// `--park-after` in ns (u64::MAX: never).
-    park_ns: u64,
+    /// Timeouts and parking.
+    ctl: &'a RelayCtl,
+    /// CLOCK_MONOTONIC ns at which a half-closed connection times out (u64::MAX: not
+    /// half-closed, or no half-close timeout).
+    half_at: u64,
     /// Directions finished (the source's EOF passed on), and which first.
     fins: Fins,
 }
 
 impl<'a> Conn<'a> {
-    fn new(engine: &'a SpliceEngine, ctl: &RelayCtl, progress: Progress) -> Self {
-        let ns = |t: Option<Duration>| t.map_or(u64::MAX, duration_ns);
+    fn new(engine: &'a SpliceEngine, ctl: &'a RelayCtl, progress: Progress) -> Self {
         Conn {
             engine,
             lanes: Default::default(),
             bytes: progress.bytes,
             last: progress.last_ns,
-            idle_ns: ns(ctl.idle_timeout),
-            park_ns: ns(ctl.park_after),
+            ctl,
+            half_at: u64::MAX,
             fins: Fins::default(),
         }
     }
@@ -213,27 +227,41 @@ impl<'a> Conn<'a> {
         if cancelled.poll(cx).is_ready() {
             return Poll::Ready(Stop::End(End::Shutdown, None));
         }
+        let was_half = self.fins.half();
         if let Poll::Ready((end, fault)) = self.poll_dirs(socks, watch, cx) {
             return Poll::Ready(Stop::End(end, fault));
         }
         if let Some(mut sleep) = timer {
+            if !was_half && self.fins.half() {
+                // The first FIN was just passed on: the half-close timeout starts now.
+                self.half_at = idle_deadline(monotonic_ns(), self.ctl.half_close_timeout);
+                let now = monotonic_ns();
+                if self.half_at < now.saturating_add(until(sleep.deadline())) {
+                    sleep.as_mut().reset(timer_at(now, self.half_at));
+                }
+            }
             while sleep.as_mut().poll(cx).is_ready() {
                 let now = monotonic_ns();
-                let idle_at = self.last.saturating_add(self.idle_ns);
+                let idle_at = idle_deadline(self.last, self.ctl.idle_timeout);
                 if now >= idle_at {
                     return Poll::Ready(Stop::End(End::IdleTimeout, None));
                 }
-                let mut park_at = self.last.saturating_add(self.park_ns);
+                if now >= self.half_at {
+                    return Poll::Ready(Stop::End(End::HalfCloseTimeout, None));
+                }
+                // Parking is for connections with both directions open only.
+                let park_ns = self.ctl.park_after.filter(|_| self.fins.none()).map_or(u64::MAX, duration_ns);
+                let mut park_at = self.last.saturating_add(park_ns);
                 if now >= park_at {
                     // Everything was just drained (poll_dirs above): nothing is in flight unless
                     // a destination is not reading, and then the connection is not idle.
                     if self.parkable() {
                         return Poll::Ready(Stop::Park);
                     }
-                    park_at = now.saturating_add(self.park_ns);
+                    park_at = now.saturating_add(park_ns);
                 }
-                let at = idle_at.min(park_at);
-                sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_nanos(at - now));
+                let at = idle_at.min(park_at).min(self.half_at);
+                sleep.as_mut().reset(timer_at(now, at));
             }
         }
         Poll::Pending
@@ -394,8 +422,9 @@ mod tests {
         let e = SpliceEngine::new(0);
         let ctl = RelayCtl {
             idle_timeout: Some(Duration::from_secs(60)),
-            force_close: Default::default(),
             park_after: Some(Duration::from_secs(2)),
+            half_close_timeout: Some(Duration::from_secs(30)),
+            ..RelayCtl::unlimited()
         };
         let (c, _fc) = pair().await;
         let (b, _fb) = pair().await;
@@ -496,7 +525,7 @@ mod tests {
     }
 
     fn no_park() -> RelayCtl {
-        RelayCtl { idle_timeout: None, force_close: Default::default(), park_after: None }
+        RelayCtl::unlimited()
     }
 
     /// send(2) of one byte as TCP urgent data (MSG_OOB).
@@ -564,8 +593,43 @@ mod tests {
         assert_eq!(got, b"jklmno");
     }
 
+    /// A client that half-closed while the backend stays open and silent: the connection ends
+    /// at the half-close timeout, not at the (longer) idle timeout, and both far ends see it
+    /// close. The timeout starts at the FIN, not at the connection's start.
+    #[tokio::test]
+    async fn a_half_closed_connection_ends_at_the_half_close_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = SpliceEngine::new(0);
+        let ctl = RelayCtl {
+            idle_timeout: Some(Duration::from_secs(60)),
+            half_close_timeout: Some(Duration::from_millis(200)),
+            ..RelayCtl::unlimited()
+        };
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
+        tokio::pin!(relay);
+        // Longer than the half-close timeout with both directions open: nothing ends.
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(400), &mut relay).await {
+            panic!("ended with both directions open: {r:?}");
+        }
+        client_far.shutdown().await.unwrap();
+        let fin = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::select! {
+            _ = &mut relay => panic!("ended before the FIN was passed on"),
+            r = backend_far.read_to_end(&mut rest) => { r.unwrap(); }
+        }
+        let Relayed::Ended(o) = tokio::time::timeout(Duration::from_secs(5), relay).await.expect("half-close timeout unseen")
+        else {
+            panic!("a half-closed connection parked")
+        };
+        assert_eq!(o.end, End::HalfCloseTimeout);
+        assert!(fin.elapsed() >= Duration::from_millis(190), "ended {:?} after the FIN", fin.elapsed());
+        let mut buf = [0u8; 1];
+        assert_eq!(client_far.read(&mut buf).await.unwrap(), 0, "the client's side was not closed");
+    }
+
     fn parking_ctl(after: Duration) -> RelayCtl {
-        RelayCtl { idle_timeout: Some(Duration::from_secs(60)), force_close: Default::default(), park_after: Some(after) }
+        RelayCtl { idle_timeout: Some(Duration::from_secs(60)), park_after: Some(after), ..RelayCtl::unlimited() }
     }
 
     /// An idle connection hands its (open) sockets back with its counters after

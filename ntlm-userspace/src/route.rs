@@ -1,0 +1,314 @@
+//! The routing model: what a connection is routed by, and what it keeps.
+//!
+//! - A [`Route`] owns its backend pool (each [`Backend`] with its address, live count and
+//!   health), its balancer, its engine and its options (timeouts, health check).
+//! - A [`Site`] is one listen address and the routes on it: one default, and any number
+//!   chosen by the TLS server name ([`crate::sni`]).
+//! - A [`Table`] is every site and route of one configuration; [`Table::build`] makes one
+//!   from a validated [`Config`], resolving host names, and keeps the [`Backend`]s (live
+//!   counts, health) of an earlier table where route and address are the same.
+//!
+//! A connection holds its `Arc<Route>` and a [`Lease`] on its `Arc<Backend>` for its whole
+//! life, never an index into a list that a reload can change: a reload builds a new table
+//! and swaps it in; connections keep what they started with.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    balance::Balancer,
+    config::{
+        Config,
+        file::{HealthSpec, RouteSpec},
+    },
+    engine::{Engine, Engines, Unavailable},
+    health::{self, Check, Health, HttpCheck},
+    lifecycle::RelayCtl,
+    sni::{SniPattern, SniTable},
+};
+
+/// One backend server of a route.
+pub struct Backend {
+    /// As configured (`host:port`), for logs.
+    pub spec: String,
+    /// The address connected to, resolved when the route was built.
+    pub addr: SocketAddr,
+    /// Live connections from this process (least-conn).
+    live: AtomicUsize,
+    /// Up or down, from active checks and failed client connects.
+    pub health: Health,
+    /// `route=NAME backend=SPEC` for log lines.
+    label: String,
+}
+
+impl Backend {
+    fn new(route: &str, spec: String, addr: SocketAddr) -> Backend {
+        let label = format!("route={route} backend={spec}");
+        Backend { spec, addr, live: AtomicUsize::new(0), health: Health::new(), label }
+    }
+
+    /// Live connections now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+impl health::Target for Backend {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+}
+
+/// One live connection counted on its backend until dropped.
+pub struct Lease(Arc<Backend>);
+
+impl Lease {
+    /// Counts a live connection on `backend`.
+    pub fn new(backend: &Arc<Backend>) -> Lease {
+        backend.live.fetch_add(1, Ordering::Relaxed);
+        Lease(backend.clone())
+    }
+
+    /// The backend this connection is paired with.
+    pub fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A route: its backends, how to pick one, and how its connections are carried.
+pub struct Route {
+    /// Its validated configuration (name, listen, backends as written, options).
+    pub spec: RouteSpec,
+    /// Its backends, in the order configured.
+    pub backends: Vec<Arc<Backend>>,
+    balancer: Balancer,
+    /// The engine its connections use.
+    pub engine: Arc<Engine>,
+    /// Why that engine (for the start-up and reload log).
+    pub engine_reason: String,
+    /// Timeouts and the forced-close signal, as engines take them.
+    pub ctl: RelayCtl,
+    /// Its active health check, if configured (failed client connects count only then).
+    pub health: Option<Check>,
+}
+
+impl Route {
+    /// The route's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The backends to try for `client`, best first (see [`Balancer::order`]).
+    pub fn order(&self, client: SocketAddr) -> impl Iterator<Item = &Arc<Backend>> {
+        self.balancer.order(&self.backends, client)
+    }
+
+    /// A client's connect to `backend` failed: a failed check, if the route checks health.
+    pub fn connect_failed(&self, backend: &Backend, e: &std::io::Error) {
+        if let Some(c) = &self.health {
+            health::passive_failure(backend, c.rise, c.fall, e);
+        }
+    }
+
+    /// Connect timeout of this route.
+    pub fn connect_timeout(&self) -> Duration {
+        self.spec.options.connect_timeout
+    }
+}
+
+/// One listen address and the routes on it.
+pub struct Site {
+    /// The route for clients without a matching server name (or on a listener without SNI).
+    default: Option<Arc<Route>>,
+    /// Routes chosen by the TLS server name; `None` when no route on this address has `sni`.
+    by_name: Option<SniTable<Arc<Route>>>,
+    /// How long a client may take to send its ClientHello (the longest of the routes').
+    pub sni_timeout: Duration,
+}
+
+impl Site {
+    /// Whether a client's server name must be read before a route can be chosen.
+    pub fn needs_sni(&self) -> bool {
+        self.by_name.is_some()
+    }
+
+    /// The route for a client that sent `server_name` (`None`: no name, or not read).
+    pub fn route(&self, server_name: Option<&str>) -> Option<&Arc<Route>> {
+        match &self.by_name {
+            Some(t) => t.lookup(server_name),
+            None => self.default.as_ref(),
+        }
+    }
+
+    /// Every route on this address.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.default.iter().chain(self.by_name.iter().flat_map(|t| t.values()))
+    }
+}
+
+/// Every route and site of one configuration.
+pub struct Table {
+    /// Routes by name.
+    pub routes: HashMap<String, Arc<Route>>,
+    /// Sites by their configured listen address.
+    pub sites: HashMap<SocketAddr, Arc<Site>>,
+}
+
+/// Why a table could not be built (the configuration stays as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A backend host name does not resolve.
+    #[error("route {route:?}: backend {spec}: cannot resolve it ({source}); check the name or write an IP address")]
+    Resolve {
+        /// The route.
+        route: String,
+        /// The backend as written.
+        spec: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The route's engine cannot run here.
+    #[error("route {route:?}: {source}")]
+    Engine {
+        /// The route.
+        route: String,
+        /// Why.
+        source: Unavailable,
+    },
+}
+
+impl Table {
+    /// Builds the table of `config`: resolves every backend (the first address of each
+    /// name, as at start), picks each route's engine, and keeps the [`Backend`] of
+    /// `previous` where a route of the same name has a backend of the same spec and address
+    /// (its live count and health carry over). Without `parking` (no parker) no connection
+    /// parks, whatever `park_after` says.
+    pub async fn build(
+        config: &Config,
+        engines: &Engines,
+        previous: Option<&Table>,
+        force_close: &CancellationToken,
+        parking: bool,
+    ) -> Result<Table, BuildError> {
+        let mut routes = HashMap::new();
+        for spec in &config.routes {
+            let old = previous.and_then(|t| t.routes.get(&spec.name));
+            let mut backends = Vec::with_capacity(spec.backends.len());
+            for b in &spec.backends {
+                let written = b.to_string();
+                let addr = resolve(&written)
+                    .await
+                    .map_err(|source| BuildError::Resolve { route: spec.name.clone(), spec: written.clone(), source })?;
+                let kept = old.and_then(|r| r.backends.iter().find(|k| k.spec == written && k.addr == addr));
+                backends.push(kept.cloned().unwrap_or_else(|| Arc::new(Backend::new(&spec.name, written, addr))));
+            }
+            let (engine, engine_reason) = engines
+                .get(spec.options.engine)
+                .map_err(|source| BuildError::Engine { route: spec.name.clone(), source })?;
+            let o = &spec.options;
+            let route = Route {
+                balancer: Balancer::new(o.balance),
+                backends,
+                engine: engine.clone(),
+                engine_reason,
+                ctl: RelayCtl {
+                    idle_timeout: o.idle_timeout,
+                    force_close: force_close.clone(),
+                    // Only the splice engine parks; the sockmap engine never hands a connection back.
+                    park_after: o.park_after.filter(|_| parking && engine.parks()),
+                    half_close_timeout: o.half_close_timeout,
+                },
+                health: spec.health.as_ref().map(check),
+                spec: spec.clone(),
+            };
+            routes.insert(spec.name.clone(), Arc::new(route));
+        }
+        let sites = sites(config, &routes);
+        Ok(Table { routes, sites })
+    }
+}
+
+/// The sites of `config`'s listen addresses. The configuration was validated: at most one
+/// route without `sni` per address, no pattern twice on one address.
+fn sites(config: &Config, routes: &HashMap<String, Arc<Route>>) -> HashMap<SocketAddr, Arc<Site>> {
+    let mut builders: HashMap<SocketAddr, (Option<Arc<Route>>, Vec<Arc<Route>>)> = HashMap::new();
+    for spec in &config.routes {
+        let route = &routes[&spec.name];
+        for &addr in &spec.listen {
+            let (default, named) = builders.entry(addr).or_default();
+            if spec.sni.is_empty() {
+                *default = Some(route.clone());
+            } else {
+                named.push(route.clone());
+            }
+        }
+    }
+    builders
+        .into_iter()
+        .map(|(addr, (default, named))| {
+            let sni_timeout = default.iter().chain(&named).map(|r| r.spec.options.sni_timeout).max().unwrap_or_default();
+            let by_name = (!named.is_empty()).then(|| {
+                let mut t = SniTable::new();
+                for r in &named {
+                    for name in &r.spec.sni {
+                        let pattern: SniPattern = name.parse().expect("validated sni pattern");
+                        t.insert(pattern, r.clone()).expect("validated: no pattern twice on one address");
+                    }
+                }
+                if let Some(d) = &default {
+                    t.set_default(d.clone());
+                }
+                t
+            });
+            (addr, Arc::new(Site { default, by_name, sni_timeout }))
+        })
+        .collect()
+}
+
+/// The health check of a route's `[route.health]`.
+fn check(h: &HealthSpec) -> Check {
+    Check {
+        interval: h.interval,
+        timeout: h.timeout,
+        rise: h.rise,
+        fall: h.fall,
+        http: h.http.as_ref().map(|x| HttpCheck { path: x.path.clone(), host: x.host.clone(), expect: x.expect }),
+    }
+}
+
+/// The first address of `host:port`.
+async fn resolve(spec: &str) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host(spec)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+}
+
+#[cfg(test)]
+impl Backend {
+    /// A backend named by its address, outside any route.
+    pub(crate) fn for_test(addr: SocketAddr) -> Backend {
+        Backend::new("test", addr.to_string(), addr)
+    }
+}
