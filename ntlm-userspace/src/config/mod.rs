@@ -7,6 +7,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod diff;
+pub mod file;
+
 /// Default time allowed for a backend TCP connect before the next backend is tried.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// Default time a connection may carry no byte in either direction before both sides close.
@@ -244,7 +247,7 @@ pub enum ConfigError {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
@@ -252,7 +255,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e}; write a duration such as 500ms, 5s, 2m or 1h"))
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

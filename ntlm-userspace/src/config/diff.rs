@@ -1,0 +1,1 @@
+//! Reload plan.
