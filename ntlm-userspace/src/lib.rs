@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod doctor;
 pub mod engine;
+pub mod health;
 pub mod logging;
 pub mod park;
 pub mod relay;
