@@ -372,30 +372,19 @@ mod tests {
     async fn connection_task_is_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let config = Arc::new(Config {
-            listen: vec![addr],
-            backends: vec![addr],
-            engine: EngineChoice::Splice,
-            max_connections: 1,
-            ..Config::default()
-        });
-        let shared = Arc::new(Lifecycle {
-            balancer: crate::balance::Balancer::new(config.balance, config.backends.clone()),
-            ctl: RelayCtl { idle_timeout: config.idle_timeout, force_close: CancellationToken::new(), park_after: config.park_after },
-            engine: Arc::new(Engine::select(&config).unwrap().0),
-            config,
-            tracker: TaskTracker::new(),
-            parker: None,
-        });
+        let table = crate::route::Table::single_for_test(EngineChoice::Splice, addr).await;
+        let site = table.sites.values().next().unwrap().clone();
+        let route = table.routes.values().next().unwrap().clone();
+        let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker: None, force_close: CancellationToken::new() });
         let client = TcpStream::connect(addr).await.unwrap();
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         {
             let c2 = TcpStream::connect(addr).await.unwrap();
             let c3 = TcpStream::connect(addr).await.unwrap();
-            eprintln!("engine relay {}", size_of_val(&shared.engine.relay(1, c2, c3, &shared.ctl, Progress::new())));
+            eprintln!("engine relay {}", size_of_val(&route.engine.relay(1, c2, c3, &route.ctl, Progress::new())));
             eprintln!("outcome {}", size_of::<Outcome>());
         }
-        let task = serve(shared.clone(), 1, client, addr, permit);
+        let task = serve(lc.clone(), site, 1, client, addr, permit);
         let size = size_of_val(&task);
         eprintln!("connection task future: {size} bytes");
         assert!(size <= 600, "the connection task grew to {size} bytes");
@@ -404,11 +393,12 @@ mod tests {
             id: 2,
             peer: addr,
             started: Instant::now(),
-            lease: shared.balancer.lease(0),
+            lease: Lease::new(&route.backends[0]),
+            route,
             permit: Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap(),
         };
         let (c, b) = (std::net::TcpStream::connect(addr).unwrap(), std::net::TcpStream::connect(addr).unwrap());
-        let resumed = resume(shared.clone(), meta, [c.into(), b.into()], Progress::new());
+        let resumed = resume(lc, meta, [c.into(), b.into()], Progress::new());
         let size = size_of_val(&resumed);
         eprintln!("resumed connection task future: {size} bytes");
         assert!(size <= 600, "the resumed connection task grew to {size} bytes");

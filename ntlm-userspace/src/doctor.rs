@@ -76,7 +76,7 @@ pub fn run() -> anyhow::Result<()> {
         )
     } else {
         let started = Instant::now();
-        match SockmapEngine::load(&Config::default()) {
+        match SockmapEngine::load(&Config::default().global) {
             Ok(e) => {
                 line("programs", "loaded and attached");
                 line("self_test", format!("passed ({} ms including load)", started.elapsed().as_millis()));

@@ -14,4 +14,5 @@ pub mod logging;
 pub mod park;
 pub mod route;
 pub mod server;
+pub mod sni;
 pub mod sys;

@@ -1,37 +1,26 @@
-use std::{process::ExitCode, sync::Arc};
+use std::{path::Path, process::ExitCode};
 
-use anyhow::Context as _;
 use clap::Parser as _;
 use ntlm_splice::{
-    config::{Cli, Command},
-    engine::Engine,
-    logging, server,
+    config::{Cli, Command, Config, ProxyArgs, file},
+    logging,
+    server::{Control, Server},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
-    let threads = match &cli.command {
-        Some(Command::Doctor) => 1,
-        None => match cli.proxy.worker_threads() {
-            Ok(n) => n,
-            Err(e) => {
-                log::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            log::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Some(Command::Doctor) => rt.block_on(async { ntlm_splice::doctor::run() }),
-        None => rt.block_on(proxy(cli.proxy, threads)),
+        Some(Command::Doctor) => runtime(1).and_then(|rt| rt.block_on(async { ntlm_splice::doctor::run() })),
+        Some(Command::Check { config }) => check(&config),
+        None => match cli.proxy.into_config() {
+            Ok((config, path)) => {
+                let threads = ProxyArgs::worker_threads(&config);
+                runtime(threads).and_then(|rt| rt.block_on(proxy(config, path)))
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,29 +31,64 @@ fn main() -> ExitCode {
     }
 }
 
-async fn proxy(args: ntlm_splice::config::ProxyArgs, threads: usize) -> anyhow::Result<()> {
-    let config = Arc::new(args.into_config().await?);
-    raise_nofile_limit();
-    let (engine, reason) = Engine::select(&config)?;
-    let listeners = server::bind(&config.listen)?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    log::info!("engine={} reason=\"{reason}\"", engine.kind());
-    for l in &listeners {
-        log::info!(
-            "listening addr={} backends={} max_connections={} threads={threads}",
-            l.local_addr()?,
-            config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
-            config.max_connections
-        );
-    }
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => log::info!("received SIGTERM"),
-            _ = sigint.recv() => log::info!("received SIGINT"),
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
+}
+
+/// `ntlm-splice check --config FILE`: validates the file and resolves its backends; binds
+/// and loads nothing.
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = file::load(path)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        for r in &config.routes {
+            for b in &r.backends {
+                if let Err(e) = tokio::net::lookup_host(b.to_string()).await {
+                    anyhow::bail!("{}: route {:?}: backend {b}: cannot resolve it ({e}); check the name or write an IP address", path.display(), r.name);
+                }
+            }
         }
-    };
-    server::run(listeners, config, Arc::new(engine), shutdown).await
+        Ok(())
+    })?;
+    let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    let mut listen: Vec<_> = config.routes.iter().flat_map(|r| r.listen.iter()).collect();
+    listen.sort();
+    listen.dedup();
+    println!(
+        "{}: ok: {} route(s) ({}), {} listen address(es), {} backend(s) resolved",
+        path.display(),
+        names.len(),
+        names.join(", "),
+        listen.len(),
+        config.routes.iter().map(|r| r.backends.len()).sum::<usize>()
+    );
+    Ok(())
+}
+
+async fn proxy(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let server = Server::start(config, path).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = sigterm.recv() => { log::info!("received SIGTERM"); Control::Shutdown }
+                _ = sigint.recv() => { log::info!("received SIGINT"); Control::Shutdown }
+                _ = sighup.recv() => { log::info!("received SIGHUP: reloading the configuration"); Control::Reload }
+            };
+            if tx.send(c).await.is_err() || c == Control::Shutdown {
+                return;
+            }
+        }
+    });
+    server.run(rx).await
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection holds two sockets.

@@ -145,6 +145,8 @@ pub struct Site {
     by_name: Option<SniTable<Arc<Route>>>,
     /// How long a client may take to send its ClientHello (the longest of the routes').
     pub sni_timeout: Duration,
+    /// Every route on this address, the default first.
+    routes: Vec<Arc<Route>>,
 }
 
 impl Site {
@@ -163,7 +165,7 @@ impl Site {
 
     /// Every route on this address.
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.default.iter().chain(self.by_name.iter().flat_map(|t| t.values()))
+        self.routes.iter()
     }
 }
 
@@ -281,7 +283,8 @@ fn sites(config: &Config, routes: &HashMap<String, Arc<Route>>) -> HashMap<Socke
                 }
                 t
             });
-            (addr, Arc::new(Site { default, by_name, sni_timeout }))
+            let routes = default.iter().chain(&named).cloned().collect();
+            (addr, Arc::new(Site { default, by_name, sni_timeout, routes }))
         })
         .collect()
 }
@@ -303,6 +306,26 @@ async fn resolve(spec: &str) -> std::io::Result<SocketAddr> {
         .await?
         .next()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+}
+
+#[cfg(test)]
+impl Table {
+    /// The table of one route named `test` with `engine`, listening on 127.0.0.1:0, with one
+    /// backend at `backend`.
+    pub(crate) async fn single_for_test(engine: crate::config::EngineChoice, backend: SocketAddr) -> Table {
+        use crate::config::file::{BackendAddr, RouteOptions};
+        let route = RouteSpec {
+            name: "test".into(),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            backends: vec![BackendAddr { host: backend.ip().to_string(), port: backend.port() }],
+            sni: Vec::new(),
+            options: RouteOptions { engine, ..RouteOptions::default() },
+            health: None,
+        };
+        let config = Config { routes: vec![route], ..Config::default() };
+        let engines = Engines::new(&config.global);
+        Table::build(&config, &engines, None, &CancellationToken::new(), true).await.unwrap()
+    }
 }
 
 #[cfg(test)]

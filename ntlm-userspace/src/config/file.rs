@@ -1039,7 +1039,7 @@ fn is_route_name(name: &str) -> bool {
 
 /// Parses `host:port` (IPv6 in brackets); the error continues a sentence that starts with the
 /// quoted text and ends with the fix.
-fn parse_backend(text: &str) -> Result<BackendAddr, String> {
+pub(crate) fn parse_backend(text: &str) -> Result<BackendAddr, String> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let Some((ip, after)) = rest.split_once(']') else {
             return Err("has no closing ']'; write an IPv6 address as \"[2001:db8::7]:443\"".into());

@@ -1,14 +1,23 @@
-//! Command line and validated runtime configuration.
+//! The command line, and the validated configuration a proxy runs with.
 //!
-//! Every flag is parsed by clap, then [`Cli::into_config`] checks the values together and
-//! rejects a bad combination before anything is bound or loaded, naming the flag and the fix.
+//! A configuration comes from a file (`--config FILE`, [`file`]: every route, listener and
+//! pool) or from the flags, which are the shorthand for one route named `default`. Either way
+//! [`ProxyArgs::into_config`] returns the same validated [`Config`] before anything is
+//! resolved, bound or loaded, and every problem is named (the flag, or the file's key and
+//! line) with its fix. [`diff`] computes what a reload changes.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod diff;
 pub mod file;
+
+pub use file::FileConfig as Config;
+use file::{BackendAddr, Global, RouteOptions, RouteSpec};
+
+/// The name of the one route the command-line flags describe.
+pub const FLAG_ROUTE: &str = "default";
 
 /// Default time allowed for a backend TCP connect before the next backend is tried.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
@@ -81,11 +90,28 @@ pub enum Command {
     /// Print what this host supports (privilege, BPF, sockmap, self-test) and which engine
     /// `--engine auto` would pick. Exits 0 even when eBPF is unavailable.
     Doctor,
+    /// Validate a configuration file without binding or loading anything (as `nginx -t`):
+    /// exit 0 and a summary if it is good, non-zero with every problem (line, key, fix) if not.
+    Check {
+        /// The configuration file.
+        #[arg(long = "config", value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 /// Flags of the proxy itself.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
+    /// Read listeners, routes and pools from this TOML file (see docs/examples/ntlm-splice.toml)
+    /// instead of the flags below, and re-read it on SIGHUP. The route and process flags
+    /// cannot be combined with it: put them in the file.
+    #[arg(long = "config", value_name = "FILE", conflicts_with_all = [
+        "listen", "backend", "engine", "balance", "connect_timeout", "idle_timeout", "drain_timeout",
+        "max_connections", "max_inflight", "max_inflight_total", "sockmap_sndbuf", "pipe_size",
+        "park_after", "threads",
+    ])]
+    pub config: Option<PathBuf>,
+
     /// Address to accept clients on, IPv4 or IPv6 (`[::1]:8080`). Repeat for several.
     /// Port 0 picks a free port (the log says which).
     #[arg(long = "listen", value_name = "ADDR:PORT")]
@@ -164,57 +190,11 @@ pub struct ProxyArgs {
     pub threads: Option<usize>,
 }
 
-/// Validated configuration of a proxy run.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Addresses to listen on (at least one).
-    pub listen: Vec<SocketAddr>,
-    /// Resolved backend addresses (at least one), in the order given.
-    pub backends: Vec<SocketAddr>,
-    /// Requested engine.
-    pub engine: EngineChoice,
-    /// Balancing policy.
-    pub balance: Balance,
-    /// Per-backend connect timeout.
-    pub connect_timeout: Duration,
-    /// Idle timeout; `None` disables it.
-    pub idle_timeout: Option<Duration>,
-    /// Drain timeout on shutdown.
-    pub drain_timeout: Duration,
-    /// Connection cap.
-    pub max_connections: usize,
-    /// Per-connection kernel in-flight cap (sockmap).
-    pub max_inflight: u64,
-    /// Global kernel in-flight cap (sockmap).
-    pub max_inflight_total: u64,
-    /// Send buffer of sockmap sockets; 0: the kernel's autotuning.
-    pub sockmap_sndbuf: u64,
-    /// Capacity of the splice engine's pipes; 0: the kernel's default.
-    pub pipe_size: u64,
-    /// Idle time after which a splice-engine connection is parked; `None`: never.
-    pub park_after: Option<Duration>,
-}
-
-/// The defaults of every flag, with no listener and no backend: what `doctor` loads the
-/// sockmap engine with, and the base of tests' configurations.
+/// The flags' defaults and no route: what `doctor` loads the sockmap engine with, and the
+/// base of tests' configurations.
 impl Default for Config {
     fn default() -> Self {
-        let d = |s: &str| parse_duration(s).expect("the default durations parse");
-        Config {
-            listen: Vec::new(),
-            backends: Vec::new(),
-            engine: EngineChoice::Auto,
-            balance: Balance::RoundRobin,
-            connect_timeout: d(DEFAULT_CONNECT_TIMEOUT),
-            idle_timeout: Some(d(DEFAULT_IDLE_TIMEOUT)),
-            drain_timeout: d(DEFAULT_DRAIN_TIMEOUT),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_inflight: DEFAULT_MAX_INFLIGHT,
-            max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
-            sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
-            pipe_size: DEFAULT_PIPE_SIZE,
-            park_after: Some(d(DEFAULT_PARK_AFTER)),
-        }
+        Config { global: Global::default(), routes: Vec::new() }
     }
 }
 
@@ -227,14 +207,17 @@ pub enum ConfigError {
     /// No `--backend`.
     #[error("no --backend given: pass e.g. --backend 10.0.0.5:443 (repeatable)")]
     NoBackend,
-    /// A backend that does not resolve.
-    #[error("--backend {spec}: cannot resolve it ({source}); give host:port or ip:port")]
-    Resolve {
+    /// A `--backend` that is not `host:port`.
+    #[error("--backend {spec}: {why}")]
+    Backend {
         /// The flag's value.
         spec: String,
-        /// Resolver error.
-        source: std::io::Error,
+        /// What is wrong and the fix.
+        why: String,
     },
+    /// The configuration file (`--config`): every problem with its line, key and fix.
+    #[error(transparent)]
+    File(#[from] file::FileError),
     /// A value out of range.
     #[error("{flag} {value}: {why}")]
     Invalid {
@@ -273,25 +256,24 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 impl ProxyArgs {
-    /// The number of worker threads: `--threads`, else one per CPU.
-    ///
-    /// Not part of [`Config`]: it sizes the runtime, which has to exist before the rest of
-    /// the configuration can be checked (backends are resolved on it).
-    pub fn worker_threads(&self) -> Result<usize, ConfigError> {
-        match self.threads {
-            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
-            Some(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
-            Some(n) => Err(ConfigError::Invalid {
-                flag: "--threads",
-                value: n.to_string(),
-                why: "must be from 1 to 1024; leave it out for one per CPU",
-            }),
-        }
+    /// The number of worker threads for `config`: `--threads` (or the file's `threads`),
+    /// else one per CPU.
+    pub fn worker_threads(config: &Config) -> usize {
+        config.global.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// Checks every value and resolves backends. Nothing is bound or loaded yet.
-    pub async fn into_config(self) -> Result<Config, ConfigError> {
-        self.worker_threads()?;
+    /// The validated configuration, and the file it came from (`None`: from the flags). Host
+    /// names are resolved later, when the routes are built; nothing is bound or loaded yet.
+    pub fn into_config(self) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        if let Some(path) = self.config {
+            return Ok((file::load(&path)?, Some(path)));
+        }
+        let invalid = |flag, value: String, why| ConfigError::Invalid { flag, value, why };
+        if let Some(n) = self.threads
+            && !(1..=MAX_THREADS).contains(&n)
+        {
+            return Err(invalid("--threads", n.to_string(), "must be from 1 to 1024; leave it out for one per CPU"));
+        }
         if self.listen.is_empty() {
             return Err(ConfigError::NoListen);
         }
@@ -299,73 +281,66 @@ impl ProxyArgs {
             return Err(ConfigError::NoBackend);
         }
         if self.connect_timeout.is_zero() {
-            return Err(ConfigError::Invalid {
-                flag: "--connect-timeout",
-                value: "0".into(),
-                why: "must be greater than zero, e.g. 5s",
-            });
+            return Err(invalid("--connect-timeout", "0".into(), "must be greater than zero, e.g. 5s"));
         }
         if self.max_connections == 0 {
-            return Err(ConfigError::Invalid {
-                flag: "--max-connections",
-                value: "0".into(),
-                why: "must be at least 1",
-            });
+            return Err(invalid("--max-connections", "0".into(), "must be at least 1"));
         }
         if self.max_inflight < 64 << 10 {
-            return Err(ConfigError::Invalid {
-                flag: "--max-inflight",
-                value: self.max_inflight.to_string(),
-                why: "must be at least 64KiB (one loopback segment), e.g. 4MiB",
-            });
+            return Err(invalid(
+                "--max-inflight",
+                self.max_inflight.to_string(),
+                "must be at least 64KiB (one loopback segment), e.g. 4MiB",
+            ));
         }
         if self.max_inflight_total < self.max_inflight {
-            return Err(ConfigError::Invalid {
-                flag: "--max-inflight-total",
-                value: self.max_inflight_total.to_string(),
-                why: "must be at least --max-inflight",
-            });
+            return Err(invalid("--max-inflight-total", self.max_inflight_total.to_string(), "must be at least --max-inflight"));
         }
         if self.sockmap_sndbuf != 0 && !(64 << 10..=MAX_SOCKMAP_SNDBUF).contains(&self.sockmap_sndbuf) {
-            return Err(ConfigError::Invalid {
-                flag: "--sockmap-sndbuf",
-                value: self.sockmap_sndbuf.to_string(),
-                why: "must be 0 (kernel autotuning) or from 64KiB to 1GiB, e.g. 8MiB",
-            });
+            return Err(invalid(
+                "--sockmap-sndbuf",
+                self.sockmap_sndbuf.to_string(),
+                "must be 0 (kernel autotuning) or from 64KiB to 1GiB, e.g. 8MiB",
+            ));
         }
         if self.pipe_size != 0 && !(64 << 10..=MAX_PIPE_SIZE).contains(&self.pipe_size) {
-            return Err(ConfigError::Invalid {
-                flag: "--pipe-size",
-                value: self.pipe_size.to_string(),
-                why: "must be 0 (the kernel's default) or from 64KiB to 64MiB, e.g. 1MiB",
-            });
+            return Err(invalid(
+                "--pipe-size",
+                self.pipe_size.to_string(),
+                "must be 0 (the kernel's default) or from 64KiB to 64MiB, e.g. 1MiB",
+            ));
         }
-        let mut backends = Vec::new();
-        for spec in &self.backend {
-            let mut addrs = tokio::net::lookup_host(spec.as_str())
-                .await
-                .map_err(|source| ConfigError::Resolve { spec: spec.clone(), source })?;
-            let addr = addrs.next().ok_or_else(|| ConfigError::Resolve {
-                spec: spec.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-            })?;
-            backends.push(addr);
-        }
-        Ok(Config {
+        let backends = self
+            .backend
+            .iter()
+            .map(|spec| file::parse_backend(spec).map_err(|why| ConfigError::Backend { spec: spec.clone(), why }))
+            .collect::<Result<Vec<BackendAddr>, _>>()?;
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        let route = RouteSpec {
+            name: FLAG_ROUTE.into(),
             listen: self.listen,
             backends,
-            engine: self.engine,
-            balance: self.balance,
-            connect_timeout: self.connect_timeout,
-            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            sni: Vec::new(),
+            options: RouteOptions {
+                engine: self.engine,
+                balance: self.balance,
+                connect_timeout: self.connect_timeout,
+                idle_timeout: nonzero(self.idle_timeout),
+                park_after: nonzero(self.park_after),
+                ..RouteOptions::default()
+            },
+            health: None,
+        };
+        let global = Global {
             drain_timeout: self.drain_timeout,
             max_connections: self.max_connections,
+            threads: self.threads,
             max_inflight: self.max_inflight,
             max_inflight_total: self.max_inflight_total,
             sockmap_sndbuf: self.sockmap_sndbuf,
             pipe_size: self.pipe_size,
-            park_after: (!self.park_after.is_zero()).then_some(self.park_after),
-        })
+        };
+        Ok((Config { global, routes: vec![route] }, None))
     }
 }
 
@@ -379,46 +354,63 @@ mod tests {
         Cli::try_parse_from(v).map(|c| c.proxy)
     }
 
-    #[tokio::test]
-    async fn full_command_line_parses() {
-        let cfg = args(&[
+    /// The flags' configuration: from the command line, one route.
+    fn config(extra: &[&str]) -> Result<Config, ConfigError> {
+        let (c, path) = args(extra).unwrap().into_config()?;
+        assert!(path.is_none());
+        Ok(c)
+    }
+
+    #[test]
+    fn full_command_line_parses() {
+        let cfg = config(&[
             "--listen", "127.0.0.1:8080", "--listen", "[::1]:8080",
-            "--backend", "127.0.0.1:18080", "--backend", "[::1]:18081",
+            "--backend", "127.0.0.1:18080", "--backend", "[::1]:18081", "--backend", "iis1.example.net:443",
             "--engine", "splice", "--balance", "least-conn",
             "--connect-timeout", "250ms", "--idle-timeout", "0", "--max-connections", "10",
             "--max-inflight", "8MiB",
         ])
-        .unwrap()
-        .into_config()
-        .await
         .unwrap();
-        assert_eq!(cfg.listen.len(), 2);
-        assert_eq!(cfg.backends[1], "[::1]:18081".parse().unwrap());
-        assert_eq!(cfg.engine, EngineChoice::Splice);
-        assert_eq!(cfg.balance, Balance::LeastConn);
-        assert_eq!(cfg.connect_timeout, Duration::from_millis(250));
-        assert_eq!(cfg.idle_timeout, None);
-        assert_eq!(cfg.max_inflight, 8 << 20);
-        assert_eq!(cfg.park_after, Some(Duration::from_secs(2)), "--park-after by default");
+        assert_eq!(cfg.routes.len(), 1);
+        let r = &cfg.routes[0];
+        assert_eq!(r.name, FLAG_ROUTE);
+        assert_eq!(r.listen.len(), 2);
+        assert_eq!(r.backends[1], BackendAddr { host: "::1".into(), port: 18081 });
+        assert_eq!(r.backends[2].to_string(), "iis1.example.net:443", "names are kept to be resolved later");
+        assert_eq!(r.options.engine, EngineChoice::Splice);
+        assert_eq!(r.options.balance, Balance::LeastConn);
+        assert_eq!(r.options.connect_timeout, Duration::from_millis(250));
+        assert_eq!(r.options.idle_timeout, None);
+        assert_eq!(cfg.global.max_inflight, 8 << 20);
+        assert_eq!(cfg.global.max_connections, 10);
+        assert_eq!(r.options.park_after, Some(Duration::from_secs(2)), "--park-after by default");
         let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
         for (v, want) in [("0", None), ("500ms", Some(Duration::from_millis(500)))] {
-            let c = args(&[&base[..], &["--park-after", v]].concat()).unwrap().into_config().await.unwrap();
-            assert_eq!(c.park_after, want, "--park-after {v}");
+            let c = config(&[&base[..], &["--park-after", v]].concat()).unwrap();
+            assert_eq!(c.routes[0].options.park_after, want, "--park-after {v}");
         }
     }
 
-    /// `Config::default()` is what the flags' defaults give, apart from the addresses.
-    #[tokio::test]
-    async fn default_config_matches_the_default_flags() {
-        let mut c = args(&["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"]).unwrap().into_config().await.unwrap();
-        (c.listen, c.backends) = (Vec::new(), Vec::new());
-        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+    /// `Config::default()` and `RouteOptions::default()` are what the flags' defaults give,
+    /// apart from the route.
+    #[test]
+    fn default_config_matches_the_default_flags() {
+        let mut c = config(&["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"]).unwrap();
+        let route = c.routes.remove(0);
+        assert_eq!(route.options, RouteOptions::default());
+        assert_eq!(c, Config::default());
     }
 
-    #[tokio::test]
-    async fn missing_backend_names_the_flag() {
-        let e = args(&["--listen", "127.0.0.1:1"]).unwrap().into_config().await.unwrap_err();
+    #[test]
+    fn missing_backend_names_the_flag() {
+        let e = config(&["--listen", "127.0.0.1:1"]).unwrap_err();
         assert!(e.to_string().contains("--backend"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_without_a_port_names_the_flag_and_the_fix() {
+        let e = config(&["--listen", "127.0.0.1:1", "--backend", "iis1"]).unwrap_err().to_string();
+        assert!(e.starts_with("--backend iis1: ") && e.contains("host:port"), "{e}");
     }
 
     #[test]
@@ -433,39 +425,51 @@ mod tests {
         assert!(e.contains("possible values"), "{e}");
     }
 
-    #[tokio::test]
-    async fn zero_connect_timeout_is_rejected() {
-        let e = args(&["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--connect-timeout", "0"])
-            .unwrap()
-            .into_config()
-            .await
-            .unwrap_err();
+    #[test]
+    fn zero_connect_timeout_is_rejected() {
+        let e = config(&["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--connect-timeout", "0"]).unwrap_err();
         assert!(e.to_string().contains("--connect-timeout"), "{e}");
     }
 
-    #[tokio::test]
-    async fn thread_count_is_checked() {
+    #[test]
+    fn thread_count_is_checked() {
         let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
         for bad in ["0", "1025"] {
-            let a = args(&[&base[..], &["--threads", bad]].concat()).unwrap();
-            let e = a.worker_threads().unwrap_err().to_string();
+            let e = config(&[&base[..], &["--threads", bad]].concat()).unwrap_err().to_string();
             assert!(e.contains("--threads") && e.contains("from 1 to 1024"), "{e}");
-            let e = a.into_config().await.unwrap_err().to_string();
-            assert!(e.contains("--threads"), "{e}");
         }
         let e = args(&[&base[..], &["--threads", "two"]].concat()).unwrap_err().to_string();
         assert!(e.contains("--threads"), "{e}");
-        let a = args(&[&base[..], &["--threads", "1"]].concat()).unwrap();
-        assert_eq!(a.worker_threads().unwrap(), 1);
-        a.into_config().await.unwrap();
-        let a = args(&base).unwrap();
-        assert_eq!(a.worker_threads().unwrap(), std::thread::available_parallelism().unwrap().get());
+        let c = config(&[&base[..], &["--threads", "1"]].concat()).unwrap();
+        assert_eq!(ProxyArgs::worker_threads(&c), 1);
+        let c = config(&base).unwrap();
+        assert_eq!(ProxyArgs::worker_threads(&c), std::thread::available_parallelism().unwrap().get());
         assert_eq!(MAX_THREADS, 1024, "the message above names the limit");
+    }
+
+    /// `--config` reads the file (its errors name the file), and route flags beside it are
+    /// refused by name.
+    #[test]
+    fn a_config_file_replaces_the_flags() {
+        let dir = std::env::temp_dir().join(format!("ntlm-splice-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ok.toml");
+        std::fs::write(&path, "[[route]]\nname = \"a\"\nlisten = [\"127.0.0.1:0\"]\nbackends = [\"127.0.0.1:9\"]\n").unwrap();
+        let p = path.to_str().unwrap();
+        let (c, from) = args(&["--config", p]).unwrap().into_config().unwrap();
+        assert_eq!((c.routes[0].name.as_str(), from.as_deref()), ("a", Some(path.as_path())));
+        let e = args(&["--config", p, "--backend", "127.0.0.1:2"]).unwrap_err().to_string();
+        assert!(e.contains("--backend") && e.contains("--config"), "{e}");
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[[route]]\nname = \"a\"\nlisten = [\"127.0.0.1:0\"]\nbackend = [\"x:1\"]\n").unwrap();
+        let e = args(&["--config", bad.to_str().unwrap()]).unwrap().into_config().unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("backend"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A byte-size flag: each of `bad` is rejected naming the flag and its `range`, each of
     /// `ok` lands in the config (read by `get`), and without the flag the config has `default`.
-    async fn byte_flag_is_checked(
+    fn byte_flag_is_checked(
         flag: &str,
         bad: [&str; 2],
         range: &str,
@@ -475,31 +479,31 @@ mod tests {
     ) {
         let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
         for b in bad {
-            let e = args(&[&base[..], &[flag, b]].concat()).unwrap().into_config().await.unwrap_err();
+            let e = config(&[&base[..], &[flag, b]].concat()).unwrap_err();
             assert!(e.to_string().contains(flag) && e.to_string().contains(range), "{e}");
         }
         for (o, want) in ok {
-            let c = args(&[&base[..], &[flag, o]].concat()).unwrap().into_config().await.unwrap();
+            let c = config(&[&base[..], &[flag, o]].concat()).unwrap();
             assert_eq!(get(&c), want, "{flag} {o}");
         }
-        let c = args(&base).unwrap().into_config().await.unwrap();
+        let c = config(&base).unwrap();
         assert_eq!(get(&c), default, "{flag} by default");
     }
 
-    #[tokio::test]
-    async fn sockmap_sndbuf_is_checked() {
+    #[test]
+    fn sockmap_sndbuf_is_checked() {
         let ok = [("0", 0), ("16MiB", 16 << 20)];
         byte_flag_is_checked("--sockmap-sndbuf", ["1KiB", "2GiB"], "64KiB to 1GiB", ok, DEFAULT_SOCKMAP_SNDBUF, |c| {
-            c.sockmap_sndbuf
-        })
-        .await;
+            c.global.sockmap_sndbuf
+        });
     }
 
-    #[tokio::test]
-    async fn pipe_size_is_checked() {
+    #[test]
+    fn pipe_size_is_checked() {
         let ok = [("0", 0), ("256KiB", 256 << 10)];
-        byte_flag_is_checked("--pipe-size", ["4KiB", "128MiB"], "64KiB to 64MiB", ok, DEFAULT_PIPE_SIZE, |c| c.pipe_size)
-            .await;
+        byte_flag_is_checked("--pipe-size", ["4KiB", "128MiB"], "64KiB to 64MiB", ok, DEFAULT_PIPE_SIZE, |c| {
+            c.global.pipe_size
+        });
     }
 
     #[test]

@@ -61,7 +61,7 @@ use tokio::net::TcpStream;
 
 use super::splice::SpliceEngine;
 use crate::{
-    config::Config,
+    config::file::Global,
     lifecycle::{Outcome, RelayCtl},
 };
 
@@ -227,9 +227,9 @@ impl SockmapEngine {
     /// Loads and attaches the eBPF programs, starts the event thread and runs the start-up
     /// self-test (a loopback connection spliced through the maps). Any failure comes back as
     /// an error saying why, so that `--engine auto` can fall back to splice.
-    pub fn load(config: &Config) -> anyhow::Result<SockmapEngine> {
+    pub fn load(global: &Global) -> anyhow::Result<SockmapEngine> {
         let started = Instant::now();
-        let inner = Self::load_untested(config)?;
+        let inner = Self::load_untested(global)?;
         let loaded = started.elapsed();
         let test_time = selftest::run(&inner).context("sockmap self-test failed")?;
         log::info!(
@@ -247,12 +247,12 @@ impl SockmapEngine {
     }
 
     /// Loads, attaches and starts the event thread; no self-test.
-    fn load_untested(config: &Config) -> anyhow::Result<Arc<Inner>> {
-        Self::load_with(config, Breaks::from_env())
+    fn load_untested(global: &Global) -> anyhow::Result<Arc<Inner>> {
+        Self::load_with(global, Breaks::from_env())
     }
 
     /// [`Self::load_untested`] with the given trap fixes switched off.
-    fn load_with(config: &Config, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
+    fn load_with(global: &Global, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
         let with_parser = std::env::var(PARSER_ENV).is_ok_and(|v| v == "1");
         let kernel::Loaded { kernel, events } =
             kernel::Kernel::load(with_parser, !breaks.no_overlap_guard, breaks.cut_fail_step)?;
@@ -262,13 +262,13 @@ impl SockmapEngine {
         let inner = Arc::new(Inner {
             kernel,
             registry,
-            budget: budget::Budget::new(config.max_inflight_total),
-            max_inflight: config.max_inflight,
-            sndbuf: config.sockmap_sndbuf,
+            budget: budget::Budget::new(global.max_inflight_total),
+            max_inflight: global.max_inflight,
+            sndbuf: global.sockmap_sndbuf,
             sndbuf_short: Default::default(),
             counters: Counters::default(),
             breaks,
-            splice: SpliceEngine::new(config.pipe_size),
+            splice: SpliceEngine::new(global.pipe_size),
             _dispatcher: dispatcher,
         });
         if with_parser {

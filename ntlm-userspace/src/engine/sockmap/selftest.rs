@@ -69,7 +69,7 @@ async fn exercise(inner: &Inner) -> anyhow::Result<()> {
     user.write_all(&up[..EARLY]).await?;
     server.write_all(&down[..EARLY]).await?;
 
-    let ctl = RelayCtl { idle_timeout: Some(Duration::from_secs(4)), force_close: CancellationToken::new(), park_after: None };
+    let ctl = RelayCtl { idle_timeout: Some(Duration::from_secs(4)), ..RelayCtl::unlimited() };
     let relay = session::relay(inner, 0, proxy_client, proxy_backend, &ctl);
     let traffic = async {
         let (mut ur, mut uw) = user.split();

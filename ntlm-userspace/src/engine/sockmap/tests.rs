@@ -14,28 +14,14 @@ use std::os::fd::AsFd as _;
 
 use super::*;
 use crate::{
-    config::{Balance, EngineChoice},
+    config::file::Global,
     engine::Outcome,
     lifecycle::{End, EngineKind, RelayCtl},
 };
 use std::sync::atomic::Ordering;
 
-fn config(max_inflight: u64, total: u64) -> Config {
-    Config {
-        listen: Vec::new(),
-        backends: Vec::new(),
-        engine: EngineChoice::Sockmap,
-        balance: Balance::RoundRobin,
-        connect_timeout: Duration::from_secs(5),
-        idle_timeout: None,
-        drain_timeout: Duration::from_secs(5),
-        max_connections: 16,
-        max_inflight,
-        max_inflight_total: total,
-        sockmap_sndbuf: crate::config::DEFAULT_SOCKMAP_SNDBUF,
-        pipe_size: crate::config::DEFAULT_PIPE_SIZE,
-        park_after: None,
-    }
+fn config(max_inflight: u64, total: u64) -> Global {
+    Global { max_connections: 16, max_inflight, max_inflight_total: total, ..Global::default() }
 }
 
 /// The engine without its self-test, or `None` (after saying why) when this host cannot
@@ -50,7 +36,7 @@ fn engine_with(max_inflight: u64, total: u64, breaks: Breaks) -> Option<Arc<Inne
 }
 
 /// The engine for `cfg`, or `None` as in [`engine`].
-fn engine_from(cfg: &Config, breaks: Breaks) -> Option<Arc<Inner>> {
+fn engine_from(cfg: &Global, breaks: Breaks) -> Option<Arc<Inner>> {
     if env_logger::builder().is_test(true).try_init().is_err() {
         // Another test of this binary set it up already.
     }
@@ -78,7 +64,7 @@ async fn pair() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
 }
 
 fn ctl() -> RelayCtl {
-    RelayCtl { idle_timeout: Some(Duration::from_secs(20)), force_close: CancellationToken::new(), park_after: None }
+    RelayCtl { idle_timeout: Some(Duration::from_secs(20)), ..RelayCtl::unlimited() }
 }
 
 async fn relay(e: &Inner, pc: TcpStream, pb: TcpStream) -> Outcome {
