@@ -269,7 +269,7 @@ pub enum FileError {
         problem: Problem,
         /// The parser's own error, when it came from the TOML parser. Deliberately not the
         /// `source()`: its `Display` spans several lines and repeats `problem`.
-        toml: Option<toml::de::Error>,
+        toml: Option<Box<toml::de::Error>>,
     },
     /// Well-formed TOML that breaks the rules: every problem found, in file order.
     #[error("{}", problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n"))]
@@ -514,7 +514,7 @@ fn syntax_error(text: &str, origin: &str, e: toml::de::Error) -> FileError {
     };
     FileError::Syntax {
         problem: Problem { origin: origin.to_owned(), line, scope: String::new(), key, message },
-        toml: Some(e),
+        toml: Some(Box::new(e)),
     }
 }
 
@@ -539,7 +539,14 @@ fn line_of(text: &str, at: usize) -> usize {
 /// The dotted key at byte offset `at` of `text`, as far as the text shows it: the nearest
 /// table header above (`route.health`) joined with the key its line assigns, if any.
 fn key_at(text: &str, at: usize) -> String {
-    let at = at.min(text.len());
+    let mut at = at.min(text.len());
+    // As in `line_of`: the end of a text ending in a newline is on its last line.
+    if at == text.len() && text.ends_with('\n') {
+        at -= 1;
+    }
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
     let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("").trim();
     let header_of = |l: &str| {
@@ -703,7 +710,10 @@ impl Checker<'_> {
             // that outgrew the default total.
             match (&g.max_inflight_total, &g.max_inflight) {
                 (Some(t), _) => {
-                    let m = format!("{}: must be at least global.max_inflight ({})", out.max_inflight_total, out.max_inflight);
+                    let m = format!(
+                        "{}: must be at least global.max_inflight ({})",
+                        out.max_inflight_total, out.max_inflight
+                    );
                     self.report(&t.span(), s, "max_inflight_total", m);
                 }
                 (None, Some(i)) => {
@@ -760,7 +770,8 @@ impl Checker<'_> {
                 }
             }
         }
-        if let Some(d) = raw.connect_timeout.as_ref().and_then(|v| self.duration(v, s, "connect_timeout", false, "5s")) {
+        if let Some(d) = raw.connect_timeout.as_ref().and_then(|v| self.duration(v, s, "connect_timeout", false, "5s"))
+        {
             out.connect_timeout = d;
         }
         if let Some(d) = raw.idle_timeout.as_ref().and_then(|v| self.duration(v, s, "idle_timeout", true, "1h")) {
@@ -791,8 +802,8 @@ impl Checker<'_> {
         let raw = r.get_ref();
         let name = raw.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_default();
         let usable = is_route_name(&name);
-        let route_scope = if usable { format!("route {name:?}") } else { format!("route #{}", index + 1) };
-        let s = Scope { route: &route_scope, prefix: "" };
+        let scope_name = route_scope(index, &name);
+        let s = Scope { route: &scope_name, prefix: "" };
         match &raw.name {
             None => self.report(&header, s, "name", "missing; give the route a name, e.g. name = \"intranet\"".into()),
             Some(n) if n.get_ref().is_empty() => {
@@ -805,7 +816,8 @@ impl Checker<'_> {
             Some(n) => {
                 let line = line_of(self.text, n.span().start);
                 if let Some(first) = names.get(&name) {
-                    let m = format!("{name:?} is also the name of the route at line {first}; give each route its own name");
+                    let m =
+                        format!("{name:?} is also the name of the route at line {first}; give each route its own name");
                     self.report(&n.span(), s, "name", m);
                 } else {
                     names.insert(name.clone(), line);
@@ -855,7 +867,7 @@ impl Checker<'_> {
         }
 
         let options = self.options(&raw.options(), s, defaults);
-        let health = raw.health.as_ref().map(|h| self.health(h, &route_scope, &options));
+        let health = raw.health.as_ref().map(|h| self.health(h, &scope_name, &options));
         RouteSpec { name, listen, backends, sni, options, health }
     }
 
@@ -950,7 +962,8 @@ impl Checker<'_> {
     }
 
     /// Routes sharing a listen address: at most one without `sni` (the default) and no server
-    /// name on two of them.
+    /// name on two of them. Each pair of routes is reported once, however many addresses they
+    /// share.
     fn shared_listeners(&mut self, raw: &[Spanned<RawRoute>], routes: &[RouteSpec]) {
         // For each address, in file order: the routes on it.
         let mut on: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
@@ -962,44 +975,44 @@ impl Checker<'_> {
                 }
             }
         }
-        let mut said: HashSet<(usize, usize, String)> = HashSet::new();
+        // (earlier route, later route, server name or "" for two defaults) already reported.
+        let mut said: HashSet<(usize, usize, &str)> = HashSet::new();
         for (addr, idx) in on.iter().filter(|(_, v)| v.len() > 1) {
             let mut default: Option<usize> = None;
             let mut names: HashMap<&str, usize> = HashMap::new();
             for &i in idx {
-                let scope = format!("route {:?}", routes[i].name);
+                let scope = route_scope(i, &routes[i].name);
                 let s = Scope { route: &scope, prefix: "" };
-                let listen_span = span_of(&raw[i].get_ref().listen, &addr.to_string(), |t| t.parse().ok() == Some(*addr));
-                if routes[i].sni.is_empty() {
-                    if let Some(d) = default {
-                        if said.insert((d, i, String::new())) {
-                            let m = format!(
-                                "{addr} is also a listen address of route {:?} (line {}), and neither has sni; only one route per address may go without sni (the default): give one of them sni = [\"name.example.net\"] or another address",
-                                routes[d].name,
-                                line_of(self.text, raw[d].span().start),
-                            );
-                            self.report(&listen_span.unwrap_or(raw[i].span()), s, "listen", m);
-                        }
-                    } else {
-                        default = Some(i);
+                let header_line = |j: usize| line_of(self.text, raw[j].span().start);
+                match default {
+                    Some(d) if routes[i].sni.is_empty() && said.insert((d, i, "")) => {
+                        let span = span_of(&raw[i].get_ref().listen, |t| t.parse().ok() == Some(*addr));
+                        let m = format!(
+                            "{addr} is also a listen address of route {:?} (line {}), and neither has sni; \
+                             only one route per address may go without sni (the default): \
+                             give one of them sni = [\"name.example.net\"] or another address",
+                            routes[d].name,
+                            header_line(d),
+                        );
+                        self.report(&span.unwrap_or(raw[i].span()), s, "listen", m);
                     }
+                    None if routes[i].sni.is_empty() => default = Some(i),
+                    _ => {}
                 }
                 for p in &routes[i].sni {
-                    match names.get(p.as_str()) {
-                        Some(&o) => {
-                            if said.insert((o, i, p.clone())) {
-                                let sni_span = span_of(&raw[i].get_ref().sni, p, |t| sni_pattern(t).ok().as_ref() == Some(p));
-                                let m = format!(
-                                    "{p:?} is also on route {:?} (line {}), which shares listen address {addr}; a server name picks one route per address: remove it from one of them",
-                                    routes[o].name,
-                                    line_of(self.text, raw[o].span().start),
-                                );
-                                self.report(&sni_span.unwrap_or(raw[i].span()), s, "sni", m);
-                            }
-                        }
-                        None => {
-                            names.insert(p, i);
-                        }
+                    let Some(&o) = names.get(p.as_str()) else {
+                        names.insert(p, i);
+                        continue;
+                    };
+                    if said.insert((o, i, p)) {
+                        let span = span_of(&raw[i].get_ref().sni, |t| sni_pattern(t).as_ref() == Ok(p));
+                        let m = format!(
+                            "{p:?} is also on route {:?} (line {}), which shares listen address {addr}; \
+                             a server name picks one route per address: remove it from one of them",
+                            routes[o].name,
+                            header_line(o),
+                        );
+                        self.report(&span.unwrap_or(raw[i].span()), s, "sni", m);
                     }
                 }
             }
@@ -1007,8 +1020,14 @@ impl Checker<'_> {
     }
 }
 
-/// The span of the first entry of `list` that `matches` (`_what` is for the reader only).
-fn span_of(list: &Option<SpannedList>, _what: &str, matches: impl Fn(&str) -> bool) -> Option<Range<usize>> {
+/// How problems name route number `index` (0-based) called `name`: `route "name"`, or
+/// `route #N` when the name is not usable.
+fn route_scope(index: usize, name: &str) -> String {
+    if is_route_name(name) { format!("route {name:?}") } else { format!("route #{}", index + 1) }
+}
+
+/// The span of the first entry of `list` that `matches`.
+fn span_of(list: &Option<SpannedList>, matches: impl Fn(&str) -> bool) -> Option<Range<usize>> {
     list.as_ref()?.get_ref().iter().find(|v| matches(v.get_ref())).map(Spanned::span)
 }
 
@@ -1098,7 +1117,9 @@ fn sni_pattern(text: &str) -> Result<String, String> {
     }
     for label in rest.split('.') {
         if label.is_empty() {
-            return Err("has an empty label (two dots in a row, or a leading dot); write e.g. \"intranet.example.net\"".into());
+            return Err(
+                "has an empty label (two dots in a row, or a leading dot); write e.g. \"intranet.example.net\"".into(),
+            );
         }
         if label.len() > MAX_DNS_LABEL_LEN {
             return Err(format!("has a label longer than {MAX_DNS_LABEL_LEN} characters; a DNS label cannot be"));
@@ -1142,7 +1163,6 @@ fn parse_expect(text: &str) -> Option<(u16, u16)> {
     };
     (pair.0 <= pair.1).then_some(pair)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1351,7 +1371,10 @@ mod tests {
         v.extend([r#"sni = ["Intranet.Example.NET.", "*.x-1.example""#, "]"]);
         v.extend(["health.http.expect = 404"]);
         let c = ok(&v);
-        assert_eq!((c.global.max_inflight, c.global.max_inflight_total, c.global.sockmap_sndbuf), (128 << 10, 1 << 30, 0));
+        assert_eq!(
+            (c.global.max_inflight, c.global.max_inflight_total, c.global.sockmap_sndbuf),
+            (128 << 10, 1 << 30, 0)
+        );
         let r = &c.routes[0];
         assert_eq!(r.name, "A-1.b_c");
         assert_eq!(r.listen, vec!["[::1]:0".parse::<SocketAddr>().unwrap()]);
@@ -1476,7 +1499,10 @@ mod tests {
             ("iis1:https", r#""iis1:https" has port "https", not a number from 1 to 65535; e.g. "iis1:443""#),
             ("[::1]:", r#""[::1]:" has port "", not a number from 1 to 65535; e.g. "[::1]:443""#),
             (":443", r#"":443" has no host; write host:port, e.g. "iis1.example.net:443""#),
-            ("2001:db8::7:443", r#""2001:db8::7:443" is an IPv6 address without brackets; write it as "[2001:db8::7]:443""#),
+            (
+                "2001:db8::7:443",
+                r#""2001:db8::7:443" is an IPv6 address without brackets; write it as "[2001:db8::7]:443""#,
+            ),
             ("[2001:db8::7", r#""[2001:db8::7" has no closing ']'; write an IPv6 address as "[2001:db8::7]:443""#),
             ("[::1]", r#""[::1]" has no port; write host:port, e.g. "[::1]:443""#),
             ("[iis1]:443", r#""[iis1]:443" "iis1" in brackets is not an IPv6 address; write e.g. "[2001:db8::7]:443""#),
@@ -1707,7 +1733,10 @@ mod tests {
             r#"t.toml:7: route.health.interval: invalid type: integer `2`, expected a duration in quotes, e.g. "5s", "500ms", "1h" or "0"; see docs/examples/ntlm-splice.toml for every key and how to write it"#
         );
         let e = problem(&["[global]", "", "drain_timeout = \"30s"]);
-        assert!(e.starts_with("t.toml:3: global.drain_timeout: ") && e.ends_with("for every key and how to write it"), "{e}");
+        assert!(
+            e.starts_with("t.toml:3: global.drain_timeout: ") && e.ends_with("for every key and how to write it"),
+            "{e}"
+        );
         let e = problem(&["[[route]]", "name = 'a'", "listen = [", "  \"127.0.0.1:1\",", "  7,", "]"]);
         assert!(e.starts_with("t.toml:5: route: invalid type: integer `7`, expected a string"), "{e}");
     }
@@ -1720,6 +1749,17 @@ mod tests {
         let p = problems(&refs(&v));
         let lines: Vec<&str> = p.iter().map(|l| l.split(':').nth(1).unwrap()).collect();
         assert_eq!(lines, ["4", "6", "7"], "{p:#?}");
+    }
+
+    #[test]
+    fn key_and_line_at_every_offset() {
+        let text = "[route.health]\nrise = \"é\"\n";
+        for at in 0..=text.len() + 2 {
+            let want_line = if at <= text.find('\n').unwrap() { 1 } else { 2 };
+            assert_eq!(line_of(text, at), want_line, "offset {at}");
+            let want_key = if want_line == 1 { "route.health" } else { "route.health.rise" };
+            assert_eq!(key_at(text, at), want_key, "offset {at}");
+        }
     }
 
     /// A scratch file of this test process, removed when dropped.
@@ -1750,7 +1790,10 @@ mod tests {
         bad.extend_from_slice(file(&refs(&route("a", "127.0.0.1:1"))).as_bytes());
         let f = TempFile::new("bad.toml", &bad);
         let e = load(&f.0).unwrap_err().to_string();
-        assert_eq!(e, format!("{}:2: global.threads: 0: must be from 1 to 1024; leave it out for one per CPU", f.0.display()));
+        assert_eq!(
+            e,
+            format!("{}:2: global.threads: 0: must be from 1 to 1024; leave it out for one per CPU", f.0.display())
+        );
 
         let f = TempFile::new("latin1.toml", b"# ok\n# caf\xe9\n");
         let e = load(&f.0).unwrap_err().to_string();
@@ -1838,7 +1881,10 @@ mod tests {
 
         fn any_duration(zero_ok: bool) -> impl Strategy<Value = Duration> {
             let lo = u64::from(!zero_ok);
-            prop_oneof![(lo..100_000u64).prop_map(Duration::from_millis), (lo..200_000u64).prop_map(Duration::from_secs)]
+            prop_oneof![
+                (lo..100_000u64).prop_map(Duration::from_millis),
+                (lo..200_000u64).prop_map(Duration::from_secs)
+            ]
         }
 
         fn gen_options() -> impl Strategy<Value = GenOptions> {
@@ -1853,10 +1899,23 @@ mod tests {
                 proptest::option::of(any_duration(true)),
                 proptest::option::of(any_duration(false)),
             )
-                .prop_map(|(engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout)| {
-                    GenOptions { engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout }
-                })
+                .prop_map(
+                    |(engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout)| {
+                        GenOptions {
+                            engine,
+                            balance,
+                            connect_timeout,
+                            idle_timeout,
+                            park_after,
+                            half_close_timeout,
+                            sni_timeout,
+                        }
+                    },
+                )
         }
+
+        /// `[route.health]` as generated: interval, timeout if written, rise, fall, http.
+        type GenHealth = (Duration, Option<Duration>, u32, u32, Option<HttpCheckSpec>);
 
         /// A generated route: the model fields written in the file, plus its options and health
         /// as written (the expected model is derived in [`expected`]).
@@ -1866,7 +1925,7 @@ mod tests {
             backends: Vec<BackendAddr>,
             sni: Vec<String>,
             options: GenOptions,
-            health: Option<(Duration, Option<Duration>, u32, u32, Option<HttpCheckSpec>)>,
+            health: Option<GenHealth>,
         }
 
         fn gen_backend() -> impl Strategy<Value = BackendAddr> {
@@ -1892,8 +1951,13 @@ mod tests {
                     |(path, host, lo, span)| HttpCheckSpec { path, host, expect: (lo, (lo + span).min(599)) },
                 ),
             );
-            let health =
-                proptest::option::of((any_duration(false), proptest::option::of(any_duration(false)), 1..10u32, 1..10u32, http));
+            let health = proptest::option::of((
+                any_duration(false),
+                proptest::option::of(any_duration(false)),
+                1..10u32,
+                1..10u32,
+                http,
+            ));
             (listen, proptest::collection::vec(gen_backend(), 1..4), sni, gen_options(), health).prop_map(
                 |(mut listen, mut backends, mut sni, options, health)| {
                     let mut seen = HashSet::new();
@@ -1987,18 +2051,20 @@ mod tests {
                 prop_oneof![Just(0), MIN_KERNEL_BYTES..=MAX_SOCKMAP_SNDBUF],
                 prop_oneof![Just(0u64), (1u64..=64).prop_map(|m| m << 20)],
             )
-                .prop_map(|(drain_timeout, max_connections, threads, max_inflight, extra_kib, sockmap_sndbuf, pipe_size)| {
-                    Global {
-                        drain_timeout,
-                        max_connections,
-                        threads,
-                        max_inflight,
-                        // Rendered in KiB: a whole number of them, at least max_inflight.
-                        max_inflight_total: (max_inflight.div_ceil(1024) + extra_kib) << 10,
-                        sockmap_sndbuf,
-                        pipe_size,
-                    }
-                })
+                .prop_map(
+                    |(drain_timeout, max_connections, threads, max_inflight, extra_kib, sockmap_sndbuf, pipe_size)| {
+                        Global {
+                            drain_timeout,
+                            max_connections,
+                            threads,
+                            max_inflight,
+                            // Rendered in KiB: a whole number of them, at least max_inflight.
+                            max_inflight_total: (max_inflight.div_ceil(1024) + extra_kib) << 10,
+                            sockmap_sndbuf,
+                            pipe_size,
+                        }
+                    },
+                )
         }
 
         /// Generated routes may share listen addresses only where the file allows it: drop
@@ -2012,7 +2078,9 @@ mod tests {
                     owners.get(a).is_none_or(|o| {
                         o.iter().all(|&j| {
                             let other = &before[j];
-                            !(other.sni.is_empty() && r.sni.is_empty()) && !other.sni.iter().any(|p| r.sni.contains(p))
+                            let both_default = other.sni.is_empty() && r.sni.is_empty();
+                            let same_name = other.sni.iter().any(|p| r.sni.contains(p));
+                            !both_default && !same_name
                         })
                     })
                 });
