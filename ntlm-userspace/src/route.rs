@@ -254,7 +254,9 @@ impl Table {
 /// The sites of `config`'s listen addresses. The configuration was validated: at most one
 /// route without `sni` per address, no pattern twice on one address.
 fn sites(config: &Config, routes: &HashMap<String, Arc<Route>>) -> HashMap<SocketAddr, Arc<Site>> {
-    let mut builders: HashMap<SocketAddr, (Option<Arc<Route>>, Vec<Arc<Route>>)> = HashMap::new();
+    /// The default route and the routes with server names, of one address.
+    type Routes = (Option<Arc<Route>>, Vec<Arc<Route>>);
+    let mut builders: HashMap<SocketAddr, Routes> = HashMap::new();
     for spec in &config.routes {
         let route = &routes[&spec.name];
         for &addr in &spec.listen {

@@ -147,11 +147,9 @@ impl Server {
                 }
             }
         }));
-        loop {
-            match control.recv().await {
-                Some(Control::Reload) => self.reload().await,
-                Some(Control::Shutdown) | None => break,
-            }
+        // Until Control::Shutdown, or the sender is gone.
+        while let Some(Control::Reload) = control.recv().await {
+            self.reload().await;
         }
         self.drain().await;
         Ok(())

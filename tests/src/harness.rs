@@ -147,6 +147,36 @@ impl Proxy {
         args
     }
 
+    /// Starts `ntlm-splice --config PATH` and waits until it listens (its first listener).
+    pub async fn start_config(path: &std::path::Path) -> Proxy {
+        Self::spawn(&["--config".to_string(), path.display().to_string()], &Self::default_log()).await
+    }
+
+    /// Every listener the proxy has announced so far: (bound address, its routes).
+    pub fn listeners(&self) -> Vec<(SocketAddr, Vec<String>)> {
+        self.log.lines.lock().unwrap().iter().filter_map(|l| parse_listening(l)).collect()
+    }
+
+    /// The bound address of the newest listener that serves `route` (waits for its log line).
+    pub async fn addr_of(&self, route: &str, timeout: Duration) -> SocketAddr {
+        let serves = |l: &str| parse_listening(l).is_some_and(|(_, routes)| routes.iter().any(|r| r == route));
+        self.wait_log(timeout, |lines| lines.iter().any(|l| serves(l))).await;
+        let lines = self.log.lines.lock().unwrap();
+        lines.iter().rev().find(|l| serves(l)).and_then(|l| parse_listening(l)).map(|(a, _)| a).expect("just seen")
+    }
+
+    /// Sends SIGHUP and waits for the proxy to say how the reload ended: `Ok(line)` for
+    /// `reload: applied`, `Err(line)` for `reload: ... rejected`.
+    pub async fn reload(&self, timeout: Duration) -> Result<String, String> {
+        let done = |l: &str| l.contains("reload: applied") || (l.contains("reload: ") && l.contains(" rejected"));
+        let before = self.log.lines.lock().unwrap().iter().filter(|l| done(l)).count();
+        self.signal(libc::SIGHUP);
+        self.wait_log(timeout, |lines| lines.iter().filter(|l| done(l)).count() > before).await;
+        let lines = self.log.lines.lock().unwrap();
+        let line = lines.iter().filter(|l| done(l)).nth(before).expect("just seen").clone();
+        if line.contains("reload: applied") { Ok(line) } else { Err(line) }
+    }
+
     /// Starts the binary with exactly `args`.
     pub async fn start_args(args: &[String]) -> Proxy {
         Self::spawn(args, &Self::default_log()).await
@@ -304,6 +334,18 @@ impl Proxy {
     }
 }
 
+/// A `listening addr=ADDR routes=A,B ...` line: the address and the routes.
+fn parse_listening(line: &str) -> Option<(SocketAddr, Vec<String>)> {
+    let (_, rest) = line.split_once("listening addr=")?;
+    let addr = rest.split(' ').next()?.parse().ok()?;
+    let routes = rest
+        .split(' ')
+        .find_map(|f| f.strip_prefix("routes="))
+        .map(|r| r.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    Some((addr, routes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +361,7 @@ mod tests {
         assert_eq!(l.get("end"), Some("connect_failed"));
         assert_eq!(l.get("error"), Some("Client socket: reset by peer"));
         assert!(AccessLine::parse("ts=x level=info server: listening addr=1").is_none());
+        let (a, r) = parse_listening("ts=x level=info server: listening addr=127.0.0.1:5 routes=a,b backends=x").unwrap();
+        assert_eq!((a, r), ("127.0.0.1:5".parse().unwrap(), vec!["a".to_string(), "b".to_string()]));
     }
 }

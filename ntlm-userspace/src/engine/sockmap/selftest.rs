@@ -13,7 +13,6 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::sync::CancellationToken;
 
 use super::{Inner, session, snapshot};
 use crate::lifecycle::{End, EngineKind, RelayCtl};

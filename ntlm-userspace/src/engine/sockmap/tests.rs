@@ -8,7 +8,6 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::sync::CancellationToken;
 
 use std::os::fd::AsFd as _;
 
