@@ -13,7 +13,8 @@
 //!   CTL:   cookie → wake_at threshold for the next event          (userspace writes)
 //! ```
 //!
-//! The traps this handles (numbers from `shared/notes/sockmap-facts.md`), each in `session`:
+//! The traps this handles (numbers from `shared/notes/sockmap-facts.md`), each in `session`
+//! or the file beside it that `session` names for it:
 //!
 //! 1. FIN is not forwarded: each direction waits for its source's EOF (a peek that returns
 //!    0: the verdict consumes data, so only EOF or an error wakes it) and then calls
@@ -41,7 +42,11 @@
 mod btf;
 mod budget;
 mod dispatch;
+mod duplicates;
+mod entries;
+mod flow;
 mod kernel;
+mod lane;
 mod selftest;
 mod session;
 mod sock;
@@ -70,7 +75,7 @@ use crate::{
 /// `cleanup`, `overlap`, `softpause`. Never set it in production: each one loses data, hangs or leaks.
 pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
 /// Environment variable: `1` also attaches the stream parser program (measurement only; see
-/// `session` for why the engine runs without one).
+/// `flow` for why the engine runs without one).
 pub const PARSER_ENV: &str = "NTLM_SPLICE_SOCKMAP_PARSER";
 
 /// Trap fixes that [`BREAK_ENV`] can switch off.
@@ -140,7 +145,7 @@ pub(crate) struct Counters {
     pub(crate) copied_bytes: AtomicU64,
     /// Zero-length buffers the verdict saw (FIN), summed over finished connections.
     pub(crate) empty_skbs: AtomicU64,
-    /// Connections reset because the kernel delivered bytes twice (see `session`).
+    /// Connections reset because the kernel delivered bytes twice (see `duplicates`).
     pub(crate) duplicates: AtomicU64,
     /// Retransmitted buffers whose overlap the verdict cut off, over finished connections.
     pub(crate) overlap_skbs: AtomicU64,
