@@ -41,8 +41,11 @@ use crate::{
 /// The connection's map entries, registrations and budget; dropping it removes them all
 /// (trap 7), whatever state the connection ended in.
 pub(super) struct Entries<'e> {
+    /// The engine whose maps and budget these are.
     eng: &'e Inner,
+    /// The connection's id (for the log).
     id: u64,
+    /// `SO_COOKIE` of the client and backend sockets: the keys of every entry.
     cookie: [u64; 2],
     /// STATS/CTL entries and an event registration exist for socket i.
     tracked: [AtomicBool; 2],
@@ -58,39 +61,120 @@ pub(super) struct Entries<'e> {
     pub(super) sockets_closed: AtomicBool,
 }
 
-pub(super) type SetupErr = (TcpStream, TcpStream, String);
+/// Why a connection could not enter the maps; set-up then hands it whole to the splice
+/// engine, with nothing forwarded yet.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SetupError {
+    /// A socket is past ESTABLISHED (e.g. its FIN arrived before set-up): it cannot enter a
+    /// map (trap 8).
+    #[error("the {} socket is not ESTABLISHED (TCP state {state}, e.g. it already sent its FIN)", name(*side))]
+    NotEstablished {
+        /// The socket.
+        side: Side,
+        /// Its `tcpi_state`.
+        state: u8,
+    },
+    /// Reading a socket's state before it entered a map failed.
+    #[error("reading the {} socket's {what} failed", name(*side))]
+    Read {
+        /// The socket.
+        side: Side,
+        /// What was read (`TCP_INFO`, `SO_COOKIE`, its byte counters).
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// Creating a socket's entry in a side map (STATS, CTL) failed.
+    #[error("creating the {map} entry of the {} socket failed", name(*side))]
+    Entry {
+        /// The map.
+        map: &'static str,
+        /// The socket the entry is for.
+        side: Side,
+        /// The error.
+        source: io::Error,
+    },
+    /// Inserting a socket into a sockhash (PEER) failed; it may have closed.
+    #[error("inserting the {} socket in {map} failed (it may have closed)", name(*side))]
+    Insert {
+        /// The map.
+        map: &'static str,
+        /// The socket inserted.
+        side: Side,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A connection that did not enter the maps: its two sockets, untouched and open, handed
+/// back with the reason.
+#[derive(Debug)]
+pub(super) struct Unpaired {
+    /// The client socket.
+    pub(super) client: TcpStream,
+    /// The backend socket.
+    pub(super) backend: TcpStream,
+    /// Why.
+    pub(super) why: SetupError,
+}
+
+/// A socket's name in messages.
+fn name(side: Side) -> &'static str {
+    match side {
+        Side::Client => "client",
+        Side::Backend => "backend",
+    }
+}
+
+/// An error and its sources, `: `-separated (as anyhow's `{:#}`), for a log line.
+pub(super) struct Chain<'a>(pub(super) &'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
 
 /// What set-up reads from both sockets before they enter a map.
 struct Baselines {
+    /// `SO_COOKIE` of each socket (the map key).
     cookie: [u64; 2],
+    /// Bytes already written to each socket (as a destination).
     written: [u64; 2],
+    /// Data bytes already taken out of each socket by a reader (as a source).
     consumed: [u64; 2],
 }
 
-/// Set-up step 1-2; `Ok(Err(why))` when a socket is not ESTABLISHED.
-fn baselines(client: &TcpStream, backend: &TcpStream) -> io::Result<Result<Baselines, String>> {
+/// Set-up steps 1-2.
+fn baselines(client: &TcpStream, backend: &TcpStream) -> Result<Baselines, SetupError> {
     let mut b = Baselines { cookie: [0; 2], written: [0; 2], consumed: [0; 2] };
-    for (i, s) in [client, backend].into_iter().enumerate() {
+    for (side, s) in [(Side::Client, client), (Side::Backend, backend)] {
+        let i = si(side);
         let fd = s.as_fd();
-        let info = sock::tcp_info(fd)?;
+        let read = |what| move |source| SetupError::Read { side, what, source };
+        let info = sock::tcp_info(fd).map_err(read("TCP_INFO"))?;
         let state = info.state;
         if state != sock::TCP_ESTABLISHED {
-            let who = if i == 0 { "client" } else { "backend" };
-            return Ok(Err(format!(
-                "the {who} socket is not ESTABLISHED (TCP state {state}, e.g. it already sent its FIN)"
-            )));
+            return Err(SetupError::NotEstablished { side, state });
         }
-        b.cookie[i] = sock::cookie(fd)?;
-        (b.written[i], b.consumed[i]) = sock::setup_counters(fd, info)?;
+        b.cookie[i] = sock::cookie(fd).map_err(read("SO_COOKIE"))?;
+        (b.written[i], b.consumed[i]) = sock::setup_counters(fd, info).map_err(read("byte counters"))?;
     }
-    Ok(Ok(b))
+    Ok(b)
 }
 
-pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream) -> Result<Conn<'_>, SetupErr> {
+/// Sets a connection up in the maps (the whole set-up order above); on failure nothing
+/// forwards and the sockets come back, open, in [`Unpaired`].
+pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream) -> Result<Conn<'_>, Unpaired> {
     let Baselines { cookie, written: base_written, consumed: base_consumed } = match baselines(&client, &backend) {
-        Ok(Ok(v)) => v,
-        Ok(Err(why)) => return Err((client, backend, why)),
-        Err(e) => return Err((client, backend, format!("reading socket state failed: {e}"))),
+        Ok(v) => v,
+        Err(why) => return Err(Unpaired { client, backend, why }),
     };
     if eng.sndbuf != 0 {
         for (side, s) in [(Side::Client, &client), (Side::Backend, &backend)] {
@@ -110,7 +194,7 @@ pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream)
     let wake = [eng.registry.register(cookie[0]), eng.registry.register(cookie[1])];
     if let Err(why) = maps.enter(&client, &backend) {
         // Nothing forwards yet; dropping `maps` removes what went in.
-        return Err((client, backend, why));
+        return Err(Unpaired { client, backend, why });
     }
     let conn = Conn {
         eng,
@@ -136,28 +220,30 @@ pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream)
 impl Entries<'_> {
     /// Steps 3-5 of the set-up. An error means nothing forwards yet (no FWD entry) and the
     /// caller hands the connection to splice.
-    fn enter(&self, client: &TcpStream, backend: &TcpStream) -> Result<(), String> {
+    fn enter(&self, client: &TcpStream, backend: &TcpStream) -> Result<(), SetupError> {
         let k = &self.eng.kernel;
         let fd = |side: Side| match side {
             Side::Client => client.as_fd(),
             Side::Backend => backend.as_fd(),
         };
-        for i in 0..2 {
+        for side in [Side::Client, Side::Backend] {
+            let i = si(side);
+            let entry = |map| move |source| SetupError::Entry { map, side, source };
             let fresh = SockStats { fired_at: u64::MAX, ..SockStats::default() };
-            k.stats.put(self.cookie[i], &fresh, BPF_NOEXIST).map_err(|e| format!("creating the STATS entry: {e}"))?;
+            k.stats.put(self.cookie[i], &fresh, BPF_NOEXIST).map_err(entry("STATS"))?;
             self.tracked[i].store(true, Ordering::Relaxed);
             // The first redirected byte wakes us; the first check grants budget.
             let ctl = SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(self.eng, 0, 0) };
-            k.ctl.put(self.cookie[i], &ctl, BPF_NOEXIST).map_err(|e| format!("creating the CTL entry: {e}"))?;
+            k.ctl.put(self.cookie[i], &ctl, BPF_NOEXIST).map_err(entry("CTL"))?;
         }
         if self.eng.breaks.fwd_first {
             self.enter_fwd(&fd);
         }
         // PEER[cookie of the client] = backend socket, and the reverse.
         for side in [Side::Client, Side::Backend] {
-            k.peer.put_sock(self.cookie[si(side)], fd(side.other())).map_err(|e| {
-                format!("inserting the {:?} socket in PEER failed ({e}); it may have closed", side.other())
-            })?;
+            k.peer
+                .put_sock(self.cookie[si(side)], fd(side.other()))
+                .map_err(|source| SetupError::Insert { map: "PEER", side: side.other(), source })?;
             self.in_peer[si(side)].store(true, Ordering::Relaxed);
         }
         if !self.eng.breaks.fwd_first {
@@ -283,5 +369,30 @@ pub(super) fn kick(eng: &Inner, id: u64, side: Side, fd: BorrowedFd<'_>) {
     }
     if let Err(e) = sock::kick(fd) {
         log::debug!("conn={id} sockmap: SO_RCVLOWAT kick on {side:?} failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log line names the step, the socket and the kernel's error: the source is kept,
+    /// not flattened into a string.
+    #[test]
+    fn a_setup_error_keeps_its_source() {
+        let why = SetupError::Insert {
+            map: "PEER",
+            side: Side::Backend,
+            source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        };
+        let source = std::error::Error::source(&why).expect("the io::Error is the source");
+        assert_eq!(source.to_string(), io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string());
+        let line = Chain(&why).to_string();
+        assert!(line.starts_with("inserting the backend socket in PEER failed"), "{line}");
+        assert!(line.ends_with(&format!(": {source}")), "{line}");
+        let state = SetupError::NotEstablished { side: Side::Client, state: 8 };
+        assert!(std::error::Error::source(&state).is_none());
+        assert_eq!(Chain(&state).to_string(), state.to_string());
+        assert!(state.to_string().contains("client socket is not ESTABLISHED (TCP state 8"), "{state}");
     }
 }

@@ -22,7 +22,7 @@ use tokio::{net::TcpStream, sync::Notify};
 
 use super::{
     Inner,
-    entries::{Entries, kick, setup},
+    entries::{Chain, Entries, Unpaired, kick, setup},
     kernel::BPF_ANY,
     sock,
 };
@@ -62,12 +62,17 @@ pub(super) struct DirShared {
 
 /// One connection in the sockmap engine.
 pub(super) struct Conn<'e> {
+    /// The engine (maps, budget, counters).
     pub(super) eng: &'e Inner,
+    /// The connection's id (for the log).
     pub(super) id: u64,
     // Declared before `maps`: the sockets close first, which takes them out of FWD and PEER
     // (no verdict runs after that), then `maps` deletes the side entries.
+    /// The client and backend sockets.
     pub(super) socks: [TcpStream; 2],
+    /// The map entries, registrations and budget, removed on drop.
     pub(super) maps: Entries<'e>,
+    /// `SO_COOKIE` of the client and backend sockets.
     pub(super) cookie: [u64; 2],
     /// `bytes_written` of each socket at set-up (as a destination).
     pub(super) base_written: [u64; 2],
@@ -75,10 +80,12 @@ pub(super) struct Conn<'e> {
     pub(super) base_consumed: [u64; 2],
     /// Wake events for each source socket.
     pub(super) wake: [Arc<Notify>; 2],
+    /// Per-direction state (up, down).
     pub(super) dirs: [DirShared; 2],
     /// CLOCK_MONOTONIC ns of the last byte moved that the kernel's `last_ns` does not show
     /// (userspace copy, drain progress).
     pub(super) last_user: AtomicU64,
+    /// Sockets to close with a reset.
     pub(super) reset: driver::ResetOnClose,
 }
 
@@ -86,8 +93,8 @@ pub(super) struct Conn<'e> {
 pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
     let conn = match setup(eng, id, client, backend) {
         Ok(c) => c,
-        Err((client, backend, why)) => {
-            log::debug!("conn={id} sockmap: {why}; handing the connection to the splice engine");
+        Err(Unpaired { client, backend, why }) => {
+            log::debug!("conn={id} sockmap: {}; handing the connection to the splice engine", Chain(&why));
             eng.counters.splice_fallbacks.fetch_add(1, Ordering::Relaxed);
             return match eng.splice.relay(id, client, backend, ctl, Progress::new()).await {
                 Relayed::Ended(o) => o,
