@@ -16,7 +16,7 @@
 use std::{io, sync::atomic::Ordering};
 
 use super::{
-    session::{Conn, si},
+    session::Conn,
     sock,
 };
 use crate::lifecycle::{Dir, Fault, Side};
@@ -26,7 +26,7 @@ impl Conn<'_> {
     fn arrived(&self, src: Side) -> Result<u64, Fault> {
         let info = sock::tcp_info(self.fd(src)).map_err(Fault::on(src))?;
         let fin = u64::from(sock::fin_received(info.state));
-        Ok(info.bytes_received.saturating_sub(fin).saturating_sub(self.base_consumed[si(src)]))
+        Ok(info.bytes_received.saturating_sub(fin).saturating_sub(self.base_consumed[src as usize]))
     }
 
     /// Fails if the kernel handed the verdict more bytes than TCP received in sequence, or if

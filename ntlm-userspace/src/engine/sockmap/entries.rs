@@ -30,7 +30,7 @@ use super::{
     Inner,
     flow::stop_at,
     kernel::BPF_NOEXIST,
-    session::{Conn, di, si},
+    session::Conn,
     sock,
 };
 use crate::{
@@ -155,7 +155,7 @@ struct Baselines {
 fn baselines(client: &TcpStream, backend: &TcpStream) -> Result<Baselines, SetupError> {
     let mut b = Baselines { cookie: [0; 2], written: [0; 2], consumed: [0; 2] };
     for (side, s) in [(Side::Client, client), (Side::Backend, backend)] {
-        let i = si(side);
+        let i = side as usize;
         let fd = s.as_fd();
         let read = |what| move |source| SetupError::Read { side, what, source };
         let info = sock::tcp_info(fd).map_err(read("TCP_INFO"))?;
@@ -210,8 +210,8 @@ pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream)
         reset: Default::default(),
     };
     for d in [Dir::Up, Dir::Down] {
-        if conn.maps.in_fwd[di(d)].load(Ordering::Relaxed) {
-            conn.dirs[di(d)].kernel.store(true, Ordering::Relaxed);
+        if conn.maps.in_fwd[d as usize].load(Ordering::Relaxed) {
+            conn.dirs[d as usize].kernel.store(true, Ordering::Relaxed);
         }
     }
     Ok(conn)
@@ -227,7 +227,7 @@ impl Entries<'_> {
             Side::Backend => backend.as_fd(),
         };
         for side in [Side::Client, Side::Backend] {
-            let i = si(side);
+            let i = side as usize;
             let entry = |map| move |source| SetupError::Entry { map, side, source };
             let fresh = SockStats { fired_at: u64::MAX, ..SockStats::default() };
             k.stats.put(self.cookie[i], &fresh, BPF_NOEXIST).map_err(entry("STATS"))?;
@@ -242,9 +242,9 @@ impl Entries<'_> {
         // PEER[cookie of the client] = backend socket, and the reverse.
         for side in [Side::Client, Side::Backend] {
             k.peer
-                .put_sock(self.cookie[si(side)], fd(side.other()))
+                .put_sock(self.cookie[side as usize], fd(side.other()))
                 .map_err(|source| SetupError::Insert { map: "PEER", side: side.other(), source })?;
-            self.in_peer[si(side)].store(true, Ordering::Relaxed);
+            self.in_peer[side as usize].store(true, Ordering::Relaxed);
         }
         if !self.eng.breaks.fwd_first {
             self.enter_fwd(&fd);
@@ -257,9 +257,9 @@ impl Entries<'_> {
     fn enter_fwd<'s>(&self, fd: &impl Fn(Side) -> BorrowedFd<'s>) {
         for dir in [Dir::Up, Dir::Down] {
             let src = dir.src();
-            match self.eng.kernel.fwd.put_sock(self.cookie[si(src)], fd(src)) {
+            match self.eng.kernel.fwd.put_sock(self.cookie[src as usize], fd(src)) {
                 Ok(()) => {
-                    self.in_fwd[di(dir)].store(true, Ordering::Relaxed);
+                    self.in_fwd[dir as usize].store(true, Ordering::Relaxed);
                     kick(self.eng, self.id, src, fd(src));
                 }
                 Err(e) => log::debug!(
@@ -284,8 +284,8 @@ impl Entries<'_> {
             }
         }
         for dir in [Dir::Up, Dir::Down] {
-            if self.in_fwd[di(dir)].swap(false, Ordering::Relaxed)
-                && let Err(e) = k.fwd.delete(self.cookie[si(dir.src())])
+            if self.in_fwd[dir as usize].swap(false, Ordering::Relaxed)
+                && let Err(e) = k.fwd.delete(self.cookie[dir.src() as usize])
             {
                 fail("a FWD entry", e);
             }

@@ -37,10 +37,13 @@ use tokio::{io::Interest, time::Instant};
 use super::{
     Inner,
     lane::{COPY_BUF, Lane, lane_max},
-    session::{Conn, di, si},
+    session::Conn,
     sock,
 };
-use crate::lifecycle::{Dir, Fault};
+use crate::{
+    engine::driver::socket_error,
+    lifecycle::{Dir, Fault},
+};
 
 /// First sleep of the drain and pause polls; doubled up to [`POLL_MAX`].
 const POLL_MIN: Duration = Duration::from_millis(1);
@@ -58,7 +61,7 @@ impl Conn<'_> {
     fn inflight(&self, dir: Dir) -> Result<(u64, u64), Fault> {
         let r = self.stats(dir.src())?.bytes;
         let w = self.written(dir.dst())?;
-        let copied = self.dirs[di(dir)].copied.load(Ordering::Relaxed);
+        let copied = self.dirs[dir as usize].copied.load(Ordering::Relaxed);
         let f = r.saturating_sub(w.saturating_sub(copied));
         self.eng.counters.max_inflight_seen.fetch_max(f, Ordering::Relaxed);
         Ok((f, r))
@@ -76,7 +79,7 @@ impl Conn<'_> {
     /// byte redirected before it reached the destination's TCP.
     pub(super) async fn forward(&self, dir: Dir) -> Result<(), Fault> {
         let (src, dst) = (self.sock(dir.src()), self.sock(dir.dst()));
-        let wake = &self.wake[si(dir.src())];
+        let wake = &self.wake[dir.src() as usize];
         let cap = self.eng.max_inflight;
         let lane_max = lane_max(cap);
         let mut flow = Flow {
@@ -177,7 +180,7 @@ impl Conn<'_> {
                                 // may redirect again, so the next lane bytes wait for a flush.
                                 lane.flushed = false;
                             }
-                            self.dirs[di(dir)].copied.fetch_add(n as u64, Ordering::Relaxed);
+                            self.dirs[dir as usize].copied.fetch_add(n as u64, Ordering::Relaxed);
                             self.eng.counters.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
                             self.touch();
                             // Once this equals `passed`, the verdict redirects again: everything
@@ -189,13 +192,7 @@ impl Conn<'_> {
                         Err(e) => return Err(Fault::on(dir.dst())(e)),
                     }
                 }
-                r = dst.ready(Interest::ERROR) => {
-                    let e = match r {
-                        Ok(_) => sock::take_error(self.fd(dir.dst())).ok().flatten(),
-                        Err(e) => Some(e),
-                    };
-                    return Err(Fault::on(dir.dst())(e.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())));
-                }
+                e = socket_error(dst) => return Err(Fault::on(dir.dst())(e)),
                 () = wake.notified() => {
                     if !flow.paused {
                         flow.interval = RECHECK_FIRST;
@@ -224,7 +221,7 @@ impl Conn<'_> {
     /// pauses it (the verdict then keeps the bytes on the source), or resumes it.
     /// `timer`: called by the recheck timer rather than an event.
     fn check(&self, dir: Dir, flow: &mut Flow, timer: bool) -> Result<(), Fault> {
-        let reserved = &self.maps.reserved[di(dir)];
+        let reserved = &self.maps.reserved[dir as usize];
         let cap = self.eng.max_inflight;
         self.check_no_duplicate(dir, flow.copied)?;
         loop {
@@ -322,10 +319,10 @@ impl Conn<'_> {
             let received = sock::tcp_info(self.fd(src)).map_err(Fault::on(src))?.bytes_received;
             // At EOF without a socket error the source received a FIN, which bytes_received
             // counts (the state cannot tell: after FINs both ways it reads TCP_CLOSE).
-            let arrived = received.saturating_sub(1).saturating_sub(self.base_consumed[si(src)]);
+            let arrived = received.saturating_sub(1).saturating_sub(self.base_consumed[src as usize]);
             let w = self.written(dst)?;
             if w >= arrived {
-                self.check_no_duplicate_of(dir, self.dirs[di(dir)].copied.load(Ordering::Relaxed), Some(arrived))?;
+                self.check_no_duplicate_of(dir, self.dirs[dir as usize].copied.load(Ordering::Relaxed), Some(arrived))?;
                 log::debug!(
                     "conn={} sockmap: {dir:?} drained: {arrived} bytes arrived, {w} written, {} redirected",
                     self.id,

@@ -7,7 +7,7 @@ use std::{io, sync::atomic::Ordering, time::Duration};
 
 use tokio::net::TcpStream;
 
-use super::session::{Conn, di};
+use super::session::Conn;
 use crate::lifecycle::{Dir, Fault};
 
 /// Userspace copy buffer (FIN-before-insertion fallback).
@@ -18,7 +18,7 @@ impl Conn<'_> {
     /// first): plain read/write, since the sockets may be in a map for the other direction.
     pub(super) async fn copy(&self, dir: Dir) -> Result<(), Fault> {
         let (src, dst) = (self.sock(dir.src()), self.sock(dir.dst()));
-        let copied = &self.dirs[di(dir)].copied;
+        let copied = &self.dirs[dir as usize].copied;
         let mut buf = vec![0u8; COPY_BUF];
         loop {
             src.readable().await.map_err(Fault::on(dir.src()))?;

@@ -35,22 +35,6 @@ use crate::{
     sys::{clock::monotonic_ns, sock::shutdown_write},
 };
 
-/// A direction's index into per-direction arrays.
-pub(super) fn di(dir: Dir) -> usize {
-    match dir {
-        Dir::Up => 0,
-        Dir::Down => 1,
-    }
-}
-
-/// A socket's index into per-socket arrays.
-pub(super) fn si(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
-    }
-}
-
 /// Per-direction state read outside the direction's own task.
 #[derive(Default)]
 pub(super) struct DirShared {
@@ -124,7 +108,7 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
 
 impl<'e> Conn<'e> {
     pub(super) fn sock(&self, side: Side) -> &TcpStream {
-        &self.socks[si(side)]
+        &self.socks[side as usize]
     }
 
     pub(super) fn fd(&self, side: Side) -> BorrowedFd<'_> {
@@ -136,13 +120,13 @@ impl<'e> Conn<'e> {
     }
 
     pub(super) fn stats(&self, side: Side) -> Result<SockStats, Fault> {
-        self.eng.kernel.stats_of(self.cookie[si(side)]).map_err(Fault::Internal)
+        self.eng.kernel.stats_of(self.cookie[side as usize]).map_err(Fault::Internal)
     }
 
     /// Bytes written to `dst` since set-up.
     pub(super) fn written(&self, dst: Side) -> Result<u64, Fault> {
         let w = sock::bytes_written(self.fd(dst)).map_err(Fault::on(dst))?;
-        Ok(w.saturating_sub(self.base_written[si(dst)]))
+        Ok(w.saturating_sub(self.base_written[dst as usize]))
     }
 
 
@@ -165,12 +149,12 @@ impl<'e> Conn<'e> {
 
 
     pub(super) fn write_ctl(&self, dir: Dir, ctl: &SockCtl) -> Result<(), Fault> {
-        self.eng.kernel.ctl.put(self.cookie[si(dir.src())], ctl, BPF_ANY).map_err(Fault::Internal)
+        self.eng.kernel.ctl.put(self.cookie[dir.src() as usize], ctl, BPF_ANY).map_err(Fault::Internal)
     }
 
     /// Moves `dir` to its end (the Session's `run`).
     async fn run_dir(&self, dir: Dir) -> Result<(), Fault> {
-        if self.maps.in_fwd[di(dir)].load(Ordering::Relaxed) {
+        if self.maps.in_fwd[dir as usize].load(Ordering::Relaxed) {
             self.forward(dir).await?;
             log::debug!("conn={} sockmap: {dir:?} source EOF; draining", self.id);
             self.drain(dir).await?;
@@ -178,7 +162,7 @@ impl<'e> Conn<'e> {
             self.eng.counters.copy_directions.fetch_add(1, Ordering::Relaxed);
             self.copy(dir).await?;
         }
-        self.eng.budget.release(self.maps.reserved[di(dir)].swap(0, Ordering::Relaxed));
+        self.eng.budget.release(self.maps.reserved[dir as usize].swap(0, Ordering::Relaxed));
         if self.eng.breaks.no_fin {
             return std::future::pending().await;
         }
@@ -204,7 +188,7 @@ impl Session for Conn<'_> {
     fn bytes(&self) -> (u64, u64) {
         let total = |dir: Dir| {
             let kernel = self.stats(dir.src()).map(|s| s.bytes).unwrap_or(0);
-            kernel + self.dirs[di(dir)].copied.load(Ordering::Relaxed)
+            kernel + self.dirs[dir as usize].copied.load(Ordering::Relaxed)
         };
         (total(Dir::Up), total(Dir::Down))
     }
@@ -219,6 +203,6 @@ impl Session for Conn<'_> {
     }
 
     fn socket(&self, side: Side) -> &TcpStream {
-        &self.socks[si(side)]
+        &self.socks[side as usize]
     }
 }
