@@ -67,7 +67,6 @@ impl Conn<'_> {
         Ok((f, r))
     }
 
-
     /// Kernel forwarding until the source's EOF. Returns once the source reached EOF and
     /// every byte the verdict passed to userspace was written to the destination.
     ///

@@ -10,7 +10,8 @@ use tokio::net::TcpStream;
 use super::session::Conn;
 use crate::lifecycle::{Dir, Fault};
 
-/// Userspace copy buffer (FIN-before-insertion fallback).
+/// Read buffer of the userspace copies: the lane's (allocated on the first passed byte) and
+/// the FIN-before-insertion copy's.
 pub(super) const COPY_BUF: usize = 64 << 10;
 
 impl Conn<'_> {

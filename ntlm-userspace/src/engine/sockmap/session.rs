@@ -106,19 +106,23 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
     outcome
 }
 
-impl<'e> Conn<'e> {
+impl Conn<'_> {
+    /// The socket of `side`.
     pub(super) fn sock(&self, side: Side) -> &TcpStream {
         &self.socks[side as usize]
     }
 
+    /// The descriptor of `side`'s socket.
     pub(super) fn fd(&self, side: Side) -> BorrowedFd<'_> {
         self.sock(side).as_fd()
     }
 
+    /// `SO_RCVLOWAT` kick of `side` (trap 4), so that the verdict sees bytes queued there.
     pub(super) fn kick(&self, side: Side) {
         kick(self.eng, self.id, side, self.fd(side));
     }
 
+    /// The kernel's STATS entry of `side`'s socket.
     pub(super) fn stats(&self, side: Side) -> Result<SockStats, Fault> {
         self.eng.kernel.stats_of(self.cookie[side as usize]).map_err(Fault::Internal)
     }
@@ -128,7 +132,6 @@ impl<'e> Conn<'e> {
         let w = sock::bytes_written(self.fd(dst)).map_err(Fault::on(dst))?;
         Ok(w.saturating_sub(self.base_written[dst as usize]))
     }
-
 
     /// Fails on a socket error pending on `side`. A destination (`writing`) must also still
     /// be open: it cannot have completed a close while this direction has not sent its FIN,
@@ -143,11 +146,12 @@ impl<'e> Conn<'e> {
         Ok(())
     }
 
+    /// Records userspace progress now (for the idle timeout).
     pub(super) fn touch(&self) {
         self.last_user.store(monotonic_ns(), Ordering::Relaxed);
     }
 
-
+    /// Writes the CTL entry of `dir`'s source (what the verdict reads).
     pub(super) fn write_ctl(&self, dir: Dir, ctl: &SockCtl) -> Result<(), Fault> {
         self.eng.kernel.ctl.put(self.cookie[dir.src() as usize], ctl, BPF_ANY).map_err(Fault::Internal)
     }
@@ -168,7 +172,6 @@ impl<'e> Conn<'e> {
         }
         shutdown_write(self.fd(dir.dst())).map_err(Fault::on(dir.dst()))
     }
-
 }
 
 impl Drop for Conn<'_> {
