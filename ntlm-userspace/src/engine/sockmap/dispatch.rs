@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -19,6 +19,13 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use ntlm_common::WakeEvent;
 use tokio::sync::Notify;
+
+use crate::sys::epoll::Epoll;
+
+/// Epoll key of the ring buffer.
+const RING: u64 = 0;
+/// Epoll key of the stop eventfd.
+const STOP: u64 = 1;
 
 /// Connections waiting for events, by socket cookie.
 #[derive(Default)]
@@ -108,21 +115,10 @@ impl Drop for Dispatcher {
 }
 
 fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &OwnedFd) -> io::Result<()> {
-    // SAFETY: epoll_create1 has no memory preconditions.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    for (fd, token) in [(ring.as_raw_fd(), 0u64), (stop.as_fd().as_raw_fd(), 1)] {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
-        // SAFETY: valid descriptors and event struct.
-        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    let ep = Epoll::new()?;
+    ep.add(ring.as_raw_fd(), libc::EPOLLIN as u32, RING)?;
+    ep.add(stop.as_raw_fd(), libc::EPOLLIN as u32, STOP)?;
+    let mut events = [Epoll::EMPTY; 2];
     loop {
         // Drain first: events may have been queued before the first wait.
         while let Some(item) = ring.next() {
@@ -132,7 +128,8 @@ fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &OwnedFd) -> io::R
                 registry.wake(ev.cookie);
             }
         }
-        // SAFETY: valid epoll descriptor and output array.
+        // Blocking, which `sys::epoll` does not offer (its `ready` never waits).
+        // SAFETY: valid epoll descriptor and output array of `events.len()` entries.
         let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -141,7 +138,7 @@ fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &OwnedFd) -> io::R
             }
             return Err(e);
         }
-        if events[..n as usize].iter().any(|e| e.u64 == 1) {
+        if events[..n as usize].iter().any(|e| e.u64 == STOP) {
             return Ok(());
         }
     }

@@ -13,7 +13,8 @@
 //!   CTL:   cookie → wake_at threshold for the next event          (userspace writes)
 //! ```
 //!
-//! The traps this handles (numbers from `shared/notes/sockmap-facts.md`), each in `session`:
+//! The traps this handles (numbers from `shared/notes/sockmap-facts.md`), each in `session`
+//! or the file beside it that `session` names for it:
 //!
 //! 1. FIN is not forwarded: each direction waits for its source's EOF (a peek that returns
 //!    0: the verdict consumes data, so only EOF or an error wakes it) and then calls
@@ -40,19 +41,24 @@
 
 mod btf;
 mod budget;
+mod counters;
 mod dispatch;
+mod duplicates;
+mod entries;
+mod flow;
 mod kernel;
+mod lane;
 mod selftest;
 mod session;
 mod sock;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use counters::Counters;
+pub use counters::{COUNTERS, Snapshot};
+
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -70,7 +76,7 @@ use crate::{
 /// `cleanup`, `overlap`, `softpause`. Never set it in production: each one loses data, hangs or leaks.
 pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
 /// Environment variable: `1` also attaches the stream parser program (measurement only; see
-/// `session` for why the engine runs without one).
+/// `flow` for why the engine runs without one).
 pub const PARSER_ENV: &str = "NTLM_SPLICE_SOCKMAP_PARSER";
 
 /// Trap fixes that [`BREAK_ENV`] can switch off.
@@ -120,38 +126,6 @@ impl Breaks {
     }
 }
 
-/// Engine-wide counters (for `doctor`, tests and debugging).
-#[derive(Default)]
-pub(crate) struct Counters {
-    /// Connections carried (fully or partly) in the kernel.
-    pub(crate) kernel_conns: AtomicU64,
-    /// Connections handed whole to the splice engine (a socket not ESTABLISHED at setup).
-    pub(crate) splice_fallbacks: AtomicU64,
-    /// Directions copied in userspace (FIN before insertion or during a pause).
-    pub(crate) copy_directions: AtomicU64,
-    /// Times a source was paused for its in-flight cap.
-    pub(crate) pauses: AtomicU64,
-    /// Map deletions that failed at cleanup (besides "not there").
-    pub(crate) cleanup_failures: AtomicU64,
-    /// Highest in-flight byte count measured on any direction.
-    pub(crate) max_inflight_seen: AtomicU64,
-    /// Payload bytes copied in userspace (passed while paused, or sources whose FIN came
-    /// before insertion).
-    pub(crate) copied_bytes: AtomicU64,
-    /// Zero-length buffers the verdict saw (FIN), summed over finished connections.
-    pub(crate) empty_skbs: AtomicU64,
-    /// Connections reset because the kernel delivered bytes twice (see `session`).
-    pub(crate) duplicates: AtomicU64,
-    /// Retransmitted buffers whose overlap the verdict cut off, over finished connections.
-    pub(crate) overlap_skbs: AtomicU64,
-    /// Bytes those cuts removed.
-    pub(crate) overlap_bytes: AtomicU64,
-    /// Buffers the verdict passed because of its in-flight limit (finished connections).
-    pub(crate) cap_stops: AtomicU64,
-    /// Copy buffers allocated for passed bytes (one per direction that ever needed one).
-    pub(crate) lane_bufs: AtomicU64,
-}
-
 /// What the engine shares with its connections.
 pub(crate) struct Inner {
     pub(crate) kernel: kernel::Kernel,
@@ -172,55 +146,6 @@ pub(crate) struct Inner {
 /// The sockmap engine: the loaded programs, their maps and the event thread.
 pub struct SockmapEngine {
     inner: Arc<Inner>,
-}
-
-/// A snapshot of the engine's state (for `doctor` and tests).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Entries in FWD, PEER, STATS and CTL.
-    pub fwd: usize,
-    /// Entries in PEER.
-    pub peer: usize,
-    /// Entries in STATS.
-    pub stats: usize,
-    /// Entries in CTL.
-    pub ctl: usize,
-    /// Cookies registered for events.
-    pub waiters: usize,
-    /// Bytes reserved in the global in-flight budget.
-    pub reserved: u64,
-    /// Kernel error counters (`ERR_*` of ntlm-common).
-    pub kernel_errors: Vec<u64>,
-    /// Wake events received.
-    pub events: u64,
-    /// Connections carried in the kernel.
-    pub kernel_conns: u64,
-    /// Connections handed to splice.
-    pub splice_fallbacks: u64,
-    /// Directions copied in userspace.
-    pub copy_directions: u64,
-    /// Pauses for the in-flight cap.
-    pub pauses: u64,
-    /// Failed map deletions at cleanup.
-    pub cleanup_failures: u64,
-    /// Highest in-flight bytes measured on one direction.
-    pub max_inflight_seen: u64,
-    /// Payload bytes copied in userspace.
-    pub copied_bytes: u64,
-    /// Zero-length (FIN) buffers the verdict saw, over finished connections.
-    pub empty_skbs: u64,
-    /// Connections reset because the kernel delivered bytes twice.
-    pub duplicates: u64,
-    /// Retransmitted buffers whose overlap the verdict cut off (finished connections).
-    pub overlap_skbs: u64,
-    /// Bytes those cuts removed.
-    pub overlap_bytes: u64,
-    /// Buffers the verdict passed because of its in-flight limit (finished connections).
-    pub cap_stops: u64,
-    /// Copy buffers allocated for passed bytes.
-    pub lane_bufs: u64,
-    /// Why the verdict's overlap guard is off (`None`: on).
-    pub guard_off: Option<String>,
 }
 
 impl SockmapEngine {
@@ -288,12 +213,17 @@ impl SockmapEngine {
     pub fn snapshot(&self) -> Snapshot {
         snapshot(&self.inner)
     }
+
+    /// Every counter now: (name, help, value), in [`COUNTERS`] order. Reads only the
+    /// counters (no map walk), for metrics.
+    pub fn counters(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + use<> {
+        counters::named(self.inner.counters.values())
+    }
 }
 
 pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
     let k = &inner.kernel;
     let n = |m: kernel::RawMap| m.len().unwrap_or(usize::MAX);
-    let c = &inner.counters;
     Snapshot {
         fwd: n(k.fwd),
         peer: n(k.peer),
@@ -303,21 +233,10 @@ pub(crate) fn snapshot(inner: &Inner) -> Snapshot {
         reserved: inner.budget.reserved(),
         kernel_errors: k.errors().to_vec(),
         events: inner.registry.events.load(Ordering::Relaxed),
-        kernel_conns: c.kernel_conns.load(Ordering::Relaxed),
-        splice_fallbacks: c.splice_fallbacks.load(Ordering::Relaxed),
-        copy_directions: c.copy_directions.load(Ordering::Relaxed),
-        pauses: c.pauses.load(Ordering::Relaxed),
-        cleanup_failures: c.cleanup_failures.load(Ordering::Relaxed),
-        max_inflight_seen: c.max_inflight_seen.load(Ordering::Relaxed),
-        copied_bytes: c.copied_bytes.load(Ordering::Relaxed),
-        empty_skbs: c.empty_skbs.load(Ordering::Relaxed),
-        duplicates: c.duplicates.load(Ordering::Relaxed),
-        overlap_skbs: c.overlap_skbs.load(Ordering::Relaxed),
-        cap_stops: c.cap_stops.load(Ordering::Relaxed),
-        lane_bufs: c.lane_bufs.load(Ordering::Relaxed),
-        overlap_bytes: c.overlap_bytes.load(Ordering::Relaxed),
         guard_off: k.guard_off.clone(),
+        ..Snapshot::default()
     }
+    .with_counters(&inner.counters)
 }
 
 /// Whether this binary carries the eBPF object, and if not, why (for `doctor`).

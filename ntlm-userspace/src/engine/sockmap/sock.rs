@@ -3,16 +3,17 @@
 
 use std::{io, os::fd::BorrowedFd};
 
+use socket2::SockRef;
+
 pub(super) use crate::sys::sock::{peek_one as peek, recv, take_error};
 use crate::sys::sock::{getsockopt, ioctl_int, setsockopt_int};
 
-/// `SO_COOKIE`: the socket's 64-bit cookie, the key of every map.
-const SO_COOKIE: libc::c_int = 57;
-/// `SIOCOUTQ`: bytes in the send queue not yet acknowledged by the peer (sent or not).
-const SIOCOUTQ: libc::Ioctl = 0x5411;
-/// `SIOCINQ` (FIONREAD): bytes in the receive queue not yet read. Meaningful only before
+/// `SIOCOUTQ` (= TIOCOUTQ): bytes in the send queue not yet acknowledged by the peer (sent or
+/// not).
+const SIOCOUTQ: libc::Ioctl = libc::TIOCOUTQ;
+/// `SIOCINQ` (= FIONREAD): bytes in the receive queue not yet read. Meaningful only before
 /// the socket enters a sockmap (afterwards it reports the psock queue).
-const SIOCINQ: libc::Ioctl = 0x541B;
+const SIOCINQ: libc::Ioctl = libc::FIONREAD;
 /// `TCP_CLOSE_WAIT` in `tcpi_state`.
 pub(super) const TCP_CLOSE_WAIT: u8 = 8;
 /// `TCP_CLOSE` in `tcpi_state`.
@@ -92,9 +93,9 @@ const _: () = assert!(std::mem::offset_of!(TcpInfo, bytes_acked) == 120);
 const _: () = assert!(std::mem::offset_of!(TcpInfo, bytes_received) == 128);
 const _: () = assert!(std::mem::size_of::<TcpInfo>() == 216);
 
-/// The socket's cookie (`SO_COOKIE`).
+/// The socket's cookie (`SO_COOKIE`): its 64-bit id, the key of every map.
 pub(super) fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_COOKIE).map(|(c, _)| c)
+    SockRef::from(&fd).cookie()
 }
 
 /// `TCP_INFO`, checked to include the byte counters.
@@ -153,13 +154,12 @@ pub(super) fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// which the sockmap engine has), then SO_SNDBUF, which is.
 pub(super) fn set_sndbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<u64> {
     let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
-    let set = |name| setsockopt_int(fd, libc::SOL_SOCKET, name, half);
-    if set(libc::SO_SNDBUFFORCE).is_ok() {
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, half).is_ok() {
         // Not capped: the kernel sets exactly twice the value.
         return Ok(u64::try_from(half).unwrap_or(0) * 2);
     }
-    set(libc::SO_SNDBUF)?;
-    let (got, _) = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
-    Ok(u64::try_from(got).unwrap_or(0))
+    let sock = SockRef::from(&fd);
+    sock.set_send_buffer_size(usize::try_from(half).unwrap_or(0))?;
+    Ok(sock.send_buffer_size()? as u64)
 }
 
