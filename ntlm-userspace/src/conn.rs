@@ -270,13 +270,16 @@ async fn connect_backend(route: &Route, id: u64, peer: SocketAddr) -> Option<(Tc
         let addr = backend.addr;
         let err = match tokio::time::timeout(timeout, connect(id, addr)).await {
             Ok(Ok(s)) => return Some((s, Lease::new(backend))),
-            Ok(Err(e)) => e,
-            Err(_) => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {}", humantime::format_duration(timeout)),
-            ),
+            Ok(Err(e)) => {
+                log::warn!("conn={id} route={} backend={addr} connect failed: {e}; trying the next backend", route.name());
+                e
+            }
+            Err(_) => {
+                let t = humantime::format_duration(timeout);
+                log::warn!("conn={id} route={} backend={addr} connect timed out after {t}; trying the next backend", route.name());
+                io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {t}"))
+            }
         };
-        log::warn!("conn={id} route={} backend={addr} connect failed: {err}; trying the next backend", route.name());
         route.connect_failed(backend, &err);
     }
     None

@@ -163,10 +163,11 @@ impl Server {
         let backends: Vec<String> =
             site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
         log::info!(
-            "listening addr={local} routes={} backends={} max_connections={}",
+            "listening addr={local} routes={} backends={} max_connections={} threads={}",
             names.join(","),
             backends.join(","),
-            self.config.global.max_connections
+            self.config.global.max_connections,
+            crate::config::ProxyArgs::worker_threads(&self.config)
         );
         let site = Arc::new(ArcSwap::new(site));
         let stop = self.stop_accept.child_token();
