@@ -189,7 +189,12 @@ impl Server {
         for r in self.table.routes.values() {
             if let Some(check) = &r.health {
                 for b in &r.backends {
-                    tokio::spawn(health::run(b.clone(), check.clone(), self.health_stop.clone()));
+                    let mut check = check.clone();
+                    // An HTTP probe's Host header defaults to the backend as written.
+                    if let Some(http) = &mut check.http {
+                        http.host.get_or_insert_with(|| b.spec.clone());
+                    }
+                    tokio::spawn(health::run(b.clone(), check, self.health_stop.clone()));
                 }
             }
         }

@@ -49,7 +49,7 @@ pub const MAX_THREADS: usize = 1024;
 /// Which data engine moves the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineChoice {
-    /// sockmap if it loads and passes its self-test, else splice (and the log says why).
+    /// splice in this release (the sockmap engine is opt-in; the start-up log says why).
     Auto,
     /// In-kernel: eBPF sk_skb programs redirect between the paired sockets. Fails if unavailable.
     Sockmap,
