@@ -32,10 +32,10 @@ pub enum Engine {
 }
 
 /// Why `--engine auto` runs splice(2) in this release, even where the eBPF programs load.
-/// The measurements behind it are in the README's engine section (they change with kernels
+/// The measurements behind it are in docs/sockmap.md, "Status: opt-in, and why" (they change with kernels
 /// and releases, so they are not repeated here).
 pub const AUTO_REASON: &str = "auto: splice(2); the sockmap engine is opt-in (--engine sockmap) in this release: \
-     see the README's engine section for the measurements behind this choice";
+     docs/sockmap.md (\"Status: opt-in, and why\") has the measurements behind this choice";
 
 /// An engine choice that cannot be honoured.
 #[derive(Debug, thiserror::Error)]
