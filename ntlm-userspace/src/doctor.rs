@@ -88,6 +88,10 @@ pub fn run() -> anyhow::Result<()> {
                         s.fwd, s.peer, s.stats, s.ctl
                     ),
                 );
+                // The engine's counters after the self-test's one connection, by the names
+                // they are declared with once (engine/sockmap/counters.rs).
+                let counters: Vec<String> = s.counters().map(|(name, _, v)| format!("{name}={v}")).collect();
+                line("counters_after_self_test", counters.join(" "));
                 line(
                     "overlap_guard",
                     match &s.guard_off {
