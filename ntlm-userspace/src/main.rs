@@ -13,7 +13,16 @@ fn main() -> ExitCode {
     logging::init();
     let result = match cli.command {
         Some(Command::Doctor) => runtime(1).and_then(|rt| rt.block_on(async { ntlm_splice::doctor::run() })),
-        Some(Command::Check { config }) => check(&config),
+        Some(Command::Check { config }) => {
+            // Plain lines on stderr, one per problem, as `nginx -t` prints them.
+            return match check(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         None => match cli.proxy.into_config() {
             Ok((config, path)) => {
                 let threads = ProxyArgs::worker_threads(&config);
