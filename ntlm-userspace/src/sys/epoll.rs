@@ -48,9 +48,19 @@ impl Epoll {
 
     /// The events ready now, without waiting, into `events`; how many.
     pub fn ready(&self, events: &mut [Event]) -> io::Result<usize> {
+        self.wait_ms(events, 0)
+    }
+
+    /// Blocks the calling thread until events are ready (a thread of its own: never on the
+    /// runtime), into `events`; how many.
+    pub fn wait(&self, events: &mut [Event]) -> io::Result<usize> {
+        self.wait_ms(events, -1)
+    }
+
+    fn wait_ms(&self, events: &mut [Event], timeout_ms: i32) -> io::Result<usize> {
         let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
-        // SAFETY: events is a valid buffer of at least `max` entries; timeout 0 never blocks.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, 0) };
+        // SAFETY: events is a valid buffer of at least `max` entries.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, timeout_ms) };
         if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     }
 
@@ -59,6 +69,42 @@ impl Epoll {
 }
 
 impl AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// An eventfd(2), non-blocking and close-on-exec: a counter one thread bumps to wake another
+/// that waits on it in an epoll set.
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A new eventfd at 0.
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd has no memory preconditions.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we now own.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds 1, which makes it readable.
+    pub fn notify(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        let rc = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+        if rc == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+
+    /// Another descriptor of the same eventfd.
+    pub fn try_clone(&self) -> io::Result<EventFd> {
+        self.0.try_clone().map(EventFd)
+    }
+}
+
+impl AsRawFd for EventFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }

@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,7 +20,7 @@ use aya::maps::{MapData, RingBuf};
 use ntlm_common::WakeEvent;
 use tokio::sync::Notify;
 
-use crate::sys::epoll::Epoll;
+use crate::sys::epoll::{Epoll, EventFd};
 
 /// Epoll key of the ring buffer.
 const RING: u64 = 0;
@@ -73,20 +73,14 @@ impl Registry {
 
 /// The dispatcher thread; stopped and joined on drop.
 pub(crate) struct Dispatcher {
-    stop: OwnedFd,
+    stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Dispatcher {
     /// Starts the thread reading `ring` into `registry`.
     pub(crate) fn start(ring: RingBuf<MapData>, registry: Arc<Registry>) -> io::Result<Dispatcher> {
-        // SAFETY: eventfd has no memory preconditions.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop = EventFd::new()?;
         let stop_wait = stop.try_clone()?;
         let thread = std::thread::Builder::new().name("sockmap-events".into()).spawn(move || {
             if let Err(e) = run(ring, &registry, &stop_wait) {
@@ -99,11 +93,8 @@ impl Dispatcher {
 
 impl Drop for Dispatcher {
     fn drop(&mut self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&raw const one).cast(), 8) };
-        if rc != 8 {
-            log::warn!("cannot stop the sockmap event thread: {}", io::Error::last_os_error());
+        if let Err(e) = self.stop.notify() {
+            log::warn!("cannot stop the sockmap event thread: {e}");
             return;
         }
         if let Some(t) = self.thread.take()
@@ -114,7 +105,7 @@ impl Drop for Dispatcher {
     }
 }
 
-fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &OwnedFd) -> io::Result<()> {
+fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &EventFd) -> io::Result<()> {
     let ep = Epoll::new()?;
     ep.add(ring.as_raw_fd(), libc::EPOLLIN as u32, RING)?;
     ep.add(stop.as_raw_fd(), libc::EPOLLIN as u32, STOP)?;
@@ -128,17 +119,13 @@ fn run(mut ring: RingBuf<MapData>, registry: &Registry, stop: &OwnedFd) -> io::R
                 registry.wake(ev.cookie);
             }
         }
-        // Blocking, which `sys::epoll` does not offer (its `ready` never waits).
-        // SAFETY: valid epoll descriptor and output array of `events.len()` entries.
-        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if events[..n as usize].iter().any(|e| e.u64 == STOP) {
+        // Blocking: this is the dispatcher's own thread.
+        let n = match ep.wait(&mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if events[..n].iter().any(|e| e.u64 == STOP) {
             return Ok(());
         }
     }
