@@ -12,3 +12,4 @@ pub mod logging;
 pub mod park;
 pub mod relay;
 pub mod server;
+pub mod sni;
