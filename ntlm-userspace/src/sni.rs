@@ -164,6 +164,12 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Hello, SniError> {
 /// wake-up comes from new data (or the end of stream). A client that sends one byte at a
 /// time costs one peek of the whole prefix per byte, bounded by [`MAX_PEEK`] and the timeout.
 ///
+/// After `Ok` and after every error but [`SniError::Timeout`] and [`SniError::Io`], the
+/// stream is ready to be read as usual. A peek that times out may have left tokio's read
+/// readiness cleared while bytes are queued, so a reader would wait for new bytes first;
+/// close such a connection (a timeout calls for it), or register the socket afresh
+/// (`TcpStream::from_std(stream.into_std()?)`) to read it.
+///
 /// # Errors
 ///
 /// Those of [`parse_client_hello`]; [`SniError::Eof`] when the client ends its stream
@@ -187,9 +193,14 @@ async fn peek_hello(stream: &TcpStream) -> Result<Option<String>, SniError> {
     // The end of stream: a peek never returns 0 while unread bytes are queued, so a client
     // that sends half a hello and then FIN is seen by the read-closed readiness, which tokio
     // keeps set once it came. It is taken before the peek, so that peek saw every byte sent.
+    //
+    // Each turn takes one unit of tokio's cooperative budget, so that even a socket reported
+    // ready forever without new bytes cannot keep this task from yielding and its timeout
+    // from firing.
     let mut buf = vec![0u8; INITIAL_PEEK];
     let mut seen = 0;
     loop {
+        tokio::task::consume_budget().await;
         let ready = stream.ready(Interest::READABLE).await.map_err(SniError::Io)?;
         let closed = ready.is_read_closed();
         let peeked = stream.try_io(Interest::READABLE, || match peek(stream, &mut buf)? {
@@ -504,8 +515,6 @@ impl<T> SniTable<T> {
         }
         // The suffixes after each dot, longest first: the first one found is the longest
         // match, and every one leaves at least one label before it.
-        name.match_indices('.')
-            .find_map(|(dot, _)| self.wildcard.get(&name[dot + 1..]))
-            .or(self.default.as_ref())
+        name.match_indices('.').find_map(|(dot, _)| self.wildcard.get(&name[dot + 1..])).or(self.default.as_ref())
     }
 }
