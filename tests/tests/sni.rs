@@ -568,6 +568,16 @@ async fn names_pick_their_routes_and_the_rest_go_to_the_default() {
         assert!(out.contains("backend=default sni=-\n"), "[{engine}] s_client's answer:\n{out}");
         assert_routed(&nth_access(&proxy, 8).await, "fallback", dflt.addr, &w("s_client -noservername"));
 
+        // Server names are matched without regard to case.
+        let r = curl(&pki, "A.Example.NET", port, "/").await;
+        assert!(r.ok, "[{engine}] A.Example.NET: curl failed:\n{}", r.stderr);
+        assert!(
+            r.body.strip_prefix("backend=a sni=").is_some_and(|n| n.trim().eq_ignore_ascii_case("a.example.net")),
+            "[{engine}] A.Example.NET reached {:?}",
+            r.body
+        );
+        assert_routed(&nth_access(&proxy, 9).await, "route-a", a.addr, &w("A.Example.NET"));
+
         for line in proxy.access_lines() {
             assert_ne!(line.get("end"), Some("no_route"), "[{engine}] {}", line.raw);
         }
@@ -678,8 +688,9 @@ async fn a_client_hello_dribbled_or_cut_into_records_is_routed() {
 
 /// A client that sends nothing, and one that stops in the middle of its ClientHello, are
 /// closed after `sni_timeout` (not before, not much after), without a backend connection,
-/// even though a default route exists; a plain-text client goes to the default route with
-/// every byte it sent.
+/// even though a default route exists; one that half-closes in its ClientHello is closed at
+/// once, without a backend; a plain-text client goes to the default route with every byte
+/// it sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_time_out_and_plain_text_goes_to_the_default() {
     let pki = Pki::new("silent").await;
@@ -703,8 +714,10 @@ async fn silent_clients_time_out_and_plain_text_goes_to_the_default() {
         let stalled: &[u8] = &[TLS_HANDSHAKE, 0x03, 0x01, 0x02, 0x00, 0x01];
         for (n, sent) in [(1, &b""[..]), (2, stalled)] {
             let what = format!("[{engine}] a client that sent {sent:?} and stopped");
-            let mut c = within(QUICK, "connect", TcpStream::connect(addr)).await.expect("connect");
+            // From before the connect: the proxy's clock starts at its accept, which may come
+            // before this task runs again after its connect.
             let t0 = Instant::now();
+            let mut c = within(QUICK, "connect", TcpStream::connect(addr)).await.expect("connect");
             c.write_all(sent).await.expect("write");
             let how = wait_closed(&mut c, SNI_TIMEOUT + CLOSE_SLACK, &what).await;
             let took = t0.elapsed();
@@ -717,6 +730,17 @@ async fn silent_clients_time_out_and_plain_text_goes_to_the_default() {
                 line.raw
             );
         }
+        // The same start of a ClientHello, then the client's FIN: closed at once, not after
+        // the timeout, and no backend either.
+        let what = format!("[{engine}] a client that half-closed in its ClientHello");
+        let mut c = within(QUICK, "connect", TcpStream::connect(addr)).await.expect("connect");
+        c.write_all(stalled).await.expect("write");
+        c.shutdown().await.expect("shutdown(Write)");
+        wait_closed(&mut c, QUICK, &what).await;
+        let line = nth_access(&proxy, 3).await;
+        assert_no_route(&line, &what);
+        assert!(!line.get("error").unwrap().to_lowercase().contains("timeout"), "{what}: not a timeout: {}", line.raw);
+
         assert_eq!(a.accepted(&pki).await, a0, "[{engine}] backend a saw a connection from a silent client");
         assert_eq!(plain.accepted(), plain0, "[{engine}] the default backend saw a connection from a silent client");
 
@@ -732,7 +756,7 @@ async fn silent_clients_time_out_and_plain_text_goes_to_the_default() {
         assert_eq!(String::from_utf8_lossy(&answer), "HTTP/1.0 200 OK\r\n\r\nplain backend\n", "[{engine}] answer");
         let head = within(QUICK, "the plain backend's request", heads.recv()).await.expect("plain backend report");
         assert_eq!(head, request, "[{engine}] the plain backend got other bytes than the client sent");
-        let line = nth_access(&proxy, 3).await;
+        let line = nth_access(&proxy, 4).await;
         assert_routed(&line, "plain", plain.addr(), &format!("[{engine}] plain text"));
         assert_eq!(line.num("bytes_up"), request.len() as u64, "[{engine}] {}", line.raw);
         stop_ok(proxy).await;
