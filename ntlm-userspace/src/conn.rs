@@ -2,7 +2,8 @@
 //! named stages:
 //!
 //! 1. [`inspect`]: on a listen address with SNI routes, the client's TLS server name is
-//!    peeked (never consumed) within the address's `sni_timeout`; elsewhere nothing is read
+//!    peeked (never consumed) within the address's `sni_timeout`, and a client that sends no
+//!    ClientHello in time, or bytes that are not TLS, is closed; elsewhere nothing is read
 //!    (the PROXY header in and the NTLM observer go here too, each returning what it learnt
 //!    and never hiding bytes it consumed);
 //! 2. route: the [`Site`] of the listen address picks the [`Route`] (by server name, else its
@@ -140,22 +141,16 @@ async fn route_and_connect(
         n = inspect(&site, client) => n,
         () = lc.force_close.cancelled() => return Err(Unserved { route: None, end: End::Shutdown, why: None }),
     };
-    let route = match (&name, site.route(name.as_ref().ok().and_then(|n| n.as_deref()))) {
-        // A client on an SNI address that sent no ClientHello in time (or closed, or sent
-        // something else) gets the default route only if it sent *something* that is not
-        // TLS; a silent or broken one is closed without a backend.
-        (Err(e), _) if !matches!(e, sni::SniError::NotTls) => {
-            return Err(Unserved { route: None, end: End::NoRoute, why: Some(Fault::Unrouted(e.to_string())) });
-        }
-        (_, Some(r)) => r.clone(),
-        (n, None) => {
-            let why = match n {
-                Ok(Some(name)) => format!("no route for the server name {name:?} and no default route"),
-                Ok(None) => "the client sent no server name and there is no default route".to_string(),
-                Err(e) => format!("{e}, and there is no default route"),
-            };
-            return Err(Unserved { route: None, end: End::NoRoute, why: Some(Fault::Unrouted(why)) });
-        }
+    // A client on an SNI address that sent no complete ClientHello in time, closed, or sent
+    // something that is not TLS is closed without a backend connection; a TLS client goes
+    // to the route of its server name, else (no name, or no match) to the default route.
+    let name = name.map_err(|e| Unserved { route: None, end: End::NoRoute, why: Some(Fault::Unrouted(e.to_string())) })?;
+    let Some(route) = site.route(name.as_deref()).cloned() else {
+        let why = match name {
+            Some(name) => format!("no route for the server name {name:?} and no default route"),
+            None => "the client sent no server name and there is no default route".to_string(),
+        };
+        return Err(Unserved { route: None, end: End::NoRoute, why: Some(Fault::Unrouted(why)) });
     };
     drop(site);
     let connected = tokio::select! {

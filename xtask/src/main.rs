@@ -139,8 +139,8 @@ impl Drop for KillOnDrop<'_> {
     }
 }
 
-/// curl with NTLM support and Python's requests-ntlm (the real clients the tests use), and
-/// strace and capsh.
+/// curl with NTLM support and Python's requests-ntlm (the real clients the tests use),
+/// strace, capsh and openssl.
 fn ensure_test_tools() -> anyhow::Result<()> {
     let curl_ok = Command::new("curl")
         .arg("-V")
@@ -157,6 +157,10 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     // ... and runs `doctor` with only some capabilities through capsh.
     if Command::new("capsh").arg("--help").output().is_err() {
         apt_install(&["libcap2-bin"])?;
+    }
+    // The SNI suite makes its certificates with the openssl command line.
+    if Command::new("openssl").arg("version").output().is_err() {
+        apt_install(&["openssl"])?;
     }
     let py = |code: &str| {
         Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status()
