@@ -316,7 +316,8 @@ fn access_log(
     o: &Outcome,
     elapsed: Duration,
 ) {
-    let engine: EngineKind = o.engine;
+    // A connection that was never routed was carried by no engine.
+    let engine = if route.is_some() { o.engine.as_str() } else { "-" };
     let route = route.map_or("-", Route::name);
     let backend = backend.map_or_else(|| "-".to_string(), |b| b.to_string());
     let error = match &o.fault {
