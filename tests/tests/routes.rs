@@ -836,7 +836,8 @@ async fn http_ask(addr: SocketAddr, what: &str) -> (u8, SocketAddr) {
 }
 
 /// An HTTP health check: backend H1's health page answering 500 marks H1 down (clients go
-/// to H2 only); answering 200 again marks it up (and it gets clients again).
+/// to H2 only); answering 200 again marks it up (and it gets clients again). With both
+/// pages failing, both are down and clients are served by both all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_probe_marks_a_backend_down_on_500_and_up_on_200() {
     const CLIENTS: usize = 6;
@@ -887,6 +888,18 @@ async fn http_probe_marks_a_backend_down_on_500_and_up_on_200() {
             tags.insert(http_ask(addr, &format!("[{engine}] client {i}, H1 up again")).await.0);
         }
         assert!(tags.contains(&b'1'), "[{engine}] H1 is up again but got none of {CLIENTS} clients");
+
+        // Both down: every backend is tried anyway, so clients are still served, by both.
+        h1.set_status(500);
+        h2.set_status(500);
+        let bound = HEALTH_INTERVAL * (FALL + 1) + SLACK;
+        wait_lines(&proxy, &state_line("web", h1.addr, "down"), 2, bound, &format!("[{engine}] H1 down again")).await;
+        wait_lines(&proxy, &state_line("web", h2.addr, "down"), 1, bound, &format!("[{engine}] H2 down")).await;
+        let mut tags = HashSet::new();
+        for i in 0..CLIENTS {
+            tags.insert(http_ask(addr, &format!("[{engine}] client {i}, both backends down")).await.0);
+        }
+        assert_eq!(tags, HashSet::from([b'1', b'2']), "[{engine}] with every backend down, all are to be tried");
         stop_ok(proxy).await;
     }
 }
