@@ -546,7 +546,8 @@ async fn reloads_refuse_no_connect_on_a_kept_listener() {
 
 /// A reload that removes route r2 (127.0.0.2) and adds r3 (127.0.0.3): once `reload` has
 /// returned, r3's new listener accepts and reaches its backend, r2's port refuses connects,
-/// and r1's kept listener still serves on the same port.
+/// and r1's kept listener still serves on the same port. A connection open on r2 during the
+/// reload goes on to its end on r2's backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_binds_added_listeners_and_closes_removed_ones() {
     for engine in harness::engines() {
@@ -558,6 +559,12 @@ async fn reload_binds_added_listeners_and_closes_removed_ones() {
         let one = proxy.addr_of("r1", QUICK).await;
         let two = proxy.addr_of("r2", QUICK).await;
         assert_eq!(ask_ok(two, "r2 before the reload").await.0, b'B');
+        // A connection on r2 that stays open across the reload that removes r2.
+        let mut live = connect(two).await;
+        let live_me = live.local_addr().unwrap();
+        let mut tag = [0u8; 1];
+        within(QUICK, "the live connection's greeting", live.read_exact(&mut tag)).await.expect("greeting");
+        assert_eq!(&tag, b"B", "[{engine}] the live connection on r2");
 
         dir.write(&format!("{}{r1}{}", head(&engine), route("r3", &["127.0.0.3:0"], &[c.addr], "")));
         let applied = proxy.reload(QUICK).await.unwrap_or_else(|l| panic!("[{engine}] reload rejected: {l}"));
@@ -573,7 +580,16 @@ async fn reload_binds_added_listeners_and_closes_removed_ones() {
         assert_eq!(tag, b'A');
         assert_routed(&proxy, me, "r1", a.addr, "r1 after the reload").await;
         assert_eq!(proxy.addr_of("r1", QUICK).await, one, "[{engine}] r1's kept listener was replaced");
-        assert_eq!(b.accepted(), 1, "[{engine}] connections on r2's backend");
+        assert_eq!(b.accepted(), 2, "[{engine}] connections on r2's backend");
+
+        // The live connection on the removed route goes on, and ends on r2's backend.
+        within(QUICK, "the live connection after the reload", live.write_all(b"still here")).await.expect("write");
+        live.shutdown().await.expect("shutdown(Write)");
+        let mut echoed = Vec::new();
+        within(QUICK, "the live connection's echo", live.read_to_end(&mut echoed)).await.expect("read");
+        assert_eq!(echoed, b"still here", "[{engine}] the live connection on the removed route");
+        let line = assert_routed(&proxy, live_me, "r2", b.addr, "the live connection on the removed route").await;
+        assert_eq!(line.num("bytes_up"), 10, "[{engine}] {}", line.raw);
         stop_ok(proxy).await;
     }
 }
