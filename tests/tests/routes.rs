@@ -1039,12 +1039,19 @@ async fn holder() -> (Server, mpsc::UnboundedReceiver<TcpStream>) {
     (server, rx)
 }
 
-/// One connection through `addr` to the holder: a byte each way, then the client half-closes
-/// and the backend sees that EOF. Returns (client, backend, the instant before the client's
-/// FIN).
+/// Which side of a connection sends the first FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum First {
+    Client,
+    Backend,
+}
+
+/// One connection through `addr` to the holder: a byte each way, then `first` half-closes and
+/// the other side sees that EOF. Returns (client, backend, the instant before the FIN).
 async fn half_closed(
     addr: SocketAddr,
     held: &mut mpsc::UnboundedReceiver<TcpStream>,
+    first: First,
     what: &str,
 ) -> (TcpStream, TcpStream, Instant) {
     let mut c = connect(addr).await;
@@ -1055,18 +1062,23 @@ async fn half_closed(
     within(QUICK, what, b.write_all(b"d")).await.expect("backend write");
     within(QUICK, what, c.read_exact(&mut byte)).await.expect("client read");
     let fin = Instant::now();
-    c.shutdown().await.expect("client shutdown(Write)");
-    let n = within(QUICK, &format!("{what}: the client's FIN at the backend"), b.read(&mut byte))
+    let (closer, other) = match first {
+        First::Client => (&mut c, &mut b),
+        First::Backend => (&mut b, &mut c),
+    };
+    closer.shutdown().await.expect("shutdown(Write)");
+    let n = within(QUICK, &format!("{what}: the {first:?}'s FIN at the other side"), other.read(&mut byte))
         .await
-        .expect("backend read");
-    assert_eq!(n, 0, "{what}: the backend got data instead of the client's FIN");
+        .expect("read the FIN");
+    assert_eq!(n, 0, "{what}: got data instead of the {first:?}'s FIN");
     (c, b, fin)
 }
 
-/// `half_close_timeout = "300ms"`: after the client's FIN, with the backend open and silent,
-/// the proxy closes both sides at 300 ms (not before, and within [`SLACK`] after), logging
-/// `end=half_close_timeout`. A route without it keeps the same connection half-open past
-/// three times that, and still carries the backend's bytes.
+/// `half_close_timeout = "300ms"`: after one side's FIN (the client's, then the backend's),
+/// with the other side open and silent, the proxy closes the connection at 300 ms (not
+/// before, and within [`SLACK`] after; the side that sent the FIN sees its read end), logging
+/// `end=half_close_timeout`. A route without it keeps the same connections half-open past
+/// three times that, and they still carry the other side's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_timeout_closes_a_half_open_connection() {
     const HALF_CLOSE: Duration = Duration::from_millis(300);
@@ -1085,51 +1097,52 @@ async fn half_close_timeout_closes_a_half_open_connection() {
             route("plain", &["127.0.0.2:0"], &[backend.addr()], "")
         ));
         let proxy = Proxy::start_config(&path).await;
+        let (hc, plain) = (proxy.addr_of("hc", QUICK).await, proxy.addr_of("plain", QUICK).await);
 
-        let what = format!("[{engine}] half_close_timeout");
-        let (mut c, mut b, fin) = half_closed(proxy.addr_of("hc", QUICK).await, &mut held, &what).await;
-        let me = c.local_addr().unwrap();
-        let mut buf = [0u8; 16];
-        match within(QUICK, &format!("{what}: the proxy closing the client"), c.read(&mut buf)).await {
-            Ok(0) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-            other => panic!("{what}: expected the client closed, got {other:?}"),
+        for first in [First::Client, First::Backend] {
+            let what = format!("[{engine}] half_close_timeout, {first:?} FIN first");
+            let (mut c, mut b, fin) = half_closed(hc, &mut held, first, &what).await;
+            let me = c.local_addr().unwrap();
+            let closer = if first == First::Client { &mut c } else { &mut b };
+            let mut buf = [0u8; 16];
+            match within(QUICK, &format!("{what}: the proxy closing the connection"), closer.read(&mut buf)).await {
+                Ok(0) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                other => panic!("{what}: expected the connection closed, got {other:?}"),
+            }
+            let took = fin.elapsed();
+            assert!(took >= HALF_CLOSE, "{what}: closed {took:?} after the FIN, before the timeout");
+            let bound = HALF_CLOSE + SLACK;
+            assert!(took <= bound, "{what}: closed {took:?} after the FIN; allowed {bound:?}");
+            let line = access_line(&proxy, me).await;
+            assert_eq!(line.get("end"), Some("half_close_timeout"), "{what}: {}", line.raw);
+            assert_eq!(line.get("route"), Some("hc"), "{what}: {}", line.raw);
+            assert_eq!((line.num("bytes_up"), line.num("bytes_down")), (1, 1), "{what}: {}", line.raw);
         }
-        let took = fin.elapsed();
-        assert!(took >= HALF_CLOSE, "{what}: closed {took:?} after the client's FIN, before the timeout");
-        assert!(
-            took <= HALF_CLOSE + SLACK,
-            "{what}: closed {took:?} after the client's FIN; allowed {:?}",
-            HALF_CLOSE + SLACK
-        );
-        match within(QUICK, &format!("{what}: the proxy closing the backend"), b.read(&mut buf)).await {
-            Ok(0) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-            other => panic!("{what}: expected the backend closed, got {other:?}"),
-        }
-        let line = access_line(&proxy, me).await;
-        assert_eq!(line.get("end"), Some("half_close_timeout"), "{what}: {}", line.raw);
-        assert_eq!(line.get("route"), Some("hc"), "{what}: {}", line.raw);
-        assert_eq!((line.num("bytes_up"), line.num("bytes_down")), (1, 1), "{what}: {}", line.raw);
 
-        let what = format!("[{engine}] no half_close_timeout");
-        let (mut c, mut b, fin) = half_closed(proxy.addr_of("plain", QUICK).await, &mut held, &what).await;
-        let me = c.local_addr().unwrap();
-        let stay = HALF_CLOSE * 3;
-        if let Ok(r) = tokio::time::timeout(stay.saturating_sub(fin.elapsed()), c.read(&mut buf)).await {
-            panic!("{what}: the half-open connection ended {:?} after the client's FIN: {r:?}", fin.elapsed());
+        for first in [First::Client, First::Backend] {
+            let what = format!("[{engine}] no half_close_timeout, {first:?} FIN first");
+            let (mut c, mut b, fin) = half_closed(plain, &mut held, first, &what).await;
+            let me = c.local_addr().unwrap();
+            let (closer, other) = if first == First::Client { (&mut c, &mut b) } else { (&mut b, &mut c) };
+            let stay = HALF_CLOSE * 3;
+            let mut buf = [0u8; 16];
+            if let Ok(r) = tokio::time::timeout(stay.saturating_sub(fin.elapsed()), closer.read(&mut buf)).await {
+                panic!("{what}: the half-open connection ended {:?} after the FIN: {r:?}", fin.elapsed());
+            }
+            within(QUICK, &what, other.write_all(b"late")).await.expect("write after the FIN");
+            other.shutdown().await.expect("the second shutdown(Write)");
+            let mut late = Vec::new();
+            within(QUICK, &format!("{what}: the last bytes"), closer.read_to_end(&mut late))
+                .await
+                .expect("read after its own FIN");
+            assert_eq!(late, b"late", "{what}: bytes after {stay:?} half-open");
+            let line = access_line(&proxy, me).await;
+            assert_eq!(line.get("route"), Some("plain"), "{what}: {}", line.raw);
+            assert_ne!(line.get("end"), Some("half_close_timeout"), "{what}: {}", line.raw);
+            let bytes = if first == First::Client { (1, 5) } else { (5, 1) };
+            assert_eq!((line.num("bytes_up"), line.num("bytes_down")), bytes, "{what}: {}", line.raw);
         }
-        within(QUICK, &what, b.write_all(b"late")).await.expect("backend write after the client's FIN");
-        b.shutdown().await.expect("backend shutdown");
-        let mut late = Vec::new();
-        within(QUICK, &format!("{what}: the backend's last bytes"), c.read_to_end(&mut late))
-            .await
-            .expect("client read after its FIN");
-        assert_eq!(late, b"late", "{what}: bytes after {stay:?} half-open");
-        let line = access_line(&proxy, me).await;
-        assert_eq!(line.get("route"), Some("plain"), "{what}: {}", line.raw);
-        assert_ne!(line.get("end"), Some("half_close_timeout"), "{what}: {}", line.raw);
-        assert_eq!((line.num("bytes_up"), line.num("bytes_down")), (1, 5), "{what}: {}", line.raw);
         stop_ok(proxy).await;
     }
 }
