@@ -400,10 +400,11 @@ async fn reload_during_a_bulk_transfer_keeps_it_on_the_old_backend() {
 // 3. A bad file on reload changes nothing
 // ---------------------------------------------------------------------------------------
 
-/// Three bad files (an unknown key; a backend name that does not resolve; a listen address
-/// the test holds), each of which also moves r1 to backend B: each reload is rejected with a
-/// line naming the problem, and clients still reach backend A on the old port. A good file
-/// at the end is applied (so the rejections were not a reload that never works).
+/// Bad files (an unknown key; a backend name that does not resolve; a listen address the
+/// test holds; no file at all), the first three also moving r1 to backend B: each reload is
+/// rejected with a line naming the problem, and clients still reach backend A on the old
+/// port. A good file at the end is applied (so the rejections were not a reload that never
+/// works).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_file_on_reload_changes_nothing() {
     for engine in harness::engines() {
@@ -419,26 +420,34 @@ async fn a_bad_file_on_reload_changes_nothing() {
         let unknown = format!("{}{}", head(&engine), route("r1", &["127.0.0.1:0"], &[b.addr], "colour = \"blue\"\n"));
         let unknown_line = format!("{}:{}:", path.display(), line_no(&unknown, "colour ="));
         let bad_files = [
-            ("an unknown key", unknown, vec![unknown_line, "unknown key `colour`".to_string()]),
+            ("an unknown key", Some(unknown), vec![unknown_line, "unknown key `colour`".to_string()]),
             (
                 "a backend name that does not resolve",
-                format!(
+                Some(format!(
                     "{}{}",
                     head(&engine),
                     route("r1", &["127.0.0.1:0"], &[b.addr], "")
                         .replace(&format!("\"{}\"]", b.addr), &format!("\"{}\", \"nonexistent.invalid:80\"]", b.addr))
-                ),
+                )),
                 vec!["nonexistent.invalid:80".to_string()],
             ),
             (
                 "a listen address that cannot be bound",
-                format!("{}{}", head(&engine), route("r1", &["127.0.0.1:0", &held_addr.to_string()], &[b.addr], "")),
+                Some(format!(
+                    "{}{}",
+                    head(&engine),
+                    route("r1", &["127.0.0.1:0", &held_addr.to_string()], &[b.addr], "")
+                )),
                 vec![format!("cannot listen on {held_addr}")],
             ),
+            ("the file gone (moved away while being edited)", None, vec!["cannot read the config file".to_string()]),
         ];
         for (i, (what, text, names)) in bad_files.iter().enumerate() {
             let what = format!("[{engine}] reload with {what}");
-            dir.write(text);
+            match text {
+                Some(text) => drop(dir.write(text)),
+                None => std::fs::remove_file(&path).expect("remove the config file"),
+            }
             let line = proxy.reload(QUICK).await.expect_err(&format!("{what}: applied"));
             assert!(line.contains("running configuration is unchanged"), "{what}: {line}");
             for name in names {
