@@ -236,6 +236,11 @@ impl Server {
         for addr in &plan.close {
             if let Some(l) = self.listeners.remove(addr) {
                 l.stop.cancel();
+                // The accept loop owns the socket: once it returned, the port is closed, and
+                // the reload is reported applied only after that.
+                if let Err(e) = l.task.await {
+                    log::error!("accept loop of {addr} failed: {e}");
+                }
                 log::info!("reload: stopped listening on {addr}");
             }
         }

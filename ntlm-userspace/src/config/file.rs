@@ -254,12 +254,13 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// The file could not be read.
-    #[error("{}: cannot read the config file ({source}); check the path and that this user may read it", path.display())]
+    #[error("{}: cannot read the config file ({cause}); check the path and that this user may read it", path.display())]
     Read {
         /// The path given.
         path: PathBuf,
-        /// Why the read failed.
-        source: std::io::Error,
+        /// Why the read failed (in the message already, so not also the error's source:
+        /// `{:#}` would print it twice).
+        cause: std::io::Error,
     },
     /// Not UTF-8, not TOML, or a key or value of the wrong name or type. The TOML parser stops
     /// at the first such problem, so there is one.
@@ -292,7 +293,7 @@ impl FileError {
 
 /// Reads and validates the config file at `path`; problems name it as given.
 pub fn load(path: &Path) -> Result<FileConfig, FileError> {
-    let bytes = std::fs::read(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|cause| FileError::Read { path: path.to_owned(), cause })?;
     let origin = path.display().to_string();
     match String::from_utf8(bytes) {
         Ok(text) => parse(&text, &origin),
