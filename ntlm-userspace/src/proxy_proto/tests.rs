@@ -99,9 +99,7 @@ fn want(file: &str) -> Want {
         ["local"] => Want::Local,
         ["unix"] => Want::Unix,
         _ => {
-            let field = |key: &str| {
-                fields.iter().find_map(|f| f.strip_prefix(key).and_then(|f| f.strip_prefix('=')))
-            };
+            let field = |key: &str| fields.iter().find_map(|f| f.strip_prefix(key).and_then(|f| f.strip_prefix('=')));
             let addr = |key: &str| -> SocketAddr {
                 field(key).and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("{file}: no {key} in {line}"))
             };
@@ -248,7 +246,8 @@ const V4_ADDRESSES: [u8; 12] = [192, 0, 2, 7, 198, 51, 100, 1, 0x15, 0xb3, 0x01,
 
 #[test]
 fn v2_commands_families_and_protocols() {
-    let addresses = Addresses { source: "192.0.2.7:5555".parse().expect("a"), destination: "198.51.100.1:443".parse().expect("a") };
+    let addresses =
+        Addresses { source: "192.0.2.7:5555".parse().expect("a"), destination: "198.51.100.1:443".parse().expect("a") };
     let proxy = Header::Proxy { addresses, authority: None };
     for (what, bytes, want) in [
         ("PROXY INET STREAM", v2(0x21, 0x11, &V4_ADDRESSES), proxy),
@@ -265,7 +264,9 @@ fn v2_commands_families_and_protocols() {
 
 #[test]
 fn broken_headers_are_malformed() {
-    let tlv = |kind: u8, value: &[u8]| [&[kind][..], &u16::try_from(value.len()).expect("fits").to_be_bytes(), value].concat();
+    let tlv = |kind: u8, value: &[u8]| {
+        [&[kind][..], &u16::try_from(value.len()).expect("fits").to_be_bytes(), value].concat()
+    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("v2 version 1", v2(0x11, 0x11, &V4_ADDRESSES)),
         ("v2 command 2", v2(0x22, 0x11, &V4_ADDRESSES)),
@@ -549,8 +550,11 @@ impl Haproxy {
             eprintln!("SKIPPED: {HAPROXY} is not installed (apt-get install haproxy), so no real consumer test");
             return None;
         }
-        let dir = std::env::temp_dir()
-            .join(format!("ntlm-pp-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "ntlm-pp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).expect("temporary directory");
         let config = format!(
             "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n{}",
