@@ -12,6 +12,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod logging;
 pub mod park;
+pub mod proxy_proto;
 pub mod route;
 pub mod server;
 pub mod sni;
