@@ -140,7 +140,7 @@ impl Drop for KillOnDrop<'_> {
 }
 
 /// curl with NTLM support and Python's requests-ntlm (the real clients the tests use),
-/// strace, capsh and openssl.
+/// strace, capsh, openssl and HAProxy.
 fn ensure_test_tools() -> anyhow::Result<()> {
     let curl_ok = Command::new("curl")
         .arg("-V")
@@ -157,6 +157,10 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     // ... and runs `doctor` with only some capabilities through capsh.
     if Command::new("capsh").arg("--help").output().is_err() {
         apt_install(&["libcap2-bin"])?;
+    }
+    // The PROXY-protocol unit tests use HAProxy as a real producer and consumer of headers.
+    if Command::new("haproxy").arg("-v").output().is_err() {
+        apt_install(&["haproxy"])?;
     }
     // The SNI suite makes its certificates with the openssl command line.
     if Command::new("openssl").arg("version").output().is_err() {
