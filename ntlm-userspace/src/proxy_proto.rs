@@ -15,14 +15,15 @@
 use std::{
     fmt, io,
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsRawFd,
     str::FromStr,
     time::Duration,
 };
 
 use ipnet::IpNet;
 use ppp::v2::{Command, Protocol, Type};
-use tokio::{io::Interest, net::TcpStream};
+use tokio::net::TcpStream;
+
+use crate::sys::sock::peek_more;
 
 #[cfg(test)]
 mod tests;
@@ -367,24 +368,11 @@ pub async fn read_header(stream: &TcpStream, timeout: Duration) -> Result<Header
 
 /// The loop of [`read_header`], without its timeout.
 async fn read(stream: &TcpStream) -> Result<Header, ProxyError> {
-    // As in sni.rs: the end of stream is seen by the read-closed readiness, taken before the
-    // peek so that the peek saw every byte sent; each turn takes one unit of tokio's
-    // cooperative budget so the timeout can always fire.
+    // The wait for more bytes and the end of stream are `peek_more`'s, as for the SNI peek.
     let mut buf = vec![0u8; MAX_V2_HEADER];
     let mut seen = 0;
     loop {
-        tokio::task::consume_budget().await;
-        let ready = stream.ready(Interest::READABLE).await.map_err(ProxyError::Io)?;
-        let closed = ready.is_read_closed();
-        let peeked = stream.try_io(Interest::READABLE, || match peek(stream, &mut buf)? {
-            n if n == seen && n > 0 && n < buf.len() && !closed => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
-        });
-        let n = match peeked {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-            Err(e) => return Err(ProxyError::Io(e)),
-        };
+        let (n, closed) = peek_more(stream, &mut buf, seen).await.map_err(ProxyError::Io)?;
         if n == 0 {
             return Err(ProxyError::Eof { got: 0 });
         }
@@ -418,18 +406,6 @@ async fn consume(stream: &TcpStream, buf: &mut [u8]) -> Result<(), ProxyError> {
         }
     }
     Ok(())
-}
-
-/// `recv(MSG_PEEK | MSG_DONTWAIT)` into `buf`: copies the start of the socket's receive
-/// queue and leaves it queued. `Ok(0)` is the end of stream; `WouldBlock` means no bytes.
-fn peek(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of buf.len() bytes, and the descriptor stays open while
-    // `stream` is borrowed.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
-    // A negative return is the only failure, so the conversion fails exactly then.
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// The two addresses of a header in one family: both IPv4 when both are IPv4 or IPv4-mapped

@@ -12,13 +12,15 @@
 //! handshake message whose fragments span several records, and telling "not enough bytes
 //! yet" apart from "not TLS" and "broken".
 
-use std::{borrow::Cow, collections::HashMap, fmt, io, os::fd::AsRawFd, str::FromStr, time::Duration};
+use std::{borrow::Cow, collections::HashMap, fmt, io, str::FromStr, time::Duration};
 
 use tls_parser::{
     TlsExtension, TlsExtensionType, TlsHandshakeType, TlsRecordType, parse_tls_extension_sni_content,
     parse_tls_extension_unknown, parse_tls_handshake_client_hello, parse_tls_record_header,
 };
-use tokio::{io::Interest, net::TcpStream};
+use tokio::net::TcpStream;
+
+use crate::sys::sock::peek_more;
 
 #[cfg(test)]
 mod tests;
@@ -182,36 +184,14 @@ pub async fn peek_server_name(stream: &TcpStream, timeout: Duration) -> Result<O
 
 /// The loop of [`peek_server_name`], without its timeout.
 async fn peek_hello(stream: &TcpStream) -> Result<Option<String>, SniError> {
-    // Waiting for more bytes: the peek runs inside `try_io`, and reports `WouldBlock` when it
-    // saw no byte it had not seen before. tokio then clears the socket's read readiness (only
-    // if no newer event came in meanwhile), so `ready` sleeps until new data arrives. The
-    // alternative, SO_RCVLOWAT set to the bytes still missing, would need the missing count
-    // (not known before the record and handshake headers are in), and it would be state left
-    // on a socket that an engine later splices or puts in a sockmap, to be restored on every
-    // path out of here; the `WouldBlock` trick changes nothing on the socket.
-    //
-    // The end of stream: a peek never returns 0 while unread bytes are queued, so a client
-    // that sends half a hello and then FIN is seen by the read-closed readiness, which tokio
-    // keeps set once it came. It is taken before the peek, so that peek saw every byte sent.
-    //
-    // Each turn takes one unit of tokio's cooperative budget, so that even a socket reported
-    // ready forever without new bytes cannot keep this task from yielding and its timeout
-    // from firing.
+    // How the wait for more bytes works (no spinning, nothing left set on the socket, the EOF
+    // of a client that sent half a hello) is `peek_more`'s. SO_RCVLOWAT set to the missing
+    // count was the alternative: that count is not known before the record and handshake
+    // headers are in, and it would be state left on a socket an engine later uses.
     let mut buf = vec![0u8; INITIAL_PEEK];
     let mut seen = 0;
     loop {
-        tokio::task::consume_budget().await;
-        let ready = stream.ready(Interest::READABLE).await.map_err(SniError::Io)?;
-        let closed = ready.is_read_closed();
-        let peeked = stream.try_io(Interest::READABLE, || match peek(stream, &mut buf)? {
-            n if n == seen && n > 0 && n < buf.len() && !closed => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
-        });
-        let n = match peeked {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-            Err(e) => return Err(SniError::Io(e)),
-        };
+        let (n, closed) = peek_more(stream, &mut buf, seen).await.map_err(SniError::Io)?;
         if n == 0 {
             return Err(SniError::Eof { got: 0 });
         }
@@ -228,18 +208,6 @@ async fn peek_hello(stream: &TcpStream) -> Result<Option<String>, SniError> {
             Hello::Incomplete => {}
         }
     }
-}
-
-/// `recv(MSG_PEEK | MSG_DONTWAIT)` into `buf`: copies the start of the socket's receive
-/// queue and leaves it queued. `Ok(0)` is the end of stream; `WouldBlock` means no bytes.
-fn peek(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of buf.len() bytes, and the descriptor stays open while
-    // `stream` is borrowed.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
-    // A negative return is the only failure, so the conversion fails exactly then.
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// Walks the TLS records at the start of `buf` and returns the ClientHello handshake

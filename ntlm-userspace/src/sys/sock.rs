@@ -75,6 +75,41 @@ pub fn peek_one(fd: BorrowedFd<'_>) -> io::Result<usize> {
     recv_flags(fd, &mut [0u8; 1], libc::MSG_PEEK | libc::MSG_DONTWAIT)
 }
 
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` into `buf`: the queued bytes, none taken.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+/// One step of reading a header by peeking (the SNI peek, the PROXY header): waits until
+/// `stream` has more than the `seen` bytes already peeked, an EOF, or `buf` is full, and peeks
+/// into `buf`. Returns the bytes now queued (0: EOF with nothing queued) and whether the peer
+/// has half-closed (then no more bytes will come).
+///
+/// Waiting: the peek runs inside `try_io` and reports `WouldBlock` when it saw nothing new, so
+/// tokio clears the read readiness (only if no newer event came meanwhile) and `ready` sleeps
+/// until new data arrives; nothing is left set on the socket (unlike SO_RCVLOWAT). The end of
+/// stream is seen by the read-closed readiness, taken before the peek so that the peek saw
+/// every byte sent. Each turn takes one unit of tokio's cooperative budget, so that a socket
+/// reported ready forever without new bytes cannot keep the task from yielding (and its
+/// caller's timeout from firing). After a timeout cancels this, the readiness may stay cleared
+/// with bytes queued: close the socket, or re-register it, before reading it again.
+pub async fn peek_more(stream: &tokio::net::TcpStream, buf: &mut [u8], seen: usize) -> io::Result<(usize, bool)> {
+    use std::os::fd::AsFd as _;
+    loop {
+        tokio::task::consume_budget().await;
+        let closed = stream.ready(tokio::io::Interest::READABLE).await?.is_read_closed();
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || match peek(stream.as_fd(), buf)? {
+            n if n == seen && n > 0 && n < buf.len() && !closed => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        });
+        match peeked {
+            Ok(n) => return Ok((n, closed)),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
