@@ -3,15 +3,18 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpSocket, TcpStream},
     process::{Child, Command},
     sync::Notify,
 };
@@ -34,7 +37,9 @@ pub fn bin() -> PathBuf {
             return p;
         }
     }
-    panic!("no ntlm-splice binary: run `cargo xtask test`, or `cargo build -p ntlm-userspace` first, or set NTLM_SPLICE_BIN");
+    panic!(
+        "no ntlm-splice binary: run `cargo xtask test`, or `cargo build -p ntlm-userspace` first, or set NTLM_SPLICE_BIN"
+    );
 }
 
 /// The engines to test on this host: `$NTLM_SPLICE_TEST_ENGINES` (comma separated, set by
@@ -100,8 +105,10 @@ impl AccessLine {
     }
 }
 
+/// The output of a child process (the proxy, HAProxy), one entry per line, and a signal for
+/// every new line.
 #[derive(Default)]
-struct Log {
+pub(crate) struct Log {
     lines: Mutex<Vec<String>>,
     grew: Notify,
     /// Output streams (stdout, stderr) read to their end.
@@ -110,6 +117,54 @@ struct Log {
 
 /// The child's output streams the log reads.
 const LOG_STREAMS: usize = 2;
+
+impl Log {
+    /// Appends every line of `stream` to the log, in a task of its own, until its end; with
+    /// `$NTLM_SPLICE_TEST_ECHO` set, also prints each line tagged `[tag]`.
+    pub(crate) fn follow(self: &Arc<Self>, stream: Box<dyn tokio::io::AsyncRead + Unpin + Send>, tag: &'static str) {
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if std::env::var_os("NTLM_SPLICE_TEST_ECHO").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+                log.lines.lock().unwrap().push(line);
+                log.grew.notify_waiters();
+            }
+            log.closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            log.grew.notify_waiters();
+        });
+    }
+
+    /// All lines so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// All lines so far, joined.
+    pub(crate) fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until `done` holds for the lines; panics naming `whose` log, with its text, on
+    /// timeout. `done` runs under the log lock.
+    pub(crate) async fn wait(&self, timeout: Duration, whose: &str, done: impl Fn(&[String]) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let grew = self.grew.notified();
+            if done(&self.lines.lock().unwrap()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, grew).await.is_err() {
+                if done(&self.lines.lock().unwrap()) {
+                    return;
+                }
+                panic!("timed out after {timeout:?} waiting on the {whose} log:\n{}", self.text());
+            }
+        }
+    }
+}
 
 /// A running `ntlm-splice` child. Dropping it kills the child (by its own PID).
 pub struct Proxy {
@@ -165,6 +220,22 @@ impl Proxy {
         lines.iter().rev().find(|l| serves(l)).and_then(|l| parse_listening(l)).map(|(a, _)| a).expect("just seen")
     }
 
+    /// The bound addresses of the first `n` listeners that serve `route` (waits for their log
+    /// lines), e.g. its IPv4 and its IPv6 address.
+    pub async fn addrs_of(&self, route: &str, n: usize, timeout: Duration) -> Vec<SocketAddr> {
+        let serving = |lines: &[String]| -> Vec<SocketAddr> {
+            lines
+                .iter()
+                .filter_map(|l| parse_listening(l))
+                .filter(|(_, routes)| routes.iter().any(|r| r == route))
+                .map(|(a, _)| a)
+                .take(n)
+                .collect()
+        };
+        self.wait_log(timeout, |lines| serving(lines).len() >= n).await;
+        serving(&self.log.lines())
+    }
+
     /// Sends SIGHUP and waits for the proxy to say how the reload ended: `Ok(line)` for
     /// `reload: applied`, `Err(line)` for `reload: ... rejected`.
     pub async fn reload(&self, timeout: Duration) -> Result<String, String> {
@@ -192,24 +263,8 @@ impl Proxy {
             .kill_on_drop(true);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
         let log = Arc::new(Log::default());
-        for stream in [
-            Box::new(child.stderr.take().expect("stderr")) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stdout.take().expect("stdout")),
-        ] {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if std::env::var_os("NTLM_SPLICE_TEST_ECHO").is_some() {
-                        eprintln!("[proxy] {line}");
-                    }
-                    log.lines.lock().unwrap().push(line);
-                    log.grew.notify_waiters();
-                }
-                log.closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                log.grew.notify_waiters();
-            });
-        }
+        log.follow(Box::new(child.stderr.take().expect("stderr")), "proxy");
+        log.follow(Box::new(child.stdout.take().expect("stdout")), "proxy");
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             let grew = log.grew.notified();
@@ -221,12 +276,18 @@ impl Proxy {
                 return Proxy { child, addr, log };
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("ntlm-splice {args:?} exited with {status} before listening:\n{}", log.lines.lock().unwrap().join("\n"));
+                panic!(
+                    "ntlm-splice {args:?} exited with {status} before listening:\n{}",
+                    log.lines.lock().unwrap().join("\n")
+                );
             }
             // Poll for an early exit too: a child that dies prints nothing more.
             let _ = tokio::time::timeout(Duration::from_millis(100), grew).await;
             if tokio::time::Instant::now() >= deadline {
-                panic!("ntlm-splice {args:?} did not listen within {START_TIMEOUT:?}:\n{}", log.lines.lock().unwrap().join("\n"));
+                panic!(
+                    "ntlm-splice {args:?} did not listen within {START_TIMEOUT:?}:\n{}",
+                    log.lines.lock().unwrap().join("\n")
+                );
             }
         }
     }
@@ -243,7 +304,7 @@ impl Proxy {
 
     /// All log output so far.
     pub fn logs(&self) -> String {
-        self.log.lines.lock().unwrap().join("\n")
+        self.log.text()
     }
 
     /// Access-log lines so far, in order.
@@ -253,8 +314,7 @@ impl Proxy {
 
     /// Waits until at least `n` access lines were logged; panics with the log on timeout.
     pub async fn wait_access_lines(&self, n: usize, timeout: Duration) -> Vec<AccessLine> {
-        self.wait_log(timeout, |lines| lines.iter().filter(|l| AccessLine::parse(l).is_some()).count() >= n)
-            .await;
+        self.wait_log(timeout, |lines| lines.iter().filter(|l| AccessLine::parse(l).is_some()).count() >= n).await;
         self.access_lines()
     }
 
@@ -276,19 +336,7 @@ impl Proxy {
     /// Waits until `done` holds for the log lines. `done` runs under the log lock: it must
     /// not call back into this `Proxy`.
     async fn wait_log(&self, timeout: Duration, done: impl Fn(&[String]) -> bool) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let grew = self.log.grew.notified();
-            if done(&self.log.lines.lock().unwrap()) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, grew).await.is_err() {
-                if done(&self.log.lines.lock().unwrap()) {
-                    return;
-                }
-                panic!("timed out after {timeout:?} waiting on the proxy log:\n{}", self.logs());
-            }
-        }
+        self.log.wait(timeout, "proxy", done).await;
     }
 
     /// Waits (bounded) until the log readers reached the end of the child's stdout and
@@ -334,6 +382,142 @@ impl Proxy {
     }
 }
 
+/// Stops the proxy with SIGTERM and checks it exits 0.
+pub async fn stop_ok(proxy: Proxy) {
+    let status = proxy.stop().await;
+    assert!(status.success(), "ntlm-splice exited with {status}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Config files
+// ---------------------------------------------------------------------------------------
+
+/// The start of a test's config file: a short drain (tests end their connections before they stop
+/// the proxy) and `engine` for every route.
+pub fn config_head(engine: &str) -> String {
+    format!("[global]\ndrain_timeout = \"5s\"\n\n[defaults]\nengine = \"{engine}\"\nconnect_timeout = \"2s\"\n")
+}
+
+/// One `[[route]]` table; `extra` is appended as is (options, then a `[route.health]` table).
+pub fn config_route(name: &str, listen: &[&str], backends: &[SocketAddr], extra: &str) -> String {
+    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
+    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "\n[[route]]\nname = \"{name}\"\nlisten = [{}]\nbackends = [{}]\n{extra}",
+        listen.join(", "),
+        backends.join(", ")
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Client-side helpers shared by the suites
+// ---------------------------------------------------------------------------------------
+
+/// Bound for anything that should be quick on loopback: a connect, a round trip, an access
+/// line.
+pub const QUICK: Duration = Duration::from_secs(10);
+
+/// Awaits `f` for at most `limit`, panicking with `what` otherwise.
+pub async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// Connects to `addr` from an address the kernel picks.
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    within(QUICK, &format!("connect to {addr}"), TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// Connects to `addr` from `source` (a free port), e.g. a loopback address of its own such
+/// as 127.0.0.7, so that the client is recognisable wherever its address shows up.
+pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = if source.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+        .unwrap_or_else(|e| panic!("client socket: {e}"));
+    socket.bind(SocketAddr::new(source, 0)).unwrap_or_else(|e| panic!("bind the client to {source}: {e}"));
+    within(QUICK, &format!("connect from {source} to {addr}"), socket.connect(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect from {source} to {addr}: {e}"))
+}
+
+/// Writes `msg` and reads exactly the same bytes back (through an echo backend).
+pub async fn round_trip(s: &mut TcpStream, msg: &[u8], what: &str) {
+    within(QUICK, &format!("{what}: write"), s.write_all(msg)).await.unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    let mut back = vec![0u8; msg.len()];
+    within(QUICK, &format!("{what}: echo of {} bytes", msg.len()), s.read_exact(&mut back))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: reading the echo: {e}"));
+    assert_eq!(back, msg, "{what}: echoed bytes differ");
+}
+
+/// The access line of the client connection whose address (`client=`) is `client` (waits
+/// for it).
+pub async fn access_line(proxy: &Proxy, client: SocketAddr) -> AccessLine {
+    proxy.wait_for_log(&format!(" client={client} "), QUICK).await;
+    let want = client.to_string();
+    proxy
+        .access_lines()
+        .into_iter()
+        .find(|l| l.get("client") == Some(want.as_str()))
+        .unwrap_or_else(|| panic!("no access line for client {client}:\n{}", proxy.logs()))
+}
+
+/// How the proxy ended a client connection from the client's point of view.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// An orderly end of stream (`read` returned 0).
+    Eof,
+    /// A reset.
+    Reset,
+}
+
+/// Waits until the proxy closes `s` (EOF or reset, no data); returns which.
+pub async fn wait_closed(s: &mut TcpStream, limit: Duration, what: &str) -> Closed {
+    let mut b = [0u8; 16];
+    match within(limit, &format!("{what}: waiting for the proxy to close the client"), s.read(&mut b)).await {
+        Ok(0) => Closed::Eof,
+        Ok(n) => panic!("{what}: expected a close, got data {:?}", &b[..n]),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Closed::Reset,
+        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `ntlm-splice-TAG-PID-NANOS` in the system's temporary directory.
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("ntlm-splice-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `file` in it with `text`; returns its path.
+    pub fn write(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.0.join(file);
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
+
 /// A `listening addr=ADDR routes=A,B ...` line: the address and the routes.
 fn parse_listening(line: &str) -> Option<(SocketAddr, Vec<String>)> {
     let (_, rest) = line.split_once("listening addr=")?;
@@ -361,7 +545,8 @@ mod tests {
         assert_eq!(l.get("end"), Some("connect_failed"));
         assert_eq!(l.get("error"), Some("Client socket: reset by peer"));
         assert!(AccessLine::parse("ts=x level=info server: listening addr=1").is_none());
-        let (a, r) = parse_listening("ts=x level=info server: listening addr=127.0.0.1:5 routes=a,b backends=x").unwrap();
+        let (a, r) =
+            parse_listening("ts=x level=info server: listening addr=127.0.0.1:5 routes=a,b backends=x").unwrap();
         assert_eq!((a, r), ("127.0.0.1:5".parse().unwrap(), vec!["a".to_string(), "b".to_string()]));
     }
 }

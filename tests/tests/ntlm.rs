@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, Proxy},
+    harness::{self, AccessLine, Proxy, within},
     ntlm::{Credentials, DEFAULT_DOMAIN, HttpConn, NtlmServer, User, demo_users},
 };
 use tokio::{process::Command, task::JoinSet};
@@ -35,13 +35,6 @@ const ALICE_BODY: &str = "EXAMPLE\\alice";
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
 
 async fn backend(users: Vec<User>) -> NtlmServer {
     NtlmServer::start(

@@ -13,7 +13,6 @@
 
 use std::{
     collections::HashSet,
-    future::Future,
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -26,7 +25,9 @@ use std::{
 };
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, Proxy},
+    harness::{
+        self, AccessLine, Proxy, access_line, config_head as head, config_route as route, connect, stop_ok, within,
+    },
     servers::{self, Server},
 };
 use tokio::{
@@ -99,23 +100,6 @@ impl Drop for ConfDir {
     }
 }
 
-/// The start of every test file: a short drain (tests end their connections before they stop
-/// the proxy) and `engine` for every route.
-fn head(engine: &str) -> String {
-    format!("[global]\ndrain_timeout = \"5s\"\n\n[defaults]\nengine = \"{engine}\"\nconnect_timeout = \"2s\"\n")
-}
-
-/// One `[[route]]` table; `extra` is appended as is (options, then a `[route.health]` table).
-fn route(name: &str, listen: &[&str], backends: &[SocketAddr], extra: &str) -> String {
-    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
-    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!(
-        "\n[[route]]\nname = \"{name}\"\nlisten = [{}]\nbackends = [{}]\n{extra}",
-        listen.join(", "),
-        backends.join(", ")
-    )
-}
-
 /// A `[route.health]` table with the health tests' timings; `http` is an extra line or "".
 fn health(http: &str) -> String {
     format!(
@@ -133,20 +117,6 @@ fn line_no(text: &str, prefix: &str) -> usize {
 // ---------------------------------------------------------------------------------------
 // Helpers: clients and backends
 // ---------------------------------------------------------------------------------------
-
-/// Awaits `f` for at most `limit`, panicking with `what` otherwise.
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
-
-async fn connect(addr: SocketAddr) -> TcpStream {
-    within(QUICK, &format!("connect to {addr}"), TcpStream::connect(addr))
-        .await
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
-}
 
 /// A listening socket on `addr` with SO_REUSEADDR, so that a backend can be started again on
 /// the port of one that was stopped while its connections linger.
@@ -243,29 +213,12 @@ async fn ask_ok(addr: SocketAddr, what: &str) -> (u8, SocketAddr) {
     ask(addr).await.unwrap_or_else(|e| panic!("{what}: client via {addr}: {e}"))
 }
 
-/// The access line of the client connection whose local address is `client` (waits for it).
-async fn access_line(proxy: &Proxy, client: SocketAddr) -> AccessLine {
-    proxy.wait_for_log(&format!(" client={client} "), QUICK).await;
-    let want = client.to_string();
-    proxy
-        .access_lines()
-        .into_iter()
-        .find(|l| l.get("client") == Some(want.as_str()))
-        .unwrap_or_else(|| panic!("no access line for client {client}:\n{}", proxy.logs()))
-}
-
 /// Asserts that the access line of `client` names `route` and `backend`.
 async fn assert_routed(proxy: &Proxy, client: SocketAddr, route: &str, backend: SocketAddr, what: &str) -> AccessLine {
     let line = access_line(proxy, client).await;
     assert_eq!(line.get("route"), Some(route), "{what}: access line route: {}", line.raw);
     assert_eq!(line.get("backend"), Some(backend.to_string().as_str()), "{what}: access line backend: {}", line.raw);
     line
-}
-
-/// Stops the proxy with SIGTERM and checks it exits 0.
-async fn stop_ok(proxy: Proxy) {
-    let status = proxy.stop().await;
-    assert!(status.success(), "ntlm-splice exited with {status}");
 }
 
 /// Sends bytes `from..to` of pattern `seed`.

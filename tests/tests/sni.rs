@@ -18,8 +18,6 @@
 //! client on the default route; and a reload that moves a name to another route.
 
 use std::{
-    future::Future,
-    io,
     net::SocketAddr,
     path::PathBuf,
     process::Stdio,
@@ -27,7 +25,7 @@ use std::{
 };
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, Proxy},
+    harness::{self, AccessLine, Proxy, TempDir, stop_ok, wait_closed, within},
     servers::Server,
 };
 use tokio::{
@@ -75,34 +73,6 @@ const LEAVES: &[(&str, &str, &str)] = &[
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// Awaits `f` for at most `limit`, panicking with `what` otherwise.
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
-
-/// A fresh temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("ntlm-splice-sni-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("cannot remove {}: {e}", self.0.display());
-        }
-    }
-}
-
 /// A small CA and the leaf certificates of [`LEAVES`], made with the `openssl` CLI.
 struct Pki {
     dir: TempDir,
@@ -110,7 +80,7 @@ struct Pki {
 
 impl Pki {
     async fn new(tag: &str) -> Pki {
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(&format!("sni-{tag}"));
         let pki = Pki { dir };
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
         pki.openssl(
@@ -155,7 +125,7 @@ impl Pki {
 
     async fn openssl(&self, args: &[&str]) {
         let mut cmd = Command::new("openssl");
-        cmd.args(args).current_dir(&self.dir.0).stdin(Stdio::null()).kill_on_drop(true);
+        cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null()).kill_on_drop(true);
         let out = within(CLIENT_TIMEOUT, &format!("openssl {args:?}"), cmd.output())
             .await
             .unwrap_or_else(|e| panic!("cannot run openssl (is it installed?): {e}"));
@@ -168,7 +138,7 @@ impl Pki {
     }
 
     fn path(&self, file: &str) -> PathBuf {
-        self.dir.0.join(file)
+        self.dir.path().join(file)
     }
 
     fn ca(&self) -> PathBuf {
@@ -351,30 +321,6 @@ fn assert_no_route(line: &AccessLine, what: &str) {
     assert_eq!(line.get("end"), Some("no_route"), "{what}: end in {}", line.raw);
     assert_eq!(line.get("backend"), Some("-"), "{what}: backend in {}", line.raw);
     assert!(line.get("error").is_some_and(|e| !e.is_empty()), "{what}: no error= in {}", line.raw);
-}
-
-/// Stops the proxy with SIGTERM and checks it exits 0.
-async fn stop_ok(proxy: Proxy) {
-    let status = proxy.stop().await;
-    assert!(status.success(), "ntlm-splice exited with {status}");
-}
-
-/// How the proxy ended a client connection from the client's point of view.
-#[derive(Debug, PartialEq, Eq)]
-enum Closed {
-    Eof,
-    Reset,
-}
-
-/// Waits until the proxy closes `s` (EOF or reset, no data); returns which.
-async fn wait_closed(s: &mut TcpStream, limit: Duration, what: &str) -> Closed {
-    let mut b = [0u8; 16];
-    match within(limit, &format!("{what}: waiting for the proxy to close the client"), s.read(&mut b)).await {
-        Ok(0) => Closed::Eof,
-        Ok(n) => panic!("{what}: expected a close, got data {:?}", &b[..n]),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Closed::Reset,
-        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
-    }
 }
 
 /// A plain-text backend: reads a request head (to its blank line), reports it on the

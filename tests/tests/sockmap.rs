@@ -8,14 +8,13 @@
 //! trap) live next to the engine: `ntlm-userspace/src/engine/sockmap/tests.rs`.
 
 use std::{
-    future::Future,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, Proxy},
+    harness::{self, AccessLine, Proxy, within},
     servers::{self, Server},
 };
 use tokio::{
@@ -30,13 +29,6 @@ const QUICK: Duration = Duration::from_secs(10);
 const BULK: Duration = Duration::from_secs(120);
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
 
 /// Whether this host tests the sockmap engine; says why not otherwise.
 fn sockmap_enabled() -> bool {

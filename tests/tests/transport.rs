@@ -16,7 +16,7 @@ use std::{
 };
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, PARK_LOG, Proxy},
+    harness::{self, AccessLine, Closed, PARK_LOG, Proxy, access_line, connect, round_trip, stop_ok, wait_closed, within},
     servers::{self, Server, Unresponsive},
 };
 use tokio::{
@@ -36,32 +36,6 @@ const PROMPT: Duration = Duration::from_secs(5);
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// Awaits `f` for at most `limit`, panicking with `what` otherwise.
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
-
-async fn connect(addr: SocketAddr) -> TcpStream {
-    within(QUICK, &format!("connect to {addr}"), TcpStream::connect(addr))
-        .await
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
-}
-
-/// Writes `msg` and reads exactly the same bytes back (through an echo backend).
-async fn round_trip(s: &mut TcpStream, msg: &[u8], what: &str) {
-    within(QUICK, &format!("{what}: write"), s.write_all(msg))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
-    let mut back = vec![0u8; msg.len()];
-    within(QUICK, &format!("{what}: echo of {} bytes", msg.len()), s.read_exact(&mut back))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: reading the echo: {e}"));
-    assert_eq!(back, msg, "{what}: echoed bytes differ");
-}
-
 /// Reads to EOF (read returns 0); panics on an error or after `limit`.
 async fn read_to_eof<R: AsyncRead + Unpin>(r: &mut R, limit: Duration, what: &str) -> Vec<u8> {
     let mut all = Vec::new();
@@ -80,35 +54,6 @@ async fn expect_eof(s: &mut TcpStream, limit: Duration, what: &str) {
     assert_eq!(n, 0, "{what}: expected EOF, got data {:?}", &b[..n]);
 }
 
-/// How the proxy ended a client connection from the client's point of view.
-#[derive(Debug, PartialEq, Eq)]
-enum Closed {
-    Eof,
-    Reset,
-}
-
-/// Waits until the proxy closes `s` (EOF or reset, no data); returns which.
-async fn wait_closed(s: &mut TcpStream, limit: Duration, what: &str) -> Closed {
-    let mut b = [0u8; 16];
-    match within(limit, &format!("{what}: waiting for the proxy to close the client"), s.read(&mut b)).await {
-        Ok(0) => Closed::Eof,
-        Ok(n) => panic!("{what}: expected a close, got data {:?}", &b[..n]),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Closed::Reset,
-        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
-    }
-}
-
-/// The access line of the client connection whose local address is `client` (waits for it).
-async fn access_line(proxy: &Proxy, client: SocketAddr) -> AccessLine {
-    proxy.wait_for_log(&format!(" client={client} "), QUICK).await;
-    let want = client.to_string();
-    proxy
-        .access_lines()
-        .into_iter()
-        .find(|l| l.get("client") == Some(want.as_str()))
-        .unwrap_or_else(|| panic!("no access line for client {client}:\n{}", proxy.logs()))
-}
-
 /// Asserts logfmt fields of an access line.
 fn assert_fields(line: &AccessLine, expect: &[(&str, String)]) {
     for (k, v) in expect {
@@ -123,12 +68,6 @@ fn assert_fields(line: &AccessLine, expect: &[(&str, String)]) {
 fn close_with_reset(s: TcpStream) {
     s.set_zero_linger().expect("SO_LINGER 0");
     drop(s);
-}
-
-/// Stops the proxy with SIGTERM and checks it exits 0.
-async fn stop_ok(proxy: Proxy) {
-    let status = proxy.stop().await;
-    assert!(status.success(), "ntlm-splice exited with {status}");
 }
 
 fn echo_handler(s: TcpStream) -> impl Future<Output = ()> + Send {
