@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashSet,
-    future::Future,
     io,
     net::SocketAddr,
     process::Stdio,
@@ -70,12 +69,10 @@ fn close_with_reset(s: TcpStream) {
     drop(s);
 }
 
-fn echo_handler(s: TcpStream) -> impl Future<Output = ()> + Send {
-    async move {
-        let (mut r, mut w) = s.into_split();
-        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-            let _ = w.shutdown().await;
-        }
+async fn echo_handler(s: TcpStream) {
+    let (mut r, mut w) = s.into_split();
+    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+        let _ = w.shutdown().await;
     }
 }
 
