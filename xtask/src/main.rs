@@ -140,7 +140,7 @@ impl Drop for KillOnDrop<'_> {
 }
 
 /// curl with NTLM support and Python's requests-ntlm (the real clients the tests use),
-/// strace, capsh, openssl and HAProxy.
+/// strace, capsh, openssl, HAProxy and nft.
 fn ensure_test_tools() -> anyhow::Result<()> {
     let curl_ok = Command::new("curl")
         .arg("-V")
@@ -161,6 +161,10 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     // The PROXY-protocol unit tests use HAProxy as a real producer and consumer of headers.
     if Command::new("haproxy").arg("-v").output().is_err() {
         apt_install(&["haproxy"])?;
+    }
+    // doctor's transparent-source tests read the nftables ruleset of their namespaces.
+    if Command::new("nft").arg("--version").output().is_err() {
+        apt_install(&["nftables"])?;
     }
     // The SNI suite makes its certificates with the openssl command line.
     if Command::new("openssl").arg("version").output().is_err() {
