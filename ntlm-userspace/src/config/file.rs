@@ -1634,6 +1634,60 @@ mod tests {
     }
 
     #[test]
+    fn client_identity_keys() {
+        let v = with_route(&[
+            r#"source = "client-ip""#,
+            r#"proxy_protocol = "v1""#,
+            r#"accept_proxy_from = ["10.0.0.0/8", "2001:db8::7"]"#,
+            r#"accept_proxy_timeout = "750ms""#,
+        ]);
+        let c = ok(&refs(&v));
+        let o = &c.routes[0].options;
+        assert_eq!(o.source, Some(Source::ClientIp));
+        assert_eq!(o.proxy_protocol, Some(ProxyVersion::V1));
+        assert_eq!(o.accept_proxy_from, "10.0.0.0/8, 2001:db8::7".parse().unwrap());
+        assert_eq!(o.accept_proxy_timeout, Duration::from_millis(750));
+        // [defaults] sets them for every route; "off" turns PROXY out off again.
+        let mut v = vec!["[defaults]", r#"proxy_protocol = "v2""#, r#"source = "192.0.2.10""#];
+        let r = with_route(&[r#"proxy_protocol = "off""#]);
+        v.extend(refs(&r));
+        let c = ok(&v);
+        assert_eq!(c.routes[0].options.proxy_protocol, None);
+        assert_eq!(c.routes[0].options.source, Some(Source::Addr("192.0.2.10".parse().unwrap())));
+    }
+
+    #[test]
+    fn client_identity_keys_name_their_fix() {
+        let v = with_route(&[
+            r#"source = "clientip""#,
+            r#"proxy_protocol = "2""#,
+            r#"accept_proxy_from = ["10.1.0.0/8", "lb.example.net"]"#,
+            r#"accept_proxy_timeout = "0""#,
+        ]);
+        let p = problems(&refs(&v));
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p[0].starts_with(r#"t.toml:5: route "a": source: "clientip" is not a source: write "client""#), "{}", p[0]);
+        assert!(p[1].starts_with(r#"t.toml:6: route "a": proxy_protocol: "2" is not a PROXY protocol"#), "{}", p[1]);
+        assert!(p[2].contains("accept_proxy_from: `10.1.0.0/8` has address bits set past its prefix; write the network as 10.0.0.0/8"), "{}", p[2]);
+        assert!(p[3].contains("accept_proxy_from: `lb.example.net` is not an address or a network"), "{}", p[3]);
+        assert!(p[4].starts_with(r#"t.toml:8: route "a": accept_proxy_timeout: "0" must be greater than zero"#), "{}", p[4]);
+    }
+
+    #[test]
+    fn routes_of_one_address_trust_the_same_sources() {
+        let mut v = route("a", "0.0.0.0:443");
+        v.push(r#"accept_proxy_from = ["10.0.0.0/8"]"#.into());
+        v.extend(route("b", "0.0.0.0:443"));
+        v.push(r#"sni = ["y.example.net"]"#.into());
+        assert_eq!(
+            problem(&refs(&v)),
+            r#"t.toml:6: route "b": accept_proxy_from: [] differs from route "a" (line 1), which shares listen address 0.0.0.0:443: [10.0.0.0/8]; the PROXY header is read before the route is chosen, so routes on one address must trust the same sources: make the lists equal (or set it once in [defaults])"#
+        );
+        v.push(r#"accept_proxy_from = ["10.0.0.0/8"]"#.into());
+        ok(&refs(&v));
+    }
+
+    #[test]
     fn one_server_name_on_two_routes_of_an_address() {
         let mut v = route("a", "0.0.0.0:443");
         v.push(r#"sni = ["x.example.net"]"#.into());
