@@ -290,11 +290,7 @@ pub fn bind(socket: &Socket, source: Source, client: SocketAddr, backend: Socket
 
 /// IP_TRANSPARENT (IPv4) or IPV6_TRANSPARENT on `socket`.
 fn set_transparent(socket: &Socket, v4: bool) -> io::Result<()> {
-    let r = if v4 {
-        setsockopt_int(socket.as_fd(), libc::SOL_IP, libc::IP_TRANSPARENT, 1)
-    } else {
-        setsockopt_int(socket.as_fd(), libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
-    };
+    let r = if v4 { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
     r.map_err(|e| {
         if e.raw_os_error() == Some(libc::EPERM) {
             io::Error::new(
@@ -308,19 +304,22 @@ fn set_transparent(socket: &Socket, v4: bool) -> io::Result<()> {
     })
 }
 
+/// Sets IP_TRANSPARENT (`v4`) or IPV6_TRANSPARENT on a throwaway TCP socket: whether this
+/// process may bind backend connections to clients' addresses (also `doctor`'s check).
+pub fn probe_transparent(v4: bool) -> io::Result<()> {
+    let s = Socket::new(if v4 { Domain::IPV4 } else { Domain::IPV6 }, Type::STREAM, None)?;
+    set_transparent(&s, v4)
+}
+
 /// Checks at start and reload that this process may bind foreign addresses, for a route with
-/// a transparent `source`: sets IP_TRANSPARENT on a throwaway socket of each family.
+/// a transparent `source`: [`probe_transparent`] for each family (IPv4 only on a host
+/// without IPv6).
 pub fn check_transparent() -> io::Result<()> {
-    for (domain, v4) in [(Domain::IPV4, true), (Domain::IPV6, false)] {
-        let s = match Socket::new(domain, Type::STREAM, None) {
-            Ok(s) => s,
-            // A host without IPv6: only IPv4 can be checked (and used).
-            Err(e) if !v4 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
-            Err(e) => return Err(e),
-        };
-        set_transparent(&s, v4)?;
+    probe_transparent(true)?;
+    match probe_transparent(false) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(()),
+        r => r,
     }
-    Ok(())
 }
 
 #[cfg(test)]

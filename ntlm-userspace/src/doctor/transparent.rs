@@ -15,7 +15,6 @@
 
 use std::{io, process::Command};
 
-use socket2::{Domain, Socket, Type};
 
 use crate::sys::{
     caps::{self, Cap},
@@ -212,12 +211,7 @@ fn routing_text(family: Family, routing: &Routing) -> String {
 /// Sets IP_TRANSPARENT (IPV6_TRANSPARENT) on a fresh TCP socket of `family`: what binding a
 /// backend connection to the client's address needs first.
 pub fn set_transparent(family: Family) -> io::Result<()> {
-    let (domain, set): (_, fn(&Socket) -> io::Result<()>) = match family {
-        Family::V4 => (Domain::IPV4, |s| s.set_ip_transparent_v4(true)),
-        Family::V6 => (Domain::IPV6, |s| s.set_ip_transparent_v6(true)),
-    };
-    let socket = Socket::new(domain, Type::STREAM, None)?;
-    set(&socket)
+    crate::identity::probe_transparent(matches!(family, Family::V4))
 }
 
 /// How to give this binary CAP_NET_ADMIN.
