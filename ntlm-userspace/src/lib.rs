@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod doctor;
 pub mod engine;
+pub mod guard;
 pub mod health;
 pub mod identity;
 pub mod lifecycle;
