@@ -9,6 +9,7 @@ pub mod conn;
 pub mod doctor;
 pub mod engine;
 pub mod health;
+pub mod identity;
 pub mod lifecycle;
 pub mod logging;
 pub mod park;

@@ -163,7 +163,8 @@ fn ensure_test_tools() -> anyhow::Result<()> {
         apt_install(&["haproxy"])?;
     }
     // The identity suite builds client, splicer and backend network namespaces with `ip`
-    // and the transparent-proxy mark rule with `nft`.
+    // and the transparent-proxy mark rule with `nft`; doctor's transparent-source tests
+    // read the nftables ruleset of their namespaces.
     if Command::new("ip").arg("-V").output().is_err() {
         apt_install(&["iproute2"])?;
     }
