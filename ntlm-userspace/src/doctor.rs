@@ -1,7 +1,10 @@
 //! `ntlm-splice doctor`: what this host supports for the sockmap engine, step by step, and
-//! which engine `--engine auto` would pick. Each line is `key=value` (values with spaces
-//! quoted) so scripts can read it; `cargo xtask test` looks for `sockmap_engine=available`.
-//! Exits 0 whatever it finds: a host without eBPF still runs the splice engine.
+//! which engine `--engine auto` would pick; then what transparent source mode
+//! (`source = "client"`) needs and what of it is missing ([`transparent`], the `transparent_`
+//! lines). Each line is `key=value` (values with spaces quoted) so scripts can read it;
+//! `cargo xtask test` looks for `sockmap_engine=available`. Exits 0 whatever it finds: a host
+//! without eBPF still runs the splice engine, and one without transparent routing still runs
+//! every route that does not ask for it.
 
 use std::time::Instant;
 
@@ -13,12 +16,20 @@ use crate::{
     sys::caps::{self, Cap},
 };
 
+pub mod transparent;
+
 fn line(key: &str, value: impl std::fmt::Display) {
-    let v = value.to_string();
+    println!("{}", format_line(key, value));
+}
+
+/// `key=value`, the value quoted if it has spaces or is empty, and always on one line (an
+/// error text may have several: they are joined with "; ").
+fn format_line(key: &str, value: impl std::fmt::Display) -> String {
+    let v = value.to_string().lines().collect::<Vec<_>>().join("; ");
     if v.contains(char::is_whitespace) || v.is_empty() {
-        println!("{key}=\"{}\"", v.replace('"', "'"));
+        format!("{key}=\"{}\"", v.replace('"', "'"))
     } else {
-        println!("{key}={v}");
+        format!("{key}={v}")
     }
 }
 
@@ -114,5 +125,20 @@ pub fn run() -> anyhow::Result<()> {
     };
     line("auto_engine", engine);
     line("auto_reason", why);
+
+    for (key, value) in transparent::lines(&transparent::gather()) {
+        line(&key, value);
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_line_is_one_line_and_quoted_when_it_has_spaces() {
+        assert_eq!(super::format_line("k", "v"), "k=v");
+        assert_eq!(super::format_line("k", ""), "k=\"\"");
+        assert_eq!(super::format_line("k", "a \"b\""), "k=\"a 'b'\"");
+        assert_eq!(super::format_line("k", "failed: first\nsecond\n"), "k=\"failed: first; second\"");
+    }
 }

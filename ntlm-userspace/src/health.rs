@@ -65,13 +65,24 @@ pub struct Check {
     pub fall: u32,
     /// An HTTP check after the connect; `None` checks by TCP connect alone.
     pub http: Option<HttpCheck>,
+    /// Bytes written first on every probe connection: the PROXY header of a connection that
+    /// carries no client (v2 `LOCAL`), for a route that sends one, so that a backend requiring
+    /// a header answers the probe (as HAProxy's `check-send-proxy`).
+    pub proxy_header: Option<Vec<u8>>,
 }
 
 impl Default for Check {
     /// A TCP check every [`DEFAULT_INTERVAL`], with [`DEFAULT_TIMEOUT`], [`DEFAULT_RISE`] and
     /// [`DEFAULT_FALL`].
     fn default() -> Self {
-        Self { interval: DEFAULT_INTERVAL, timeout: DEFAULT_TIMEOUT, rise: DEFAULT_RISE, fall: DEFAULT_FALL, http: None }
+        Self {
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            http: None,
+            proxy_header: None,
+        }
     }
 }
 
@@ -301,6 +312,13 @@ pub async fn probe(addr: SocketAddr, check: &Check) -> Result<(), ProbeError> {
         Ok(Err(source)) => return Err(ProbeError::Connect { addr, source }),
         Ok(Ok(stream)) => stream,
     };
+    if let Some(header) = &check.proxy_header {
+        match tokio::time::timeout_at(deadline, stream.write_all(header)).await {
+            Err(_elapsed) => return Err(ProbeError::StatusTimeout { timeout: check.timeout }),
+            Ok(Err(source)) => return Err(ProbeError::Send { source }),
+            Ok(Ok(())) => {}
+        }
+    }
     let (Some(http), Some(req)) = (&check.http, req) else {
         return Ok(());
     };

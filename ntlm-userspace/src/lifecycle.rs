@@ -103,6 +103,9 @@ pub enum End {
     /// No route for the client: on an address with SNI routes, its server name matched none
     /// and there is no default route, or it sent no ClientHello in time.
     NoRoute,
+    /// Closed before routing by the PROXY-header checks (`accept_proxy_from`): a trusted
+    /// source without a good header, or an untrusted one with a header.
+    ProxyRefused,
     /// Closed by the proxy's shutdown after the drain timeout.
     Shutdown,
     /// The engine failed for a reason of its own (e.g. a BPF map update); both closed.
@@ -121,6 +124,7 @@ impl End {
             End::HalfCloseTimeout => "half_close_timeout",
             End::ConnectFailed => "connect_failed",
             End::NoRoute => "no_route",
+            End::ProxyRefused => "proxy_refused",
             End::Shutdown => "shutdown",
             End::Internal => "internal_error",
         }
@@ -144,6 +148,10 @@ pub enum Fault {
     /// The client could not be routed (why, for the log; no payload in it).
     #[error("{0}")]
     Unrouted(String),
+    /// The client's PROXY header was refused (why, for the log; never the header itself).
+    /// Boxed so that `Fault` stays the size of one `String` (its niche holds the tag).
+    #[error("{0}")]
+    ProxyRefused(Box<String>),
 }
 
 impl Fault {
@@ -159,6 +167,7 @@ impl Fault {
             Fault::Socket { side: Side::Backend, .. } => End::BackendReset,
             Fault::Internal(_) => End::Internal,
             Fault::Unrouted(_) => End::NoRoute,
+            Fault::ProxyRefused(_) => End::ProxyRefused,
         }
     }
 
@@ -169,7 +178,7 @@ impl Fault {
             Fault::Socket { side: Side::Client, .. } => &[Side::Backend],
             Fault::Socket { side: Side::Backend, .. } => &[Side::Client],
             Fault::Internal(_) => &[Side::Client, Side::Backend],
-            Fault::Unrouted(_) => &[],
+            Fault::Unrouted(_) | Fault::ProxyRefused(_) => &[],
         }
     }
 

@@ -451,6 +451,45 @@ pub fn build_v2(source: SocketAddr, destination: SocketAddr, authority: Option<&
     builder.and_then(ppp::v2::Builder::build).expect("a v2 header of at most 310 bytes always builds")
 }
 
+/// The bytes that tell whether a stream starts with a PROXY header: the v2 signature's
+/// length (the v1 start, `PROXY `, is shorter).
+pub const SIGNATURE_LEN: usize = 12;
+
+/// Whether a stream whose first bytes are `buf` starts with a PROXY header, by its signature
+/// alone (`PROXY ` or the v2 signature), not by parsing it: `None` while every byte of `buf`
+/// could still start one (an empty `buf` too), then `Some`. More bytes do not change a `Some`.
+pub fn signature(buf: &[u8]) -> Option<bool> {
+    let v2 = ppp::v2::PROTOCOL_PREFIX;
+    let mut undecided = false;
+    for start in [V1_PREFIX, v2] {
+        let n = buf.len().min(start.len());
+        if buf[..n] == start[..n] {
+            if n == start.len() {
+                return Some(true);
+            }
+            undecided = true;
+        }
+    }
+    if undecided { None } else { Some(false) }
+}
+
+/// The v1 header of a connection that carries no client (`PROXY UNKNOWN\r\n`): what a health
+/// probe sends to a backend that requires a header.
+pub fn build_v1_unknown() -> Vec<u8> {
+    b"PROXY UNKNOWN\r\n".to_vec()
+}
+
+/// The v2 `LOCAL` header (no addresses, no TLVs): what a health probe sends to a backend that
+/// requires a header, as HAProxy's `check-send-proxy` does.
+pub fn build_v2_local() -> Vec<u8> {
+    let builder = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | Command::Local,
+        Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    );
+    builder.build().expect("an empty v2 header always builds")
+}
+
 /// The sources allowed to send a PROXY header (`accept_proxy_from`): a list of networks.
 ///
 /// Written as `10.0.0.0/8`, `2001:db8::/32`, or a bare address (`192.0.2.7`, a /32; `::1`, a

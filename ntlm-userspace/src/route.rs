@@ -32,6 +32,7 @@ use crate::{
     },
     engine::{Engine, Engines, Unavailable},
     health::{self, Check, Health, HttpCheck},
+    identity::{AcceptProxy, ProxyVersion, Source},
     lifecycle::RelayCtl,
     sni::{SniPattern, SniTable},
 };
@@ -145,6 +146,9 @@ pub struct Site {
     by_name: Option<SniTable<Arc<Route>>>,
     /// How long a client may take to send its ClientHello (the longest of the routes').
     pub sni_timeout: Duration,
+    /// Who may (and must) send a PROXY header here; `None`: no one (every route on an
+    /// address trusts the same sources, as validated).
+    pub accept_proxy: Option<AcceptProxy>,
     /// Every route on this address, the default first.
     routes: Vec<Arc<Route>>,
 }
@@ -190,6 +194,16 @@ pub enum BuildError {
         /// The resolver's error.
         source: std::io::Error,
     },
+    /// The route's transparent `source` cannot be used by this process.
+    #[error("route {route:?}: source = \"{wanted}\": {error}")]
+    Transparent {
+        /// The route.
+        route: String,
+        /// Its source.
+        wanted: Source,
+        /// Why (the kernel's refusal of IP_TRANSPARENT, with the fix).
+        error: std::io::Error,
+    },
     /// The route's engine cannot run here.
     #[error("route {route:?}: {source}")]
     Engine {
@@ -225,6 +239,13 @@ impl Table {
                 let kept = old.and_then(|r| r.backends.iter().find(|k| k.spec == written && k.addr == addr));
                 backends.push(kept.cloned().unwrap_or_else(|| Arc::new(Backend::new(&spec.name, written, addr))));
             }
+            if spec.options.source.is_some_and(Source::is_transparent) {
+                crate::identity::check_transparent().map_err(|source| BuildError::Transparent {
+                    route: spec.name.clone(),
+                    wanted: spec.options.source.unwrap_or(Source::Client),
+                    error: source,
+                })?;
+            }
             let (engine, engine_reason) = engines
                 .get(spec.options.engine)
                 .map_err(|source| BuildError::Engine { route: spec.name.clone(), source })?;
@@ -241,7 +262,7 @@ impl Table {
                     park_after: o.park_after.filter(|_| parking && engine.parks()),
                     half_close_timeout: o.half_close_timeout,
                 },
-                health: spec.health.as_ref().map(check),
+                health: spec.health.as_ref().map(|h| check(h, o.proxy_protocol)),
                 spec: spec.clone(),
             };
             routes.insert(spec.name.clone(), Arc::new(route));
@@ -285,15 +306,21 @@ fn sites(config: &Config, routes: &HashMap<String, Arc<Route>>) -> HashMap<Socke
                 }
                 t
             });
+            let all = || default.iter().chain(&named).map(|r| &r.spec.options);
+            let accept_proxy = all().find(|o| !o.accept_proxy_from.is_empty()).map(|o| AcceptProxy {
+                trusted: o.accept_proxy_from.clone(),
+                timeout: all().map(|o| o.accept_proxy_timeout).max().unwrap_or(o.accept_proxy_timeout),
+            });
             let routes = default.iter().chain(&named).cloned().collect();
-            (addr, Arc::new(Site { default, by_name, sni_timeout, routes }))
+            (addr, Arc::new(Site { default, by_name, sni_timeout, accept_proxy, routes }))
         })
         .collect()
 }
 
 /// The health check of a route's `[route.health]`.
-fn check(h: &HealthSpec) -> Check {
+fn check(h: &HealthSpec, proxy: Option<ProxyVersion>) -> Check {
     Check {
+        proxy_header: proxy.map(ProxyVersion::local_header),
         interval: h.interval,
         timeout: h.timeout,
         rise: h.rise,

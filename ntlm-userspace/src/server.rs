@@ -131,7 +131,13 @@ impl Server {
     /// timeout, closes the rest, returns.
     pub async fn run(mut self, mut control: tokio::sync::mpsc::Receiver<Control>) -> anyhow::Result<()> {
         for r in self.table.routes.values() {
-            log::info!("route={} engine={} reason=\"{}\"", r.name(), r.engine.kind(), r.engine_reason);
+            log::info!(
+                "route={} engine={} reason=\"{}\"{}",
+                r.name(),
+                r.engine.kind(),
+                r.engine_reason,
+                client_identity(&r.spec.options)
+            );
         }
         for (addr, listener) in std::mem::take(&mut self.pending) {
             self.serve_on(addr, listener)?;
@@ -400,6 +406,22 @@ fn timer_floor_period(connect_timeout: Duration) -> Duration {
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// How a route carries the client's address, for its start-up line: ` source=client
+/// proxy_protocol=v2 accept_proxy_from="10.0.0.0/8"`, the keys that are set.
+fn client_identity(o: &crate::config::file::RouteOptions) -> String {
+    let mut out = String::new();
+    if let Some(s) = o.source {
+        out.push_str(&format!(" source={s}"));
+    }
+    if let Some(v) = o.proxy_protocol {
+        out.push_str(&format!(" proxy_protocol={}", v.as_str()));
+    }
+    if !o.accept_proxy_from.is_empty() {
+        out.push_str(&format!(" accept_proxy_from=\"{}\"", o.accept_proxy_from));
+    }
+    out
 }
 
 #[cfg(test)]

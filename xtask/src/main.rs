@@ -140,7 +140,7 @@ impl Drop for KillOnDrop<'_> {
 }
 
 /// curl with NTLM support and Python's requests-ntlm (the real clients the tests use),
-/// strace, capsh, openssl and HAProxy.
+/// strace, capsh, openssl, HAProxy, and iproute2 and nftables for the namespace tests.
 fn ensure_test_tools() -> anyhow::Result<()> {
     let curl_ok = Command::new("curl")
         .arg("-V")
@@ -161,6 +161,15 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     // The PROXY-protocol unit tests use HAProxy as a real producer and consumer of headers.
     if Command::new("haproxy").arg("-v").output().is_err() {
         apt_install(&["haproxy"])?;
+    }
+    // The identity suite builds client, splicer and backend network namespaces with `ip`
+    // and the transparent-proxy mark rule with `nft`; doctor's transparent-source tests
+    // read the nftables ruleset of their namespaces.
+    if Command::new("ip").arg("-V").output().is_err() {
+        apt_install(&["iproute2"])?;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        apt_install(&["nftables"])?;
     }
     // The SNI suite makes its certificates with the openssl command line.
     if Command::new("openssl").arg("version").output().is_err() {

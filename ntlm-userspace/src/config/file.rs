@@ -28,6 +28,11 @@ use clap::ValueEnum;
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
+use crate::{
+    identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyVersion, Source, parse_proxy_version},
+    proxy_proto::Trusted,
+};
+
 use super::{
     Balance, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_PARK_AFTER, DEFAULT_PIPE_SIZE, DEFAULT_SOCKMAP_SNDBUF,
@@ -159,6 +164,14 @@ pub struct RouteOptions {
     pub half_close_timeout: Option<Duration>,
     /// How long a client on an SNI listener may take to send its ClientHello (> 0).
     pub sni_timeout: Duration,
+    /// Where backend connections are made from; `None`: the kernel picks the address.
+    pub source: Option<Source>,
+    /// The PROXY header sent before the client's bytes; `None`: none.
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// Sources that must start with a PROXY header (an outer balancer); empty: none.
+    pub accept_proxy_from: Trusted,
+    /// How long a source in `accept_proxy_from` may take to send its header (> 0).
+    pub accept_proxy_timeout: Duration,
 }
 
 /// Active health checks of a route's backends (`[route.health]`).
@@ -214,6 +227,10 @@ impl Default for RouteOptions {
             park_after: nonzero(default_duration(DEFAULT_PARK_AFTER)),
             half_close_timeout: nonzero(default_duration(DEFAULT_HALF_CLOSE_TIMEOUT)),
             sni_timeout: default_duration(DEFAULT_SNI_TIMEOUT),
+            source: None,
+            proxy_protocol: None,
+            accept_proxy_from: Trusted::default(),
+            accept_proxy_timeout: default_duration(DEFAULT_ACCEPT_PROXY_TIMEOUT),
         }
     }
 }
@@ -359,6 +376,10 @@ struct RawOptions {
     park_after: Option<Spanned<DurationText>>,
     half_close_timeout: Option<Spanned<DurationText>>,
     sni_timeout: Option<Spanned<DurationText>>,
+    source: Option<Spanned<String>>,
+    proxy_protocol: Option<Spanned<String>>,
+    accept_proxy_from: Option<SpannedList>,
+    accept_proxy_timeout: Option<Spanned<DurationText>>,
 }
 
 /// A list of strings, each with its place, the list with its own.
@@ -381,6 +402,10 @@ struct RawRoute {
     park_after: Option<Spanned<DurationText>>,
     half_close_timeout: Option<Spanned<DurationText>>,
     sni_timeout: Option<Spanned<DurationText>>,
+    source: Option<Spanned<String>>,
+    proxy_protocol: Option<Spanned<String>>,
+    accept_proxy_from: Option<SpannedList>,
+    accept_proxy_timeout: Option<Spanned<DurationText>>,
 }
 
 impl RawRoute {
@@ -394,6 +419,10 @@ impl RawRoute {
             park_after: self.park_after.clone(),
             half_close_timeout: self.half_close_timeout.clone(),
             sni_timeout: self.sni_timeout.clone(),
+            source: self.source.clone(),
+            proxy_protocol: self.proxy_protocol.clone(),
+            accept_proxy_from: self.accept_proxy_from.clone(),
+            accept_proxy_timeout: self.accept_proxy_timeout.clone(),
         }
     }
 }
@@ -788,6 +817,35 @@ impl Checker<'_> {
         if let Some(d) = raw.sni_timeout.as_ref().and_then(|v| self.duration(v, s, "sni_timeout", false, "5s")) {
             out.sni_timeout = d;
         }
+        if let Some(v) = &raw.source {
+            match v.get_ref().parse::<Source>() {
+                Ok(src) => out.source = Some(src),
+                Err(e) => self.report(&v.span(), s, "source", e.to_string()),
+            }
+        }
+        if let Some(v) = &raw.proxy_protocol {
+            match parse_proxy_version(v.get_ref()) {
+                Ok(p) => out.proxy_protocol = p,
+                Err(e) => self.report(&v.span(), s, "proxy_protocol", e.to_string()),
+            }
+        }
+        if let Some(list) = &raw.accept_proxy_from {
+            let mut ok = true;
+            for v in list.get_ref() {
+                if let Err(e) = Trusted::parse([v.get_ref()]) {
+                    self.report(&v.span(), s, "accept_proxy_from", e.to_string());
+                    ok = false;
+                }
+            }
+            if ok {
+                // Each entry parsed alone above, so the whole list parses.
+                out.accept_proxy_from = Trusted::parse(list.get_ref().iter().map(Spanned::get_ref)).unwrap_or_default();
+            }
+        }
+        let accept_timeout = raw.accept_proxy_timeout.as_ref();
+        if let Some(d) = accept_timeout.and_then(|v| self.duration(v, s, "accept_proxy_timeout", false, "5s")) {
+            out.accept_proxy_timeout = d;
+        }
         out
     }
 
@@ -979,6 +1037,25 @@ impl Checker<'_> {
         // (earlier route, later route, server name or "" for two defaults) already reported.
         let mut said: HashSet<(usize, usize, &str)> = HashSet::new();
         for (addr, idx) in on.iter().filter(|(_, v)| v.len() > 1) {
+            // The PROXY header is read before the route is known (the server name follows
+            // it): every route on an address must trust the same sources.
+            let first = idx[0];
+            for &i in &idx[1..] {
+                let (a, b) = (&routes[first].options.accept_proxy_from, &routes[i].options.accept_proxy_from);
+                if a != b && said.insert((first, i, " accept_proxy_from")) {
+                    let scope = route_scope(i, &routes[i].name);
+                    let s = Scope { route: &scope, prefix: "" };
+                    let span = raw[i].get_ref().accept_proxy_from.as_ref().map_or(raw[i].span(), Spanned::span);
+                    let m = format!(
+                        "[{b}] differs from route {:?} (line {}), which shares listen address {addr}: [{a}]; \
+                         the PROXY header is read before the route is chosen, so routes on one address must \
+                         trust the same sources: make the lists equal (or set it once in [defaults])",
+                        routes[first].name,
+                        line_of(self.text, raw[first].span().start),
+                    );
+                    self.report(&span, s, "accept_proxy_from", m);
+                }
+            }
             let mut default: Option<usize> = None;
             let mut names: HashMap<&str, usize> = HashMap::new();
             for &i in idx {
@@ -1256,6 +1333,10 @@ mod tests {
             park_after: Some(secs(2)),
             half_close_timeout: None,
             sni_timeout: secs(5),
+            source: None,
+            proxy_protocol: None,
+            accept_proxy_from: Trusted::default(),
+            accept_proxy_timeout: secs(5),
         };
         let both: Vec<SocketAddr> = vec!["0.0.0.0:443".parse().unwrap(), "[::]:443".parse().unwrap()];
         let intranet = RouteSpec {
@@ -1263,7 +1344,7 @@ mod tests {
             listen: both.clone(),
             backends: vec![backend("iis1.example.net", 443), backend("10.0.0.7", 443), backend("2001:db8::7", 443)],
             sni: vec!["intranet.example.net".into(), "*.corp.example.net".into()],
-            options: RouteOptions { balance: Balance::LeastConn, ..defaults.clone() },
+            options: RouteOptions { balance: Balance::LeastConn, source: Some(Source::Client), ..defaults.clone() },
             health: Some(HealthSpec {
                 interval: secs(2),
                 timeout: secs(1),
@@ -1289,10 +1370,22 @@ mod tests {
             listen: vec!["0.0.0.0:1433".parse().unwrap()],
             backends: vec![backend("sql1.example.net", 1433)],
             sni: vec![],
-            options: RouteOptions { engine: EngineChoice::Splice, idle_timeout: Some(secs(900)), ..defaults },
+            options: RouteOptions { engine: EngineChoice::Splice, idle_timeout: Some(secs(900)), ..defaults.clone() },
             health: None,
         };
-        assert_eq!(c, FileConfig { global, routes: vec![intranet, exchange, sql] });
+        let appliance = RouteSpec {
+            name: "appliance".into(),
+            listen: vec!["0.0.0.0:8443".parse().unwrap()],
+            backends: vec![backend("10.2.0.5", 8443)],
+            sni: vec![],
+            options: RouteOptions {
+                accept_proxy_from: "10.1.0.0/16".parse().unwrap(),
+                proxy_protocol: Some(ProxyVersion::V2),
+                ..defaults
+            },
+            health: None,
+        };
+        assert_eq!(c, FileConfig { global, routes: vec![intranet, exchange, sql, appliance] });
     }
 
     /// The example documents every key the parser knows: each key of every table appears in
@@ -1541,6 +1634,60 @@ mod tests {
     }
 
     #[test]
+    fn client_identity_keys() {
+        let v = with_route(&[
+            r#"source = "client-ip""#,
+            r#"proxy_protocol = "v1""#,
+            r#"accept_proxy_from = ["10.0.0.0/8", "2001:db8::7"]"#,
+            r#"accept_proxy_timeout = "750ms""#,
+        ]);
+        let c = ok(&refs(&v));
+        let o = &c.routes[0].options;
+        assert_eq!(o.source, Some(Source::ClientIp));
+        assert_eq!(o.proxy_protocol, Some(ProxyVersion::V1));
+        assert_eq!(o.accept_proxy_from, "10.0.0.0/8, 2001:db8::7".parse().unwrap());
+        assert_eq!(o.accept_proxy_timeout, Duration::from_millis(750));
+        // [defaults] sets them for every route; "off" turns PROXY out off again.
+        let mut v = vec!["[defaults]", r#"proxy_protocol = "v2""#, r#"source = "192.0.2.10""#];
+        let r = with_route(&[r#"proxy_protocol = "off""#]);
+        v.extend(refs(&r));
+        let c = ok(&v);
+        assert_eq!(c.routes[0].options.proxy_protocol, None);
+        assert_eq!(c.routes[0].options.source, Some(Source::Addr("192.0.2.10".parse().unwrap())));
+    }
+
+    #[test]
+    fn client_identity_keys_name_their_fix() {
+        let v = with_route(&[
+            r#"source = "clientip""#,
+            r#"proxy_protocol = "2""#,
+            r#"accept_proxy_from = ["10.1.0.0/8", "lb.example.net"]"#,
+            r#"accept_proxy_timeout = "0""#,
+        ]);
+        let p = problems(&refs(&v));
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p[0].starts_with(r#"t.toml:5: route "a": source: "clientip" is not a source: write "client""#), "{}", p[0]);
+        assert!(p[1].starts_with(r#"t.toml:6: route "a": proxy_protocol: "2" is not a PROXY protocol"#), "{}", p[1]);
+        assert!(p[2].contains("accept_proxy_from: `10.1.0.0/8` has address bits set past its prefix; write the network as 10.0.0.0/8"), "{}", p[2]);
+        assert!(p[3].contains("accept_proxy_from: `lb.example.net` is not an address or a network"), "{}", p[3]);
+        assert!(p[4].starts_with(r#"t.toml:8: route "a": accept_proxy_timeout: "0" must be greater than zero"#), "{}", p[4]);
+    }
+
+    #[test]
+    fn routes_of_one_address_trust_the_same_sources() {
+        let mut v = route("a", "0.0.0.0:443");
+        v.push(r#"accept_proxy_from = ["10.0.0.0/8"]"#.into());
+        v.extend(route("b", "0.0.0.0:443"));
+        v.push(r#"sni = ["y.example.net"]"#.into());
+        assert_eq!(
+            problem(&refs(&v)),
+            r#"t.toml:6: route "b": accept_proxy_from: [] differs from route "a" (line 1), which shares listen address 0.0.0.0:443: [10.0.0.0/8]; the PROXY header is read before the route is chosen, so routes on one address must trust the same sources: make the lists equal (or set it once in [defaults])"#
+        );
+        v.push(r#"accept_proxy_from = ["10.0.0.0/8"]"#.into());
+        ok(&refs(&v));
+    }
+
+    #[test]
     fn one_server_name_on_two_routes_of_an_address() {
         let mut v = route("a", "0.0.0.0:443");
         v.push(r#"sni = ["x.example.net"]"#.into());
@@ -1718,7 +1865,7 @@ mod tests {
         let v = with_route(&["listn = []"]);
         assert_eq!(
             problem(&refs(&v)),
-            "t.toml:5: route.listn: unknown key `listn`; valid keys here: name, listen, backends, sni, health, engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout (remove it or correct its spelling)"
+            "t.toml:5: route.listn: unknown key `listn`; valid keys here: name, listen, backends, sni, health, engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout, source, proxy_protocol, accept_proxy_from, accept_proxy_timeout (remove it or correct its spelling)"
         );
         assert_eq!(
             problem(&["", "[gobal]"]),
@@ -1876,6 +2023,7 @@ mod tests {
                     park_after: self.park_after.map_or(base.park_after, nonzero),
                     half_close_timeout: self.half_close_timeout.map_or(base.half_close_timeout, nonzero),
                     sni_timeout: self.sni_timeout.unwrap_or(base.sni_timeout),
+                    ..base.clone()
                 }
             }
         }

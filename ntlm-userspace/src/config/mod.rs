@@ -10,6 +10,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::{
+    identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyVersion, Source, parse_proxy_version},
+    proxy_proto::Trusted,
+};
+
 pub mod diff;
 pub mod file;
 
@@ -108,7 +113,7 @@ pub struct ProxyArgs {
     #[arg(long = "config", value_name = "FILE", conflicts_with_all = [
         "listen", "backend", "engine", "balance", "connect_timeout", "idle_timeout", "drain_timeout",
         "max_connections", "max_inflight", "max_inflight_total", "sockmap_sndbuf", "pipe_size",
-        "park_after", "threads",
+        "park_after", "threads", "source", "proxy_protocol", "accept_proxy_from", "accept_proxy_timeout",
     ])]
     pub config: Option<PathBuf>,
 
@@ -188,6 +193,30 @@ pub struct ProxyArgs {
     /// between threads) but can use only one core.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// Where backend connections come from: `client` (the client's own address and port, so
+    /// a backend such as IIS logs the real client; needs CAP_NET_ADMIN and the policy routing
+    /// in the README), `client-ip` (the client's address, any port), or a local IP address.
+    /// Default: the kernel picks.
+    #[arg(long, value_name = "client|client-ip|IP")]
+    pub source: Option<Source>,
+
+    /// Send a PROXY protocol header (`v1` or `v2`) on each backend connection before the
+    /// client's bytes, for backends that read it (HAProxy, nginx, appliances; not IIS).
+    // Spelled `std::option::Option` so that clap takes the parser's `Option` ("off" is None)
+    // as the value, instead of making the flag optional.
+    #[arg(long, value_name = "v1|v2|off", default_value = "off", value_parser = parse_proxy_version)]
+    pub proxy_protocol: std::option::Option<ProxyVersion>,
+
+    /// Clients from these networks (an outer load balancer) must start with a PROXY v1 or v2
+    /// header, whose source address is then the client. Comma separated or repeated, e.g.
+    /// `10.0.0.0/8,2001:db8::/32`. Anyone else sending a header is closed.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub accept_proxy_from: Vec<String>,
+
+    /// Time a source in --accept-proxy-from has to send its whole PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_ACCEPT_PROXY_TIMEOUT, value_parser = parse_duration)]
+    pub accept_proxy_timeout: Duration,
 }
 
 /// The flags' defaults and no route: what `doctor` loads the sockmap engine with, and the
@@ -215,6 +244,9 @@ pub enum ConfigError {
         /// What is wrong and the fix.
         why: String,
     },
+    /// An `--accept-proxy-from` entry that is not a network.
+    #[error("--accept-proxy-from: {0}")]
+    Trusted(String),
     /// The configuration file (`--config`): every problem with its line, key and fix.
     #[error(transparent)]
     File(#[from] file::FileError),
@@ -315,6 +347,10 @@ impl ProxyArgs {
             .iter()
             .map(|spec| file::parse_backend(spec).map_err(|why| ConfigError::Backend { spec: spec.clone(), why }))
             .collect::<Result<Vec<BackendAddr>, _>>()?;
+        if self.accept_proxy_timeout.is_zero() {
+            return Err(invalid("--accept-proxy-timeout", "0".into(), "must be greater than zero, e.g. 5s"));
+        }
+        let accept_proxy_from = Trusted::parse(&self.accept_proxy_from).map_err(|e| ConfigError::Trusted(e.to_string()))?;
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         let route = RouteSpec {
             name: FLAG_ROUTE.into(),
@@ -327,6 +363,10 @@ impl ProxyArgs {
                 connect_timeout: self.connect_timeout,
                 idle_timeout: nonzero(self.idle_timeout),
                 park_after: nonzero(self.park_after),
+                source: self.source,
+                proxy_protocol: self.proxy_protocol,
+                accept_proxy_from,
+                accept_proxy_timeout: self.accept_proxy_timeout,
                 ..RouteOptions::default()
             },
             health: None,

@@ -10,6 +10,7 @@ pub mod caps;
 pub mod clock;
 pub mod epoll;
 pub mod mem;
+pub mod netlink;
 pub mod pipe;
 pub mod rlimit;
 pub mod sock;

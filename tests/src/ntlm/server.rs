@@ -5,8 +5,8 @@
 //! only ever be seen by requests that arrive on that same TCP connection.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -47,6 +47,8 @@ pub struct NtlmServer {
 struct Shared {
     directory: Directory,
     accepted: AtomicU64,
+    /// The peer address of every accepted connection, in order.
+    peers: Mutex<Vec<SocketAddr>>,
 }
 
 impl NtlmServer {
@@ -70,6 +72,7 @@ impl NtlmServer {
         let shared = Arc::new(Shared {
             directory: Directory::new(domain, users),
             accepted: AtomicU64::new(0),
+            peers: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown.clone()));
@@ -88,6 +91,12 @@ impl NtlmServer {
     /// Number of TCP connections accepted so far (lets tests prove 1:1 pairing).
     pub fn connections_accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The peer address of every connection accepted so far, in order (lets tests see
+    /// which source address the proxy connected from).
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.shared.peers.lock().expect("peers lock").clone()
     }
 
     /// The configured domain, upper case.
@@ -124,6 +133,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cance
         };
         match accepted {
             Ok((stream, peer)) => {
+                shared.peers.lock().expect("peers lock").push(peer);
                 let id = shared.accepted.fetch_add(1, Ordering::SeqCst) + 1;
                 let shared = Arc::clone(&shared);
                 let shutdown = shutdown.clone();
