@@ -333,6 +333,14 @@ fn oversized_headers_are_too_large() {
     assert!(matches!(error_of(&whole), ProxyError::TooLarge), "the same answer with every byte in");
 }
 
+/// Found by the fuzz target: ppp's message for this one has a CR LF in it.
+#[test]
+fn errors_are_one_line_even_when_ppp_s_message_is_not() {
+    let extra_port = b"PROXY TCP4 127.0.0.2 127.0.0.1 1 42401 43765\r\n";
+    let text = error_of(extra_port).to_string();
+    assert!(!text.contains(['\r', '\n']), "{text}");
+}
+
 #[test]
 fn errors_quote_no_more_than_a_short_prefix() {
     let secret = b"GET /?password=hunter2 HTTP/1.1\r\n";
