@@ -11,7 +11,8 @@ pub const MAX_EDITS: usize = 8;
 const MAX_RUN: usize = 64;
 
 /// Byte values at the edges of ranges and the separators of text formats.
-const BYTES: &[u8] = &[0x00, 0x01, 0x7f, 0x80, 0xff, b'\r', b'\n', b' ', b'\t', b'"', b'0', b'9', b':', b'.', b'[', b'='];
+const BYTES: &[u8] =
+    &[0x00, 0x01, 0x7f, 0x80, 0xff, b'\r', b'\n', b' ', b'\t', b'"', b'0', b'9', b':', b'.', b'[', b'='];
 
 /// Integers at the edges of 8-, 14-, 15-, 16-, 31- and 32-bit ranges (14: a TLS record's
 /// largest fragment), and small ones, for length and offset fields.
