@@ -803,73 +803,151 @@ mod tests {
         prop_oneof![Just(b'\t'), 0x20u8..=0x7e, 0x80u8..=0xff]
     }
 
+    /// Proptest cases per property.
+    const CASES: u32 = 2000;
+
+    /// Lines of any bytes.
+    fn any_line() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..64)
+    }
+
+    /// `HTTP/1.` and grammar bytes: lines close to valid ones.
+    fn near_valid_line() -> impl Strategy<Value = Vec<u8>> {
+        (grammar_byte(), prop::collection::vec(grammar_byte(), 0..24))
+            .prop_map(|(minor, tail)| [&b"HTTP/1."[..], &[minor], &tail].concat())
+    }
+
+    /// A well-formed status line (without its `\n`) and its status.
+    fn well_formed_line() -> impl Strategy<Value = (Vec<u8>, u16)> {
+        (0u8..=9, 0u16..=999, prop::option::of(prop::collection::vec(reason_byte(), 0..40)), any::<bool>()).prop_map(
+            |(minor, code, reason, cr)| {
+                let mut line = format!("HTTP/1.{minor} {code:03}").into_bytes();
+                if let Some(reason) = reason {
+                    line.push(b' ');
+                    line.extend(reason);
+                }
+                if cr {
+                    line.push(b'\r');
+                }
+                (line, code)
+            },
+        )
+    }
+
+    /// What a backend sends, and the size of the chunks it arrives in.
+    fn answer_in_chunks() -> impl Strategy<Value = (Vec<u8>, usize)> {
+        (prop::collection::vec(grammar_byte(), 0..96), any::<bool>(), 1usize..16).prop_map(|(data, prefixed, chunk)| {
+            (if prefixed { [b"HTTP/1.1 ".as_slice(), &data].concat() } else { data }, chunk)
+        })
+    }
+
+    /// Valid answers (a well-formed status line, its end of line, more bytes) with a few
+    /// random edits (see [`ntlm_fuzz::havoc`]), in chunks of a random size.
+    fn havoc_on_valid_answers() -> impl Strategy<Value = (Vec<u8>, usize)> {
+        let valid = (well_formed_line(), prop::collection::vec(any::<u8>(), 0..32))
+            .prop_map(|((line, _), rest)| [line, b"\n".to_vec(), rest].concat());
+        (ntlm_fuzz::havoc(valid), 1usize..16)
+    }
+
+    /// The parser accepts exactly the grammar of [`well_formed`].
+    fn agrees_with_the_grammar(line: &[u8]) -> Result<(), TestCaseError> {
+        prop_assert_eq!(parse_status_line(line), well_formed(line));
+        Ok(())
+    }
+
+    /// The reader, fed `data` in chunks of `chunk` bytes over a small duplex pipe, gives the
+    /// status the parser gives for the first line, and fails when the parser does, with one
+    /// line of message quoting at most [`SHOWN_BYTES`] of the answer.
+    fn reader_agrees_with_the_parser(data: &[u8], chunk: usize) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let got = rt.block_on(async {
+            let (mut reader, mut writer) = tokio::io::duplex(8);
+            let feed = data.to_vec();
+            let writer = tokio::spawn(async move {
+                for piece in feed.chunks(chunk) {
+                    if writer.write_all(piece).await.is_err() {
+                        break; // the reader decided early and hung up
+                    }
+                }
+            });
+            let got = read_status(&mut reader).await;
+            drop(reader);
+            writer.await.expect("writer panicked");
+            got
+        });
+        let want = data.iter().position(|&b| b == b'\n').and_then(|end| parse_status_line(&data[..end]));
+        match (got, want) {
+            (Ok(code), Some(want)) => prop_assert_eq!(code, want),
+            (Err(e), None) => {
+                let text = e.to_string();
+                prop_assert!(!text.contains('\n'), "{}", text);
+                if let ProbeError::BadStatusLine { line } = &e {
+                    // escape_ascii writes at most 4 characters a byte (`\xNN`).
+                    prop_assert!(line.len() <= 4 * SHOWN_BYTES, "{}", line);
+                }
+            }
+            (got, want) => prop_assert!(false, "reader {:?}, parser {:?}", got, want),
+        }
+        Ok(())
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
 
         #[test]
-        fn parser_agrees_with_the_grammar_on_any_bytes(line in prop::collection::vec(any::<u8>(), 0..64)) {
-            prop_assert_eq!(parse_status_line(&line), well_formed(&line));
+        fn parser_agrees_with_the_grammar_on_any_bytes(line in any_line()) {
+            agrees_with_the_grammar(&line)?;
         }
 
         #[test]
-        fn parser_agrees_with_the_grammar_near_valid_lines(
-            minor in grammar_byte(),
-            tail in prop::collection::vec(grammar_byte(), 0..24),
-        ) {
-            let mut line = b"HTTP/1.".to_vec();
-            line.push(minor);
-            line.extend(tail);
-            prop_assert_eq!(parse_status_line(&line), well_formed(&line));
+        fn parser_agrees_with_the_grammar_near_valid_lines(line in near_valid_line()) {
+            agrees_with_the_grammar(&line)?;
         }
 
         #[test]
-        fn parser_accepts_every_well_formed_line(
-            minor in 0u8..=9,
-            code in 0u16..=999,
-            reason in prop::option::of(prop::collection::vec(reason_byte(), 0..40)),
-            cr in any::<bool>(),
-        ) {
-            let mut line = format!("HTTP/1.{minor} {code:03}").into_bytes();
-            if let Some(reason) = reason {
-                line.push(b' ');
-                line.extend(reason);
-            }
-            if cr {
-                line.push(b'\r');
-            }
+        fn parser_accepts_every_well_formed_line((line, code) in well_formed_line()) {
             prop_assert_eq!(parse_status_line(&line), Some(code));
         }
 
         #[test]
-        fn reader_agrees_with_the_parser_whatever_the_chunks(
-            data in prop::collection::vec(grammar_byte(), 0..96),
-            prefixed in any::<bool>(),
-            chunk in 1usize..16,
-        ) {
-            let data = if prefixed { [b"HTTP/1.1 ".as_slice(), &data].concat() } else { data };
-            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-            let got = rt.block_on(async {
-                let (mut reader, mut writer) = tokio::io::duplex(8);
-                let feed = data.clone();
-                let writer = tokio::spawn(async move {
-                    for piece in feed.chunks(chunk) {
-                        if writer.write_all(piece).await.is_err() {
-                            break; // the reader decided early and hung up
-                        }
-                    }
-                });
-                let got = read_status(&mut reader).await;
-                drop(reader);
-                writer.await.expect("writer panicked");
-                got
-            });
-            let want = data.iter().position(|&b| b == b'\n').and_then(|end| parse_status_line(&data[..end]));
-            match (got, want) {
-                (Ok(code), Some(want)) => prop_assert_eq!(code, want),
-                (Err(_), None) => {}
-                (got, want) => prop_assert!(false, "reader {:?}, parser {:?}", got, want),
-            }
+        fn reader_agrees_with_the_parser_whatever_the_chunks((data, chunk) in answer_in_chunks()) {
+            reader_agrees_with_the_parser(&data, chunk)?;
         }
+
+        #[test]
+        fn reader_and_parser_agree_on_valid_answers_with_random_edits((data, chunk) in havoc_on_valid_answers()) {
+            reader_agrees_with_the_parser(&data, chunk)?;
+            let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
+            agrees_with_the_grammar(line)?;
+        }
+    }
+
+    /// The status-line properties above, on fresh cases for a time budget instead of
+    /// [`CASES`] cases (see the `ntlm_fuzz` crate).
+    #[test]
+    #[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
+    fn fuzz_health_status_line() {
+        let data = |(data, _): &(Vec<u8>, usize)| data.clone();
+        ntlm_fuzz::Target::new("health_status_line")
+            .property("any bytes", any_line(), Clone::clone, |line| agrees_with_the_grammar(&line))
+            .property("near valid lines", near_valid_line(), Clone::clone, |line| agrees_with_the_grammar(&line))
+            .property(
+                "well-formed lines",
+                well_formed_line(),
+                |(line, _)| line.clone(),
+                |(line, code)| {
+                    prop_assert_eq!(parse_status_line(&line), Some(code));
+                    Ok(())
+                },
+            )
+            .property("reader in chunks", answer_in_chunks(), data, |(data, chunk)| {
+                reader_agrees_with_the_parser(&data, chunk)
+            })
+            .property("havoc on valid answers", havoc_on_valid_answers(), data, |(data, chunk)| {
+                reader_agrees_with_the_parser(&data, chunk)?;
+                agrees_with_the_grammar(data.split(|&b| b == b'\n').next().unwrap_or_default())
+            })
+            .run();
     }
 
     #[tokio::test]

@@ -191,6 +191,12 @@ pub fn parse_header(buf: &[u8]) -> Result<Parsed, ProxyError> {
     }
 }
 
+/// ppp's error message with its line breaks escaped: one of them is "Header must end in
+/// '\r\n'." with a real CR LF, which would split a log line.
+fn one_line(e: &impl fmt::Display) -> String {
+    e.to_string().replace('\r', "\\r").replace('\n', "\\n")
+}
+
 /// [`parse_header`] for a stream that starts as a v1 header (or a prefix of `PROXY `).
 fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
     // ppp judges a v1 prefix by splitting it at spaces, so some prefixes of a valid header
@@ -213,7 +219,7 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
         Some(_) => return Err(ProxyError::Malformed("a v1 header has a CR not followed by a LF".to_owned())),
     }
     let parsed = ppp::v1::Header::try_from(&buf[..len])
-        .map_err(|e| ProxyError::Malformed(format!("the v1 header does not parse ({e})")))?;
+        .map_err(|e| ProxyError::Malformed(format!("the v1 header does not parse ({})", one_line(&e))))?;
     let header = match parsed.addresses {
         ppp::v1::Addresses::Tcp4(a) => proxied(
             SocketAddrV4::new(a.source_address, a.source_port).into(),
@@ -240,7 +246,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
             return Err(ProxyError::TooLarge);
         }
         Err(ParseError::Partial(..)) => return Ok(Parsed::Incomplete),
-        Err(e) => return Err(ProxyError::Malformed(format!("the v2 header does not parse ({e})"))),
+        Err(e) => return Err(ProxyError::Malformed(format!("the v2 header does not parse ({})", one_line(&e)))),
     };
     let len = parsed.len();
     // The same answer whether the bytes came all at once or the length field alone first.
@@ -287,7 +293,7 @@ fn v2_authority(parsed: &ppp::v2::Header<'_>) -> Result<Option<String>, ProxyErr
     // Where the next TLV starts in the header: the TLVs end the header.
     let mut at = parsed.len() - parsed.tlv_bytes().len();
     for tlv in parsed.tlvs() {
-        let tlv = tlv.map_err(|e| ProxyError::Malformed(format!("a v2 TLV is broken ({e})")))?;
+        let tlv = tlv.map_err(|e| ProxyError::Malformed(format!("a v2 TLV is broken ({})", one_line(&e))))?;
         // Its value starts after its type (1) and length (2).
         let value_at = at + 3;
         at = value_at + tlv.value.len();

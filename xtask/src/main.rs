@@ -224,6 +224,28 @@ fn sockmap_available() -> anyhow::Result<bool> {
     Ok(false)
 }
 
+/// The environment variable giving each fuzz target's budget in seconds (the `ntlm-fuzz` crate
+/// reads it; 0 skips fuzzing).
+const FUZZ_SECS_VAR: &str = "NTLM_SPLICE_FUZZ_SECS";
+
+/// Runs every fuzz target (the ignored `fuzz_*` tests of the workspace's libraries: one per
+/// parser of outside input) for its time budget, one after the other, in release mode. Each
+/// prints its budget, seed and case counts, or the failing input in hex.
+fn fuzz() -> anyhow::Result<()> {
+    let secs = std::env::var(FUZZ_SECS_VAR).unwrap_or_default();
+    if secs.trim() == "0" {
+        println!("xtask: fuzzing SKIPPED ({FUZZ_SECS_VAR}=0)");
+        return Ok(());
+    }
+    let budget = if secs.is_empty() { "its default time (printed below)".to_owned() } else { format!("{secs} s") };
+    println!("xtask: fuzzing each parser for {budget} ({FUZZ_SECS_VAR} sets it, 0 skips)");
+    let status = cargo()
+        .args(["test", "--release", "--workspace", "--exclude", "ntlm-ebpf", "--lib", "fuzz_"])
+        .args(["--", "--ignored", "--test-threads=1", "--nocapture"])
+        .status();
+    check(status, "fuzzing (the failing input is printed above, in hex)")
+}
+
 fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
     setup::ensure_ebpf_toolchain()?;
     ensure_test_tools()?;
@@ -254,6 +276,7 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
         .env("NTLM_SPLICE_TEST_SOCKMAP", if sockmap { "1" } else { "0" })
         .status();
     check(status, "cargo test")?;
+    fuzz()?;
     // The benchmark's regression guard: every workload runs end to end and moves exactly the
     // bytes it should (timings are not checked: CI machines are noisy).
     println!("xtask: benchmark smoke run");

@@ -2262,47 +2262,28 @@ mod tests {
             })
         }
 
-        proptest! {
-            #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+        /// The parts of a valid file, as generated.
+        type Generated = (Global, GenOptions, Vec<GenRoute>);
 
-            /// Any text, including bytes that are not UTF-8 (read lossily), gets Ok or an error
-            /// whose lines lie inside the text; never a panic.
-            #[test]
-            fn any_text_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-                let text = String::from_utf8_lossy(&bytes);
-                if let Err(e) = parse(&text, "t.toml") {
-                    lines_are_inside(&text, &e)?;
-                }
-            }
+        fn generated() -> impl Strategy<Value = Generated> {
+            (gen_global(), gen_options(), gen_routes())
+        }
 
-            /// Text made of the pieces of the format gets past the TOML parser more often.
-            #[test]
-            fn toml_like_text_never_panics(text in "(\\[\\[route\\]\\]|\\[route\\.health\\]|\\[global\\]|\\[defaults\\]|name|listen|backends|sni|interval|http|expect|rise|=|\"|\\[|\\]|\\{|\\}|,|\n| |[a-z0-9:.*-]{1,6}|\"[0-9]{1,4}(ms|s|KiB)?\"|\"[0-9.:]{3,12}\"){0,60}") {
-                if let Err(e) = parse(&text, "t.toml") {
-                    lines_are_inside(&text, &e)?;
-                }
-            }
+        /// Any bytes, including ones that are not UTF-8 (read lossily).
+        fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(any::<u8>(), 0..400)
+        }
 
-            /// A valid file, rendered to text, parses back to the model it was made from.
-            #[test]
-            fn generated_files_round_trip(global in gen_global(), defaults in gen_options(), routes in gen_routes()) {
-                let text = render(&global, &defaults, &routes);
-                let got = parse(&text, "t.toml").map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
-                prop_assert_eq!(got, expected(&global, &defaults, &routes), "{}", text);
-            }
+        /// Text made of the pieces of the format, which gets past the TOML parser more often.
+        fn toml_like_text() -> impl Strategy<Value = String> {
+            "(\\[\\[route\\]\\]|\\[route\\.health\\]|\\[global\\]|\\[defaults\\]|name|listen|backends|sni|interval|http|expect|rise|=|\"|\\[|\\]|\\{|\\}|,|\n| |[a-z0-9:.*-]{1,6}|\"[0-9]{1,4}(ms|s|KiB)?\"|\"[0-9.:]{3,12}\"){0,60}"
+        }
 
-            /// A valid file with one line deleted or an unknown key inserted is either still
-            /// valid or rejected with problems on lines inside it.
-            #[test]
-            fn mutated_files_name_a_line(
-                global in gen_global(),
-                defaults in gen_options(),
-                routes in gen_routes(),
-                use_example in any::<bool>(),
-                at in any::<prop::sample::Index>(),
-                insert in any::<bool>(),
-            ) {
-                let text = if use_example { EXAMPLE.to_owned() } else { render(&global, &defaults, &routes) };
+        /// A valid file, generated or the example, with one line deleted or an unknown key
+        /// inserted (`true`).
+        fn line_edited() -> impl Strategy<Value = (String, bool)> {
+            let valid = prop_oneof![generated().prop_map(|(g, d, r)| render(&g, &d, &r)), Just(EXAMPLE.to_owned())];
+            (valid, any::<prop::sample::Index>(), any::<bool>()).prop_map(|(text, at, insert)| {
                 let mut lines: Vec<&str> = text.lines().collect();
                 let i = at.index(lines.len());
                 if insert {
@@ -2310,12 +2291,103 @@ mod tests {
                 } else {
                     lines.remove(i);
                 }
-                let text = lines.join("\n");
-                match parse(&text, "t.toml") {
-                    Ok(_) => prop_assert!(!insert, "an unknown key was accepted:\n{}", text),
-                    Err(e) => lines_are_inside(&text, &e)?,
-                }
+                (lines.join("\n"), insert)
+            })
+        }
+
+        /// Valid files, generated or the example, with a few random edits (see
+        /// [`ntlm_fuzz::havoc`]).
+        fn havoc_on_valid_files() -> impl Strategy<Value = Vec<u8>> {
+            let valid = prop_oneof![
+                generated().prop_map(|(g, d, r)| render(&g, &d, &r).into_bytes()),
+                Just(EXAMPLE.as_bytes().to_vec()),
+            ];
+            ntlm_fuzz::havoc(valid)
+        }
+
+        /// Any text gets Ok or an error whose problems lie on lines inside it; never a panic.
+        fn ok_or_lines_inside(text: &str) -> Result<(), TestCaseError> {
+            if let Err(e) = parse(text, "t.toml") {
+                lines_are_inside(text, &e)?;
             }
+            Ok(())
+        }
+
+        /// A valid file, rendered to text, parses back to the model it was made from.
+        fn round_trips((global, defaults, routes): Generated) -> Result<(), TestCaseError> {
+            let text = render(&global, &defaults, &routes);
+            let got = parse(&text, "t.toml").map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            prop_assert_eq!(got, expected(&global, &defaults, &routes), "{}", text);
+            Ok(())
+        }
+
+        /// A valid file with a line deleted is still valid or rejected with problems on lines
+        /// inside it; one with an unknown key inserted is rejected so.
+        fn edited_names_a_line((text, insert): (String, bool)) -> Result<(), TestCaseError> {
+            match parse(&text, "t.toml") {
+                Ok(_) => prop_assert!(!insert, "an unknown key was accepted:\n{}", text),
+                Err(e) => lines_are_inside(&text, &e)?,
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+            /// See [`ok_or_lines_inside`].
+            #[test]
+            fn any_text_never_panics(bytes in any_bytes()) {
+                ok_or_lines_inside(&String::from_utf8_lossy(&bytes))?;
+            }
+
+            /// See [`ok_or_lines_inside`].
+            #[test]
+            fn toml_like_text_never_panics(text in toml_like_text()) {
+                ok_or_lines_inside(&text)?;
+            }
+
+            /// See [`ok_or_lines_inside`].
+            #[test]
+            fn valid_files_with_random_edits_never_panic(bytes in havoc_on_valid_files()) {
+                ok_or_lines_inside(&String::from_utf8_lossy(&bytes))?;
+            }
+
+            /// See [`round_trips`].
+            #[test]
+            fn generated_files_round_trip(parts in generated()) {
+                round_trips(parts)?;
+            }
+
+            /// See [`edited_names_a_line`].
+            #[test]
+            fn mutated_files_name_a_line(case in line_edited()) {
+                edited_names_a_line(case)?;
+            }
+        }
+
+        /// The config file properties above, on fresh cases for a time budget instead of
+        /// [`CASES`] cases (see the `ntlm_fuzz` crate).
+        #[test]
+        #[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
+        fn fuzz_config_file() {
+            let lossy = |bytes: Vec<u8>| ok_or_lines_inside(&String::from_utf8_lossy(&bytes));
+            ntlm_fuzz::Target::new("config_file")
+                .property("any bytes", any_bytes(), Clone::clone, lossy)
+                .property("toml-like text", toml_like_text(), |t| t.clone().into_bytes(), |t| ok_or_lines_inside(&t))
+                .property("havoc on valid files", havoc_on_valid_files(), Clone::clone, lossy)
+                .property(
+                    "generated files round trip",
+                    generated(),
+                    |(g, d, r)| render(g, d, r).into_bytes(),
+                    round_trips,
+                )
+                .property(
+                    "line deleted or unknown key",
+                    line_edited(),
+                    |(t, _)| t.clone().into_bytes(),
+                    edited_names_a_line,
+                )
+                .run();
         }
     }
 }

@@ -333,6 +333,14 @@ fn oversized_headers_are_too_large() {
     assert!(matches!(error_of(&whole), ProxyError::TooLarge), "the same answer with every byte in");
 }
 
+/// Found by the fuzz target: ppp's message for this one has a CR LF in it.
+#[test]
+fn errors_are_one_line_even_when_ppp_s_message_is_not() {
+    let extra_port = b"PROXY TCP4 127.0.0.2 127.0.0.1 1 42401 43765\r\n";
+    let text = error_of(extra_port).to_string();
+    assert!(!text.contains(['\r', '\n']), "{text}");
+}
+
 #[test]
 fn errors_quote_no_more_than_a_short_prefix() {
     let secret = b"GET /?password=hunter2 HTTP/1.1\r\n";
@@ -695,6 +703,147 @@ fn starts() -> impl Strategy<Value = Vec<u8>> {
     ])
 }
 
+/// A start from [`starts`] and arbitrary bytes, with a place to cut them.
+fn arbitrary_bytes() -> impl Strategy<Value = (Vec<u8>, usize)> {
+    ntlm_fuzz::with_cut(
+        (starts(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(start, bytes)| [start, bytes].concat()),
+    )
+}
+
+/// A captured header and what followed it, with bytes overwritten.
+fn mutated_fixture() -> impl Strategy<Value = Vec<u8>> {
+    (0..FIXTURES.len(), prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)).prop_map(
+        |(which, edits)| {
+            let mut bytes = FIXTURES[which].1.to_vec();
+            for (at, byte) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            bytes
+        },
+    )
+}
+
+/// A header [`build_v1`] or [`build_v2`] wrote, bytes after it, and a place to cut it.
+#[derive(Debug, Clone)]
+struct Built {
+    source: SocketAddr,
+    destination: SocketAddr,
+    authority: Option<String>,
+    v1: bool,
+    after: Vec<u8>,
+    cut: prop::sample::Index,
+}
+
+impl Built {
+    fn header(&self) -> Vec<u8> {
+        if self.v1 {
+            build_v1(self.source, self.destination)
+        } else {
+            build_v2(self.source, self.destination, self.authority.as_deref())
+        }
+    }
+
+    /// The header and the bytes after it: what the parser is given.
+    fn stream(&self) -> Vec<u8> {
+        [self.header(), self.after.clone()].concat()
+    }
+}
+
+fn built() -> impl Strategy<Value = Built> {
+    (
+        socket_addr(),
+        socket_addr(),
+        prop::option::of(".{0,40}"),
+        any::<bool>(),
+        prop::collection::vec(any::<u8>(), 0..20),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(source, destination, authority, v1, after, cut)| Built {
+            source,
+            destination,
+            authority,
+            v1,
+            after,
+            cut,
+        })
+}
+
+/// Valid headers, captured or built, with a few random edits (see [`ntlm_fuzz::havoc`]), and a
+/// place to cut them.
+fn havoc_on_valid_headers() -> impl Strategy<Value = (Vec<u8>, usize)> {
+    let valid = prop_oneof![
+        prop::sample::select(FIXTURES).prop_map(|(_, bytes)| bytes.to_vec()),
+        built().prop_map(|b| b.stream())
+    ];
+    ntlm_fuzz::with_cut(ntlm_fuzz::havoc(valid))
+}
+
+/// Longer than every error message with its numbers and its quote of [`QUOTED_PREFIX`] escaped
+/// bytes; the inputs here run to hundreds of bytes, so a message quoting more of them would
+/// pass it.
+const LONGEST_MESSAGE: usize = 512;
+
+/// No input panics the parser, a complete header never claims more bytes than given nor more
+/// than the limit of its version, an error is one short line quoting at most
+/// [`QUOTED_PREFIX`] bytes, and an answer other than Incomplete does not change with more
+/// bytes (read_header relies on it): the parse of `buf` cut at `cut` against that of `buf`.
+fn answers_are_final(buf: &[u8], cut: usize) -> Result<(), TestCaseError> {
+    let (prefix, whole) = (parse_header(&buf[..cut]), parse_header(buf));
+    for (given, answer) in [(cut, &prefix), (buf.len(), &whole)] {
+        match answer {
+            Ok(Parsed::Complete { len, .. }) => {
+                prop_assert!(*len <= given, "claims {len} of {given} bytes");
+                prop_assert!(*len <= MAX_V1_HEADER.max(MAX_V2_HEADER));
+            }
+            Ok(Parsed::Incomplete) => {}
+            Err(e) => {
+                let text = e.to_string();
+                prop_assert!(!text.contains('\n') && text.len() <= LONGEST_MESSAGE, "{text}");
+                if let ProxyError::NoHeader { start } = e {
+                    let quoted = buf[..given.min(QUOTED_PREFIX)].escape_ascii().to_string();
+                    prop_assert_eq!(start, &quoted);
+                }
+            }
+        }
+    }
+    match (prefix, whole) {
+        (Ok(Parsed::Incomplete), _) => {}
+        (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+        // NoHeader quotes the bytes it saw, so a longer prefix quotes more of them.
+        (Err(ProxyError::NoHeader { start: a }), Err(ProxyError::NoHeader { start: b })) => {
+            prop_assert!(b.starts_with(&a), "{} then {}", a, b);
+        }
+        (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => prop_assert!(false, "{a:?} at {cut} bytes became {b:?}"),
+    }
+    Ok(())
+}
+
+/// A complete header found in `bytes` claims no more than them.
+fn claims_no_more_than_given(bytes: &[u8]) -> Result<(), TestCaseError> {
+    if let Ok(Parsed::Complete { len, .. }) = parse_header(bytes) {
+        prop_assert!(len <= bytes.len());
+    }
+    Ok(())
+}
+
+/// A built header parses back to the addresses given (IPv4-mapped ones as IPv4) and the
+/// authority, ends where it ends, fits its version's limit, and every prefix of it is
+/// Incomplete.
+fn round_trips(case: Built) -> Result<(), TestCaseError> {
+    let header = case.header();
+    let want = Header::Proxy {
+        addresses: Addresses { source: canonical(case.source), destination: canonical(case.destination) },
+        authority: if case.v1 { None } else { case.authority.clone().filter(|a| !a.is_empty()) },
+    };
+    prop_assert_eq!(parse_header(&case.stream()).ok(), Some(Parsed::Complete { header: want, len: header.len() }));
+    prop_assert_eq!(parse_header(&header[..case.cut.index(header.len())]).ok(), Some(Parsed::Incomplete));
+    let cap = if case.v1 { MAX_V1_HEADER } else { MAX_V2_HEADER };
+    prop_assert!(header.len() <= cap);
+    Ok(())
+}
+
 /// The reference for [`Trusted::contains`]: every address as a 128-bit number in the
 /// IPv4-mapped IPv6 space, compared on the network's prefix bits.
 fn reference_contains(nets: &[(IpAddr, u8)], ip: IpAddr) -> bool {
@@ -715,74 +864,29 @@ fn reference_contains(nets: &[(IpAddr, u8)], ip: IpAddr) -> bool {
 proptest! {
     #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
 
-    /// No input panics the parser, a complete header never claims more bytes than given, and
-    /// an answer other than Incomplete does not change with more bytes (read_header relies on
-    /// it).
+    /// See [`answers_are_final`].
     #[test]
-    fn arbitrary_bytes_never_panic_and_answers_are_final(
-        start in starts(),
-        bytes in prop::collection::vec(any::<u8>(), 0..300),
-        cut in any::<prop::sample::Index>(),
-    ) {
-        let buf = [start, bytes].concat();
-        let cut = cut.index(buf.len() + 1);
-        let (prefix, whole) = (parse_header(&buf[..cut]), parse_header(&buf));
-        if let Ok(Parsed::Complete { len, .. }) = &prefix {
-            prop_assert!(*len <= cut);
-        }
-        if let Ok(Parsed::Complete { len, .. }) = &whole {
-            prop_assert!(*len <= buf.len());
-        }
-        match (prefix, whole) {
-            (Ok(Parsed::Incomplete), _) => {}
-            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
-            // NoHeader quotes the bytes it saw, so a longer prefix quotes more of them.
-            (Err(ProxyError::NoHeader { start: a }), Err(ProxyError::NoHeader { start: b })) => {
-                prop_assert!(b.starts_with(&a), "{} then {}", a, b);
-            }
-            (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
-            (a, b) => prop_assert!(false, "{a:?} at {cut} bytes became {b:?}"),
-        }
+    fn arbitrary_bytes_never_panic_and_answers_are_final((buf, cut) in arbitrary_bytes()) {
+        answers_are_final(&buf, cut)?;
     }
 
     /// Real headers with bytes overwritten never panic the parser nor claim more bytes than
     /// given.
     #[test]
-    fn mutated_fixtures_never_panic(
-        which in 0..FIXTURES.len(),
-        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
-    ) {
-        let mut bytes = FIXTURES[which].1.to_vec();
-        for (at, byte) in edits {
-            let at = at.index(bytes.len());
-            bytes[at] = byte;
-        }
-        if let Ok(Parsed::Complete { len, .. }) = parse_header(&bytes) {
-            prop_assert!(len <= bytes.len());
-        }
+    fn mutated_fixtures_never_panic(bytes in mutated_fixture()) {
+        claims_no_more_than_given(&bytes)?;
     }
 
-    /// Built headers parse back to the addresses given (IPv4-mapped ones as IPv4) and the
-    /// authority, end where they end, and every prefix of them is Incomplete.
+    /// Valid headers with random edits: see [`answers_are_final`].
     #[test]
-    fn built_headers_round_trip(
-        source in socket_addr(),
-        destination in socket_addr(),
-        authority in prop::option::of(".{0,40}"),
-        v1 in any::<bool>(),
-        after in prop::collection::vec(any::<u8>(), 0..20),
-        cut in any::<prop::sample::Index>(),
-    ) {
-        let header = if v1 { build_v1(source, destination) } else { build_v2(source, destination, authority.as_deref()) };
-        let want = Header::Proxy {
-            addresses: Addresses { source: canonical(source), destination: canonical(destination) },
-            authority: if v1 { None } else { authority.filter(|a| !a.is_empty()) },
-        };
-        let stream = [&header[..], &after].concat();
-        prop_assert_eq!(parse_header(&stream).ok(), Some(Parsed::Complete { header: want, len: header.len() }));
-        prop_assert_eq!(parse_header(&header[..cut.index(header.len())]).ok(), Some(Parsed::Incomplete));
-        let cap = if v1 { MAX_V1_HEADER } else { MAX_V2_HEADER };
-        prop_assert!(header.len() <= cap);
+    fn havoc_on_valid_headers_never_panics_and_answers_are_final((buf, cut) in havoc_on_valid_headers()) {
+        answers_are_final(&buf, cut)?;
+    }
+
+    /// See [`round_trips`].
+    #[test]
+    fn built_headers_round_trip(case in built()) {
+        round_trips(case)?;
     }
 
     /// Trusted::contains agrees with a reference on 128-bit numbers.
@@ -818,4 +922,18 @@ proptest! {
             prop_assert_eq!(trusted.contains(ip), reference_contains(&nets, ip), "{} in {:?}", ip, entries);
         }
     }
+}
+
+/// The PROXY header properties above, on fresh cases for a time budget instead of [`CASES`]
+/// cases (see the `ntlm_fuzz` crate).
+#[test]
+#[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
+fn fuzz_proxy_header() {
+    let stream = |(buf, _): &(Vec<u8>, usize)| buf.clone();
+    ntlm_fuzz::Target::new("proxy_header")
+        .property("arbitrary bytes", arbitrary_bytes(), stream, |(buf, cut)| answers_are_final(&buf, cut))
+        .property("mutated fixtures", mutated_fixture(), Clone::clone, |bytes| claims_no_more_than_given(&bytes))
+        .property("havoc on valid headers", havoc_on_valid_headers(), stream, |(buf, cut)| answers_are_final(&buf, cut))
+        .property("built headers round trip", built(), Built::stream, round_trips)
+        .run();
 }

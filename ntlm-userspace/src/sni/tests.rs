@@ -584,69 +584,149 @@ fn other_extension() -> impl Strategy<Value = Vec<u8>> {
     (1u16.., prop::collection::vec(any::<u8>(), 0..40)).prop_map(|(kind, data)| extension(kind, &data))
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+/// A start that looks like TLS to some depth and arbitrary bytes, with a place to cut them.
+fn arbitrary_bytes() -> impl Strategy<Value = (Vec<u8>, usize)> {
+    let starts = vec![vec![], vec![0x16], vec![0x16, 0x03, 0x01], vec![0x16, 0x03, 0x03, 0x00]];
+    let bytes = (prop::sample::select(starts), prop::collection::vec(any::<u8>(), 0..600));
+    ntlm_fuzz::with_cut(bytes.prop_map(|(start, bytes)| [start, bytes].concat()))
+}
 
-    /// No input panics the parser, and its answer never changes once it is not Incomplete:
-    /// more bytes cannot turn an error or a name into something else (the peek relies on it).
-    #[test]
-    fn arbitrary_bytes_never_panic_and_answers_are_final(
-        start in prop::sample::select(vec![vec![], vec![0x16], vec![0x16, 0x03, 0x01], vec![0x16, 0x03, 0x03, 0x00]]),
-        bytes in prop::collection::vec(any::<u8>(), 0..600),
-        cut in any::<prop::sample::Index>(),
-    ) {
-        let buf = [start, bytes].concat();
-        let cut = cut.index(buf.len() + 1);
-        let (prefix, whole) = (parse_client_hello(&buf[..cut]), parse_client_hello(&buf));
-        match (prefix, whole) {
-            (Ok(Hello::Incomplete), _) => {}
-            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
-            (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
-            (a, b) => prop_assert!(false, "{a:?} at {cut} bytes became {b:?}"),
-        }
-    }
+/// A captured hello re-framed into records of the sizes given (cycled), and the index of its
+/// fixture.
+fn reframed_fixture(sizes: impl Strategy<Value = Vec<usize>>) -> impl Strategy<Value = (Vec<u8>, usize)> {
+    (0..FIXTURES.len(), sizes).prop_map(|(which, sizes)| (reframe(message_of(&FIXTURES[which]), &sizes), which))
+}
 
-    /// Real hellos with bytes overwritten never panic the parser.
-    #[test]
-    fn mutated_fixtures_never_panic(
-        which in 0..FIXTURES.len(),
-        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
-        sizes in prop::collection::vec(1usize..400, 1..6),
-    ) {
-        let mut stream = reframe(message_of(&FIXTURES[which]), &sizes);
+/// A captured hello in records of random sizes, with bytes overwritten.
+fn mutated_fixture() -> impl Strategy<Value = Vec<u8>> {
+    let edits = prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8);
+    (reframed_fixture(prop::collection::vec(1usize..400, 1..6)), edits).prop_map(|((mut stream, _), edits)| {
         for (at, byte) in edits {
             let at = at.index(stream.len());
             stream[at] = byte;
         }
-        let _answer_does_not_matter = parse_client_hello(&stream);
+        stream
+    })
+}
+
+/// A synthetic hello naming a valid host name among other extensions, in records of random
+/// sizes, with the name it must parse to and a place to cut it.
+#[derive(Debug, Clone)]
+struct Synthetic {
+    stream: Vec<u8>,
+    want: String,
+    cut: prop::sample::Index,
+}
+
+fn synthetic() -> impl Strategy<Value = Synthetic> {
+    (
+        host_name(),
+        prop::collection::vec(other_extension(), 0..3),
+        prop::collection::vec(other_extension(), 0..3),
+        prop::collection::vec(1usize..=300, 1..8),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|((sent, want), before, after, sizes, cut)| {
+            let extensions = [before, vec![sni_extension(&[sent.as_bytes()])], after].concat();
+            Synthetic { stream: reframe(&client_hello(&extensions), &sizes), want, cut }
+        })
+}
+
+/// Valid hellos, captured or synthetic, in records of random sizes, with a few random edits
+/// (see [`ntlm_fuzz::havoc`]), and a place to cut them.
+fn havoc_on_valid_hellos() -> impl Strategy<Value = (Vec<u8>, usize)> {
+    let valid = prop_oneof![
+        reframed_fixture(prop::collection::vec(1usize..=700, 1..12)).prop_map(|(stream, _)| stream),
+        synthetic().prop_map(|s| s.stream),
+    ];
+    ntlm_fuzz::with_cut(ntlm_fuzz::havoc(valid))
+}
+
+/// Longer than every error message with its numbers; they quote no byte of the input, so
+/// one that did would grow past it with the inputs here, of hundreds of bytes.
+const LONGEST_MESSAGE: usize = 512;
+
+/// No input panics the parser; a name it finds is a normalized host name; an error is one
+/// short line; and its answer never changes once it is not Incomplete: more bytes cannot turn
+/// an error or a name into something else (the peek relies on it). `buf` cut at `cut` against
+/// the whole of it.
+fn answers_are_final(buf: &[u8], cut: usize) -> Result<(), TestCaseError> {
+    let (prefix, whole) = (parse_client_hello(&buf[..cut]), parse_client_hello(buf));
+    for answer in [&prefix, &whole] {
+        match answer {
+            Ok(Hello::Complete { server_name: Some(name) }) => {
+                prop_assert!(name.len() <= MAX_HOST_NAME, "{} characters", name.len());
+                let normalized = normalize_host_name(name.as_bytes());
+                prop_assert_eq!(normalized.as_ref(), Some(name), "not normalized");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let text = e.to_string();
+                prop_assert!(!text.contains('\n') && text.len() <= LONGEST_MESSAGE, "{}", text);
+            }
+        }
+    }
+    match (prefix, whole) {
+        (Ok(Hello::Incomplete), _) => {}
+        (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+        (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => prop_assert!(false, "{a:?} at {cut} bytes became {b:?}"),
+    }
+    Ok(())
+}
+
+/// A captured hello, re-framed, parses to the name it was captured with.
+fn keeps_its_name(stream: &[u8], which: usize) -> Result<(), TestCaseError> {
+    let fixture = &FIXTURES[which];
+    let name = name_in(stream);
+    prop_assert_eq!(name.as_deref(), fixture.server_name, "{}", fixture.file);
+    Ok(())
+}
+
+/// A synthetic hello gives back its name, normalized; a prefix of it is Incomplete.
+fn round_trips(case: Synthetic) -> Result<(), TestCaseError> {
+    prop_assert_eq!(name_in(&case.stream), Some(case.want));
+    prop_assert_eq!(
+        parse_client_hello(&case.stream[..case.cut.index(case.stream.len())]).ok(),
+        Some(Hello::Incomplete)
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+    /// See [`answers_are_final`].
+    #[test]
+    fn arbitrary_bytes_never_panic_and_answers_are_final((buf, cut) in arbitrary_bytes()) {
+        answers_are_final(&buf, cut)?;
+    }
+
+    /// Real hellos with bytes overwritten never panic the parser.
+    #[test]
+    fn mutated_fixtures_never_panic(stream in mutated_fixture()) {
+        answers_are_final(&stream, stream.len())?;
+    }
+
+    /// Valid hellos with random edits: see [`answers_are_final`].
+    #[test]
+    fn havoc_on_valid_hellos_never_panics_and_answers_are_final((buf, cut) in havoc_on_valid_hellos()) {
+        answers_are_final(&buf, cut)?;
     }
 
     /// Real hellos re-framed into records of random sizes parse to the same name.
     #[test]
     fn fixtures_in_random_records_keep_their_names(
-        which in 0..FIXTURES.len(),
-        sizes in prop::collection::vec(1usize..=700, 1..12),
+        (stream, which) in reframed_fixture(prop::collection::vec(1usize..=700, 1..12)),
     ) {
-        let fixture = &FIXTURES[which];
-        let stream = reframe(message_of(fixture), &sizes);
-        let name = name_in(&stream);
-        prop_assert_eq!(name.as_deref(), fixture.server_name);
+        keeps_its_name(&stream, which)?;
     }
 
     /// Any valid name, among other extensions, split at any record boundaries, comes back
     /// normalized; a random prefix of it is Incomplete.
     #[test]
-    fn synthetic_hellos_round_trip(
-        (sent, want) in host_name(),
-        before in prop::collection::vec(other_extension(), 0..3),
-        after in prop::collection::vec(other_extension(), 0..3),
-        sizes in prop::collection::vec(1usize..=300, 1..8),
-        cut in any::<prop::sample::Index>(),
-    ) {
-        let extensions = [before, vec![sni_extension(&[sent.as_bytes()])], after].concat();
-        let stream = reframe(&client_hello(&extensions), &sizes);
-        prop_assert_eq!(name_in(&stream), Some(want));
-        prop_assert_eq!(parse_client_hello(&stream[..cut.index(stream.len())]).ok(), Some(Hello::Incomplete));
+    fn synthetic_hellos_round_trip(case in synthetic()) {
+        round_trips(case)?;
     }
 
     /// The table agrees with a linear scan over its patterns.
@@ -700,4 +780,24 @@ fn scan(reference: &[(bool, String, usize)], default: Option<usize>, name: &str)
         .max_by_key(|(_, suffix, _)| suffix.len())
         .map(|(_, _, value)| *value)
         .or(default)
+}
+
+/// The ClientHello properties above, on fresh cases for a time budget instead of [`CASES`]
+/// cases (see the `ntlm_fuzz` crate).
+#[test]
+#[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
+fn fuzz_client_hello() {
+    let stream = |(buf, _): &(Vec<u8>, usize)| buf.clone();
+    ntlm_fuzz::Target::new("client_hello")
+        .property("arbitrary bytes", arbitrary_bytes(), stream, |(buf, cut)| answers_are_final(&buf, cut))
+        .property("mutated fixtures", mutated_fixture(), Clone::clone, |s| answers_are_final(&s, s.len()))
+        .property("havoc on valid hellos", havoc_on_valid_hellos(), stream, |(buf, cut)| answers_are_final(&buf, cut))
+        .property(
+            "fixtures in random records",
+            reframed_fixture(prop::collection::vec(1usize..=700, 1..12)),
+            stream,
+            |(stream, which)| keeps_its_name(&stream, which),
+        )
+        .property("synthetic hellos round trip", synthetic(), |s| s.stream.clone(), round_trips)
+        .run();
 }

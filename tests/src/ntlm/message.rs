@@ -502,6 +502,9 @@ pub fn authenticate_message(
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::ntlm::crypto::tests::{SERVER_CHALLENGE, unhex};
