@@ -190,6 +190,9 @@ impl Server {
         let names: Vec<&str> = site.routes().map(|r| r.name()).collect();
         let backends: Vec<String> =
             site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
+        // Served from here (the socket is bound, the accept loop starts below): counted for
+        // /readyz before the line that tells the world it listens.
+        self.metrics.listening(addr);
         log::info!(
             "listening addr={local} routes={} backends={} max_connections={} threads={}",
             names.join(","),
@@ -208,7 +211,6 @@ impl Server {
             stop.clone(),
         ));
         self.listeners.insert(addr, Listener { site, stop, task });
-        self.metrics.listening(addr);
         Ok(())
     }
 
