@@ -383,8 +383,22 @@ impl Metrics {
             live,
             known: Mutex::new(HashSet::new()),
         };
-        m.unrouted = m.route(NO_ROUTE);
+        m.unrouted = m.unrouted();
         m
+    }
+
+    /// The handles of connections closed before they had a route: accepted and ended only
+    /// (they are never active for long, connect, carry bytes or log in), so only those
+    /// series exist for them.
+    fn unrouted(&self) -> RouteMetrics {
+        self.lock_known().insert((NO_ROUTE.to_string(), None));
+        let f = &self.families;
+        let label = RouteLabel { route: NO_ROUTE.to_string() };
+        RouteMetrics {
+            accepted: f.accepted.get_or_create_owned(&label),
+            ends: ENDS.map(|e| f.ends.get_or_create_owned(&EndLabels { route: NO_ROUTE.to_string(), end: e.as_str() })),
+            ..RouteMetrics::default()
+        }
     }
 
     /// The handles of route `route`, its series made now (at zero if new).
