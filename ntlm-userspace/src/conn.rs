@@ -42,6 +42,7 @@ use tokio_util::{
 use crate::{
     identity::{self, Identity, Source},
     lifecycle::{End, EngineKind, Fault, Outcome, Progress, Relayed},
+    metrics::Metrics,
     park::{self, Owner as _, Parked, Parker, Refused},
     route::{Lease, Route, Site},
     sni,
@@ -60,6 +61,8 @@ pub struct Lifecycle {
     pub parker: Option<Parker<Waiting>>,
     /// Cancelled when live connections must close (shutdown after the drain timeout).
     pub force_close: CancellationToken,
+    /// The process's metrics (a connection's own route and backend hold their handles).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Who a connection is, for its whole life (parking included).
@@ -135,6 +138,7 @@ pub fn serve(
                 let engine = u.route.as_ref().map_or(EngineKind::Splice, |r| r.engine.kind());
                 let outcome = Progress::new().ended(u.end, u.why, engine);
                 let via = who.via.unwrap_or(peer);
+                lc.metrics.ended(u.route.as_deref(), &outcome);
                 access_log(id, who.client, via, u.route.as_deref(), None, &outcome, started.elapsed());
                 drop(permit);
                 return;
@@ -177,6 +181,7 @@ async fn route_and_connect(
         }));
     };
     drop(site);
+    route.metrics.routed();
     if route.spec.options.proxy_protocol.is_some() && who.destination.is_none() {
         // The address the client connected to, for the PROXY header out.
         who.destination = client.local_addr().ok();
@@ -243,6 +248,7 @@ impl Lifecycle {
         let backend = lease.backend().addr;
         drop(lease);
         let peer = via.map_or(client, |v| *v);
+        self.metrics.ended(Some(&route), outcome);
         access_log(id, client, peer, Some(&route), Some(backend), outcome, started.elapsed());
         drop(permit);
     }
@@ -311,6 +317,7 @@ async fn connect_backend(route: &Route, id: u64, who: &Identity, name: Option<&s
     let header = o.proxy_protocol.map(|v| v.header(who.client, who.destination.unwrap_or(who.client), name));
     for backend in route.order(who.client) {
         let addr = backend.addr;
+        let started = route.metrics.connecting(&backend.metrics);
         let attempt = async {
             let s = connect(id, addr, o.source.map(|src| (src, who.client))).await?;
             if let Some(h) = &header {
@@ -319,7 +326,10 @@ async fn connect_backend(route: &Route, id: u64, who: &Identity, name: Option<&s
             Ok::<_, io::Error>(s)
         };
         let err = match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(s)) => return Some((s, Lease::new(backend))),
+            Ok(Ok(s)) => {
+                route.metrics.connected(started);
+                return Some((s, Lease::new(backend)));
+            }
             Ok(Err(e)) => {
                 log::warn!("conn={id} route={} backend={addr} connect failed: {e}; trying the next backend", route.name());
                 e
@@ -437,7 +447,9 @@ mod tests {
         let table = crate::route::Table::single_for_test(EngineChoice::Splice, addr).await;
         let site = table.sites.values().next().unwrap().clone();
         let route = table.routes.values().next().unwrap().clone();
-        let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker: None, force_close: CancellationToken::new() });
+        let metrics = Arc::new(Metrics::new());
+        let force_close = CancellationToken::new();
+        let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker: None, force_close, metrics });
         let client = TcpStream::connect(addr).await.unwrap();
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         {

@@ -444,6 +444,8 @@ pub trait Target: Send + Sync + 'static {
     fn health(&self) -> &Health;
     /// How log lines name the backend, as logfmt fields: `route=intranet backend=10.0.0.7:443`.
     fn label(&self) -> String;
+    /// Its state changed (once per change, as it is logged): for its metrics.
+    fn changed(&self, _to: Transition) {}
 }
 
 /// Probes `target` every `check.interval` and records the results in its [`Health`] until
@@ -512,6 +514,7 @@ pub fn passive_failure(target: &impl Target, rise: u32, fall: u32, err: &io::Err
 
 /// Logs one change of state: down at warn with its cause, up at info.
 fn log_transition(target: &impl Target, change: Transition, rise: u32, fall: u32, cause: &dyn fmt::Display) {
+    target.changed(change);
     let line = transition_line(&target.label(), change, rise, fall, cause);
     match change {
         Transition::Down => warn!("{line}"),

@@ -13,6 +13,7 @@ pub mod health;
 pub mod identity;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod park;
 pub mod proxy_proto;
 pub mod route;

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     lifecycle::{End, Progress, idle_deadline},
+    metrics::Gauge,
     sys::{
         clock::monotonic_ns,
         epoll::{self, Epoll},
@@ -103,11 +104,14 @@ struct Table<M> {
     closed: bool,
     /// Connections parked since the last [`trim`].
     since_trim: usize,
+    /// How many are parked, for metrics (changed with `conns`).
+    parked: Gauge,
 }
 
 impl<M> Default for Table<M> {
     fn default() -> Self {
-        Table { conns: Slab::new(), deadlines: BTreeSet::new(), next_gen: 0, closed: false, since_trim: 0 }
+        let parked = Gauge::default();
+        Table { conns: Slab::new(), deadlines: BTreeSet::new(), next_gen: 0, closed: false, since_trim: 0, parked }
     }
 }
 
@@ -118,12 +122,14 @@ struct Slot<M> {
 }
 
 impl<M> Parker<M> {
-    /// A parker with an empty table. Needs the runtime (its epoll instance is watched by it).
-    pub fn new() -> io::Result<Parker<M>> {
+    /// A parker with an empty table, which keeps `parked` at the number of connections it
+    /// holds. Needs the runtime (its epoll instance is watched by it).
+    pub fn new(parked: Gauge) -> io::Result<Parker<M>> {
         // SAFETY: the AsyncFd owns the Epoll from here until it is dropped, and an Epoll
         // always returns the descriptor it owns.
         let epoll = unsafe { AsyncFd::register_with_interest(Epoll::new()?, tokio::io::Interest::READABLE) }?;
-        Ok(Parker { epoll, table: Mutex::new(Table::default()), earlier: Notify::new() })
+        let table = Table { parked, ..Table::default() };
+        Ok(Parker { epoll, table: Mutex::new(table), earlier: Notify::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table<M>> {
@@ -162,6 +168,7 @@ impl<M> Parker<M> {
         };
         let deadline = idle_timeout.map(|_| idle_deadline(conn.progress.last_ns, idle_timeout));
         entry.insert(Slot { generation, deadline, conn });
+        t.parked.inc();
         t.since_trim += 1;
         if t.since_trim == 1 {
             self.earlier.notify_one();
@@ -201,6 +208,7 @@ impl<M> Table<M> {
             return None;
         }
         let slot = self.conns.remove(index);
+        self.parked.dec();
         if let Some(d) = slot.deadline {
             self.deadlines.remove(&(d, key));
         }
@@ -239,7 +247,9 @@ pub async fn run<M>(parker: &Parker<M>, owner: &impl Owner<M>, force_close: &Can
                     let mut t = parker.lock();
                     t.closed = true;
                     t.deadlines.clear();
-                    t.conns.drain().map(|s| s.conn).collect()
+                    let all: Vec<Parked<M>> = t.conns.drain().map(|s| s.conn).collect();
+                    t.parked.dec_by(i64::try_from(all.len()).unwrap_or(i64::MAX));
+                    all
                 };
                 if !all.is_empty() {
                     log::info!("shutdown: closing parked={} idle connections", all.len());
@@ -359,7 +369,9 @@ mod tests {
 
         let first = t.conns.insert(Slot { generation: 7, deadline: Some(100), conn: parked(1) });
         t.deadlines.insert((100, key(7, first)));
+        t.parked.inc();
         assert_eq!(t.take(key(7, first)).map(|c| c.meta), Some(1));
+        assert_eq!(t.parked.get(), 0, "the gauge follows the table");
         assert!(t.deadlines.is_empty(), "the deadline left with the connection");
         assert!(t.take(key(7, first)).is_none(), "taken twice");
 

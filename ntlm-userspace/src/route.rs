@@ -31,9 +31,10 @@ use crate::{
         file::{HealthSpec, RouteSpec},
     },
     engine::{Engine, Engines, Unavailable},
-    health::{self, Check, Health, HttpCheck},
+    health::{self, Check, Health, HttpCheck, Transition},
     identity::{AcceptProxy, ProxyVersion, Source},
     lifecycle::RelayCtl,
+    metrics::{BackendMetrics, Metrics, RouteMetrics},
     sni::{SniPattern, SniTable},
 };
 
@@ -49,12 +50,14 @@ pub struct Backend {
     pub health: Health,
     /// `route=NAME backend=SPEC` for log lines.
     label: String,
+    /// Its metrics (kept with it across reloads).
+    pub metrics: BackendMetrics,
 }
 
 impl Backend {
-    fn new(route: &str, spec: String, addr: SocketAddr) -> Backend {
+    fn new(route: &str, spec: String, addr: SocketAddr, metrics: BackendMetrics) -> Backend {
         let label = format!("route={route} backend={spec}");
-        Backend { spec, addr, live: AtomicUsize::new(0), health: Health::new(), label }
+        Backend { spec, addr, live: AtomicUsize::new(0), health: Health::new(), label, metrics }
     }
 
     /// Live connections now.
@@ -72,6 +75,9 @@ impl health::Target for Backend {
     }
     fn label(&self) -> String {
         self.label.clone()
+    }
+    fn changed(&self, to: Transition) {
+        self.metrics.transition(to);
     }
 }
 
@@ -112,6 +118,8 @@ pub struct Route {
     pub ctl: RelayCtl,
     /// Its active health check, if configured (failed client connects count only then).
     pub health: Option<Check>,
+    /// Its metrics.
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
@@ -125,8 +133,10 @@ impl Route {
         self.balancer.order(&self.backends, client)
     }
 
-    /// A client's connect to `backend` failed: a failed check, if the route checks health.
+    /// A client's connect to `backend` failed: counted, and a failed check if the route checks
+    /// health.
     pub fn connect_failed(&self, backend: &Backend, e: &std::io::Error) {
+        backend.metrics.connect_failed();
         if let Some(c) = &self.health {
             health::passive_failure(backend, c.rise, c.fall, e);
         }
@@ -218,14 +228,16 @@ impl Table {
     /// Builds the table of `config`: resolves every backend (the first address of each
     /// name, as at start), picks each route's engine, and keeps the [`Backend`] of
     /// `previous` where a route of the same name has a backend of the same spec and address
-    /// (its live count and health carry over). Without `parking` (no parker) no connection
-    /// parks, whatever `park_after` says.
+    /// (its live count, health and metrics carry over). Without `parking` (no parker) no
+    /// connection parks, whatever `park_after` says. The routes' and new backends' metric
+    /// handles are made in `metrics`.
     pub async fn build(
         config: &Config,
         engines: &Engines,
         previous: Option<&Table>,
         force_close: &CancellationToken,
         parking: bool,
+        metrics: &Metrics,
     ) -> Result<Table, BuildError> {
         let mut routes = HashMap::new();
         for spec in &config.routes {
@@ -237,7 +249,10 @@ impl Table {
                     .await
                     .map_err(|source| BuildError::Resolve { route: spec.name.clone(), spec: written.clone(), source })?;
                 let kept = old.and_then(|r| r.backends.iter().find(|k| k.spec == written && k.addr == addr));
-                backends.push(kept.cloned().unwrap_or_else(|| Arc::new(Backend::new(&spec.name, written, addr))));
+                backends.push(kept.cloned().unwrap_or_else(|| {
+                    let m = metrics.backend(&spec.name, &written);
+                    Arc::new(Backend::new(&spec.name, written, addr, m))
+                }));
             }
             if spec.options.source.is_some_and(Source::is_transparent) {
                 crate::identity::check_transparent().map_err(|source| BuildError::Transparent {
@@ -263,6 +278,7 @@ impl Table {
                     half_close_timeout: o.half_close_timeout,
                 },
                 health: spec.health.as_ref().map(|h| check(h, o.proxy_protocol)),
+                metrics: metrics.route(&spec.name),
                 spec: spec.clone(),
             };
             routes.insert(spec.name.clone(), Arc::new(route));
@@ -352,8 +368,9 @@ impl Table {
             health: None,
         };
         let config = Config { routes: vec![route], ..Config::default() };
-        let engines = Engines::new(&config.global);
-        Table::build(&config, &engines, None, &CancellationToken::new(), true).await.unwrap()
+        let metrics = Arc::new(Metrics::new());
+        let engines = Engines::new(&config.global, &metrics);
+        Table::build(&config, &engines, None, &CancellationToken::new(), true, &metrics).await.unwrap()
     }
 }
 
@@ -361,6 +378,6 @@ impl Table {
 impl Backend {
     /// A backend named by its address, outside any route.
     pub(crate) fn for_test(addr: SocketAddr) -> Backend {
-        Backend::new("test", addr.to_string(), addr)
+        Backend::new("test", addr.to_string(), addr, BackendMetrics::default())
     }
 }

@@ -9,6 +9,10 @@
 //! cannot be bound); otherwise it binds new listen addresses, closes removed ones, keeps the
 //! others open (no connect attempt is refused during a reload), swaps in the new routes and
 //! restarts the health checks. Live connections keep the route and backend they have.
+//!
+//! With `[metrics] listen` the metrics endpoint is bound at start too ([`crate::metrics::http`]);
+//! the server tells the metrics which table runs, which addresses are served, each reload's
+//! result and the shutdown (the inputs of `/readyz`).
 
 use std::{
     collections::HashMap,
@@ -37,6 +41,7 @@ use crate::{
     conn::{self, Lifecycle},
     engine::Engines,
     health,
+    metrics::{self, Metrics},
     park::{self, Parker},
     route::{Site, Table},
 };
@@ -89,6 +94,10 @@ pub struct Server {
     slots: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
     stop_accept: CancellationToken,
+    /// The process's metrics.
+    metrics: Arc<Metrics>,
+    /// The metrics endpoint, bound but not yet serving (until [`Server::run`]).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -96,20 +105,23 @@ impl Server {
     /// listen address bound. Fails with the reason on the first problem.
     pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Server> {
         let force_close = CancellationToken::new();
-        let parker = match Parker::new() {
+        let metrics = Arc::new(Metrics::new());
+        let parker = match Parker::new(metrics.parked()) {
             Ok(p) => Some(p),
             Err(e) => {
                 log::warn!("cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks");
                 None
             }
         };
-        let engines = Engines::new(&config.global);
-        let table = Table::build(&config, &engines, None, &force_close, parker.is_some()).await?;
+        let engines = Engines::new(&config.global, &metrics);
+        let table = Table::build(&config, &engines, None, &force_close, parker.is_some(), &metrics).await?;
+        metrics.track(&table);
         let mut pending = Vec::new();
         for &addr in table.sites.keys() {
             pending.push((addr, bind(addr)?));
         }
-        let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker, force_close });
+        let metrics_listener = config.metrics.listen.map(metrics::http::bind).transpose()?;
+        let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker, force_close, metrics: metrics.clone() });
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Ok(Server {
             path,
@@ -123,6 +135,8 @@ impl Server {
             slots,
             next_id: Arc::new(AtomicU64::new(1)),
             stop_accept: CancellationToken::new(),
+            metrics,
+            metrics_listener,
         })
     }
 
@@ -139,6 +153,14 @@ impl Server {
                 client_identity(&r.spec.options)
             );
         }
+        let _metrics = match self.metrics_listener.take() {
+            Some(l) => {
+                // Not "listening addr=": that line names the proxy's own listeners.
+                log::info!("metrics: serving /metrics, /healthz and /readyz at http://{}", l.local_addr()?);
+                Some(AbortOnDropHandle::new(tokio::spawn(metrics::http::serve(l, self.metrics.clone()))))
+            }
+            None => None,
+        };
         for (addr, listener) in std::mem::take(&mut self.pending) {
             self.serve_on(addr, listener)?;
         }
@@ -168,6 +190,9 @@ impl Server {
         let names: Vec<&str> = site.routes().map(|r| r.name()).collect();
         let backends: Vec<String> =
             site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
+        // Served from here (the socket is bound, the accept loop starts below): counted for
+        // /readyz before the line that tells the world it listens.
+        self.metrics.listening(addr);
         log::info!(
             "listening addr={local} routes={} backends={} max_connections={} threads={}",
             names.join(","),
@@ -213,8 +238,16 @@ impl Server {
             return;
         };
         match self.try_reload(&path).await {
-            Ok(summary) => log::info!("reload: applied {}: {summary}", path.display()),
-            Err(e) => log::error!("reload: {} rejected, the running configuration is unchanged: {e:#}", path.display()),
+            Ok(summary) => {
+                self.metrics.reloaded(true);
+                log::info!("reload: applied {}: {summary}", path.display());
+            }
+            Err(e) => {
+                self.metrics.reloaded(false);
+                // The rejected table's new series go; the running table's stay.
+                self.metrics.track(&self.table);
+                log::error!("reload: {} rejected, the running configuration is unchanged: {e:#}", path.display());
+            }
         }
     }
 
@@ -223,12 +256,14 @@ impl Server {
         let plan = diff::plan(&self.config, &new);
         if !plan.restart_needed.is_empty() {
             log::warn!(
-                "reload: [global] {} changed; that takes a restart, the running values are kept",
+                "reload: {} changed; that takes a restart, the running values are kept",
                 plan.restart_needed.join(", ")
             );
             new.global = self.config.global.clone();
+            new.metrics = self.config.metrics.clone();
         }
-        let table = Table::build(&new, &self.engines, Some(&self.table), &self.lc.force_close, self.lc.parker.is_some())
+        let parking = self.lc.parker.is_some();
+        let table = Table::build(&new, &self.engines, Some(&self.table), &self.lc.force_close, parking, &self.metrics)
             .await?;
         // Bind every new address before changing anything: one that fails leaves all as it was
         // (the sockets bound so far close as `bound` drops).
@@ -239,6 +274,7 @@ impl Server {
         // Commit.
         self.table = table;
         self.config = new;
+        self.metrics.track(&self.table);
         for addr in &plan.close {
             if let Some(l) = self.listeners.remove(addr) {
                 l.stop.cancel();
@@ -247,6 +283,7 @@ impl Server {
                 if let Err(e) = l.task.await {
                     log::error!("accept loop of {addr} failed: {e}");
                 }
+                self.metrics.closed(*addr);
                 log::info!("reload: stopped listening on {addr}");
             }
         }
@@ -271,6 +308,7 @@ impl Server {
 
     /// Stops accepting, waits for live connections up to the drain timeout, then closes them.
     async fn drain(self) {
+        self.metrics.draining();
         self.stop_accept.cancel();
         self.health_stop.cancel();
         for (_, l) in self.listeners {

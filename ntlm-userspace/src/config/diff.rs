@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use super::file::{FileConfig, Global, RouteSpec};
+use super::file::{FileConfig, Global, MetricsSpec, RouteSpec};
 
 /// The difference between two config files, everything in file order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,14 +27,15 @@ pub struct Plan {
     /// Names of routes in both files that differ in anything (listen, backends, sni, options,
     /// health). Their backends are resolved again either way: see the module comment.
     pub changed: Vec<String>,
-    /// `[global]` keys whose value differs: a reload cannot apply them, so they keep their old
-    /// values until a restart (the server logs each).
+    /// Keys of `[global]` and `[metrics]` whose value differs, dotted (`global.threads`,
+    /// `metrics.listen`): a reload cannot apply them, so they keep their old values until a
+    /// restart (the server logs each).
     pub restart_needed: Vec<&'static str>,
 }
 
 impl Plan {
     /// True when the new file changes nothing: no address to bind or close, no route added,
-    /// removed or changed, no `[global]` key changed. ([`Plan::keep`] lists what stays, so it
+    /// removed or changed, no `[global]` or `[metrics]` key changed. ([`Plan::keep`] lists what stays, so it
     /// is not part of the test.)
     pub fn is_empty(&self) -> bool {
         let Plan { bind, close, keep: _, added, removed, changed, restart_needed } = self;
@@ -57,7 +58,8 @@ pub fn plan(old: &FileConfig, new: &FileConfig) -> Plan {
         bind: new_addrs.iter().filter(|a| !old_addrs.contains(a)).copied().collect(),
         close: old_addrs.iter().filter(|a| !new_addrs.contains(a)).copied().collect(),
         keep: new_addrs.iter().filter(|a| old_addrs.contains(a)).copied().collect(),
-        restart_needed: global_changes(&old.global, &new.global),
+        restart_needed: [global_changes(&old.global, &new.global), metrics_changes(&old.metrics, &new.metrics)]
+            .concat(),
         ..Plan::default()
     };
     for r in &new.routes {
@@ -88,17 +90,24 @@ fn global_changes(old: &Global, new: &Global) -> Vec<&'static str> {
     let Global { drain_timeout, max_connections, threads, max_inflight, max_inflight_total, sockmap_sndbuf, pipe_size } =
         old;
     [
-        ("drain_timeout", *drain_timeout != new.drain_timeout),
-        ("max_connections", *max_connections != new.max_connections),
-        ("threads", *threads != new.threads),
-        ("max_inflight", *max_inflight != new.max_inflight),
-        ("max_inflight_total", *max_inflight_total != new.max_inflight_total),
-        ("sockmap_sndbuf", *sockmap_sndbuf != new.sockmap_sndbuf),
-        ("pipe_size", *pipe_size != new.pipe_size),
+        ("global.drain_timeout", *drain_timeout != new.drain_timeout),
+        ("global.max_connections", *max_connections != new.max_connections),
+        ("global.threads", *threads != new.threads),
+        ("global.max_inflight", *max_inflight != new.max_inflight),
+        ("global.max_inflight_total", *max_inflight_total != new.max_inflight_total),
+        ("global.sockmap_sndbuf", *sockmap_sndbuf != new.sockmap_sndbuf),
+        ("global.pipe_size", *pipe_size != new.pipe_size),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))
     .collect()
+}
+
+/// The `[metrics]` keys whose values differ.
+fn metrics_changes(old: &MetricsSpec, new: &MetricsSpec) -> Vec<&'static str> {
+    // Destructured, as in `global_changes`.
+    let MetricsSpec { listen } = old;
+    if *listen != new.listen { vec!["metrics.listen"] } else { vec![] }
 }
 
 #[cfg(test)]
@@ -124,7 +133,7 @@ mod tests {
     }
 
     fn config(routes: Vec<RouteSpec>) -> FileConfig {
-        FileConfig { global: Global::default(), routes }
+        FileConfig { global: Global::default(), routes, metrics: MetricsSpec::default() }
     }
 
     fn addrs(a: &[&str]) -> Vec<SocketAddr> {
@@ -249,22 +258,23 @@ mod tests {
     }
 
     #[test]
-    fn every_global_key_needs_a_restart() {
+    fn every_global_and_metrics_key_needs_a_restart() {
         let old = config(vec![route("a", &["127.0.0.1:1"])]);
-        let edits: [(&str, Edit<Global>); 7] = [
-            ("drain_timeout", |g| g.drain_timeout += Duration::from_secs(1)),
-            ("max_connections", |g| g.max_connections += 1),
-            ("threads", |g| g.threads = Some(3)),
-            ("max_inflight", |g| g.max_inflight += 1),
-            ("max_inflight_total", |g| g.max_inflight_total += 1),
-            ("sockmap_sndbuf", |g| g.sockmap_sndbuf = 0),
-            ("pipe_size", |g| g.pipe_size = 0),
+        let edits: [(&str, Edit<FileConfig>); 8] = [
+            ("global.drain_timeout", |c| c.global.drain_timeout += Duration::from_secs(1)),
+            ("global.max_connections", |c| c.global.max_connections += 1),
+            ("global.threads", |c| c.global.threads = Some(3)),
+            ("global.max_inflight", |c| c.global.max_inflight += 1),
+            ("global.max_inflight_total", |c| c.global.max_inflight_total += 1),
+            ("global.sockmap_sndbuf", |c| c.global.sockmap_sndbuf = 0),
+            ("global.pipe_size", |c| c.global.pipe_size = 0),
+            ("metrics.listen", |c| c.metrics.listen = Some("127.0.0.1:9100".parse().unwrap())),
         ];
         let mut all = old.clone();
         for (key, edit) in edits {
             let mut new = old.clone();
-            edit(&mut new.global);
-            edit(&mut all.global);
+            edit(&mut new);
+            edit(&mut all);
             let p = plan(&old, &new);
             assert_eq!(p, Plan { keep: addrs(&["127.0.0.1:1"]), restart_needed: vec![key], ..Plan::default() });
             assert!(!p.is_empty(), "{key}");

@@ -79,6 +79,17 @@ pub struct FileConfig {
     pub global: Global,
     /// The routes (`[[route]]`), in file order; at least one, names unique.
     pub routes: Vec<RouteSpec>,
+    /// The metrics endpoint (`[metrics]`); a reload cannot change it.
+    pub metrics: MetricsSpec,
+}
+
+/// The metrics endpoint, `[metrics]` (or `--metrics-listen`). Read at start only, as
+/// [`Global`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSpec {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere. Never one of
+    /// the routes' listen addresses (port 0 aside).
+    pub listen: Option<SocketAddr>,
 }
 
 /// Process-wide settings, `[global]`. Read at start only: a reload that changes one logs that
@@ -347,9 +358,17 @@ pub fn parse(text: &str, origin: &str) -> Result<FileConfig, FileError> {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     global: Option<RawGlobal>,
+    metrics: Option<Spanned<RawMetrics>>,
     defaults: Option<RawOptions>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+}
+
+/// `[metrics]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 /// `[global]` as written.
@@ -698,7 +717,39 @@ impl Checker<'_> {
             routes.push(self.route(i, r, &defaults, &mut names));
         }
         self.shared_listeners(&raw.route, &routes);
-        FileConfig { global, routes }
+        let metrics = raw.metrics.as_ref().map(|m| self.metrics(m, &raw.route, &routes)).unwrap_or_default();
+        FileConfig { global, routes, metrics }
+    }
+
+    /// `[metrics]`; `routes` (and `raw`, for their lines) to refuse a shared address.
+    fn metrics(&mut self, m: &Spanned<RawMetrics>, raw: &[Spanned<RawRoute>], routes: &[RouteSpec]) -> MetricsSpec {
+        let s = Scope { route: "", prefix: "metrics." };
+        let Some(v) = &m.get_ref().listen else {
+            let fix = "missing; write e.g. listen = \"127.0.0.1:9100\", or remove [metrics] to serve no metrics";
+            self.report(&m.span(), s, "listen", fix.into());
+            return MetricsSpec::default();
+        };
+        let text = v.get_ref();
+        let Ok(addr) = text.parse::<SocketAddr>() else {
+            let m = format!(
+                "{text:?} is not an ip:port address; write e.g. \"127.0.0.1:9100\" (host names are not accepted here)"
+            );
+            self.report(&v.span(), s, "listen", m);
+            return MetricsSpec::default();
+        };
+        // Two sockets on one port 0 get two ports; any other shared address is a mistake.
+        let clash = routes.iter().position(|r| addr.port() != 0 && r.listen.contains(&addr));
+        if let Some(i) = clash {
+            let m = format!(
+                "{addr} is also a listen address of route {:?} (line {}); give the metrics endpoint an address \
+                 of its own, e.g. \"127.0.0.1:9100\"",
+                routes[i].name,
+                line_of(self.text, raw[i].span().start),
+            );
+            self.report(&v.span(), s, "listen", m);
+            return MetricsSpec::default();
+        }
+        MetricsSpec { listen: Some(addr) }
     }
 
     /// `[global]`.
@@ -1385,14 +1436,15 @@ mod tests {
             },
             health: None,
         };
-        assert_eq!(c, FileConfig { global, routes: vec![intranet, exchange, sql, appliance] });
+        let metrics = MetricsSpec { listen: Some("127.0.0.1:9100".parse().unwrap()) };
+        assert_eq!(c, FileConfig { global, routes: vec![intranet, exchange, sql, appliance], metrics });
     }
 
     /// The example documents every key the parser knows: each key of every table appears in
     /// it as `key =` (the unknown-key message lists a table's keys).
     #[test]
     fn shipped_example_shows_every_key() {
-        for table in ["[global]", "[defaults]", "[[route]]", "[[route]]\n[route.health]"] {
+        for table in ["[global]", "[metrics]", "[defaults]", "[[route]]", "[[route]]\n[route.health]"] {
             let text = format!("{table}\nno_such_key = 1\n");
             let e = parse(&text, "t.toml").unwrap_err();
             let msg = e.to_string();
@@ -1405,6 +1457,13 @@ mod tests {
         }
         for key in ["path", "expect", "host"] {
             assert!(EXAMPLE.contains(&format!("{key} = \"")), "http.{key} is not in the example");
+        }
+        // And every top-level table.
+        let msg = parse("no_such_table = 1\n", "t.toml").unwrap_err().to_string();
+        let valid = msg.split("valid keys here: ").nth(1).and_then(|r| r.split(" (").next());
+        for table in valid.unwrap_or_else(|| panic!("{msg}")).split(", ") {
+            let shown = EXAMPLE.contains(&format!("\n[{table}]\n")) || EXAMPLE.contains(&format!("\n[[{table}]]\n"));
+            assert!(shown, "[{table}] is not in the example");
         }
     }
 
@@ -1855,6 +1914,39 @@ mod tests {
         );
     }
 
+    /// `[metrics] listen`: an ip:port, not a route's listen address (port 0 aside), and
+    /// required once the table is there.
+    #[test]
+    fn metrics_table() {
+        let r = route("a", "127.0.0.1:9100");
+        let with = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            v.extend(r.iter().cloned());
+            v
+        };
+        let c = ok(&refs(&with(&["[metrics]", r#"listen = "[::1]:9101""#])));
+        assert_eq!(c.metrics.listen, Some("[::1]:9101".parse().unwrap()));
+        assert_eq!(ok(&refs(&r)).metrics, MetricsSpec::default(), "no table, no endpoint");
+        let zero = route("a", "127.0.0.1:0");
+        let mut v = vec!["[metrics]".to_string(), r#"listen = "127.0.0.1:0""#.to_string()];
+        v.extend(zero);
+        assert_eq!(ok(&refs(&v)).metrics.listen, Some("127.0.0.1:0".parse().unwrap()), "port 0 twice is two ports");
+        assert_eq!(
+            problem(&refs(&with(&["[metrics]", r#"listen = "localhost:9100""#]))),
+            r#"t.toml:2: metrics.listen: "localhost:9100" is not an ip:port address; write e.g. "127.0.0.1:9100" (host names are not accepted here)"#
+        );
+        assert_eq!(
+            problem(&refs(&with(&["[metrics]", r#"listen = "127.0.0.1:9100""#]))),
+            r#"t.toml:2: metrics.listen: 127.0.0.1:9100 is also a listen address of route "a" (line 3); give the metrics endpoint an address of its own, e.g. "127.0.0.1:9100""#
+        );
+        assert_eq!(
+            problem(&refs(&with(&["[metrics]"]))),
+            r#"t.toml:1: metrics.listen: missing; write e.g. listen = "127.0.0.1:9100", or remove [metrics] to serve no metrics"#
+        );
+        let p = problem(&refs(&with(&["[metrics]", r#"port = 9100"#])));
+        assert!(p.starts_with("t.toml:2: metrics.port: unknown key `port`; valid keys here: listen"), "{p}");
+    }
+
     #[test]
     fn syntax_errors_name_the_line_and_the_fix() {
         let v = with_route(&["[route.health]", "interval = \"2s\"", "intervl = \"2s\""]);
@@ -1869,7 +1961,7 @@ mod tests {
         );
         assert_eq!(
             problem(&["", "[gobal]"]),
-            "t.toml:2: gobal: unknown key `gobal`; valid keys here: global, defaults, route (remove it or correct its spelling)"
+            "t.toml:2: gobal: unknown key `gobal`; valid keys here: global, metrics, defaults, route (remove it or correct its spelling)"
         );
         assert_eq!(
             problem(&["[route]", r#"name = "a""#]),
@@ -2187,7 +2279,7 @@ mod tests {
                     }
                 })
                 .collect();
-            FileConfig { global: global.clone(), routes }
+            FileConfig { global: global.clone(), routes, metrics: MetricsSpec::default() }
         }
 
         fn gen_global() -> impl Strategy<Value = Global> {

@@ -19,7 +19,7 @@ pub mod diff;
 pub mod file;
 
 pub use file::FileConfig as Config;
-use file::{BackendAddr, Global, RouteOptions, RouteSpec};
+use file::{BackendAddr, Global, MetricsSpec, RouteOptions, RouteSpec};
 
 /// The name of the one route the command-line flags describe.
 pub const FLAG_ROUTE: &str = "default";
@@ -114,6 +114,7 @@ pub struct ProxyArgs {
         "listen", "backend", "engine", "balance", "connect_timeout", "idle_timeout", "drain_timeout",
         "max_connections", "max_inflight", "max_inflight_total", "sockmap_sndbuf", "pipe_size",
         "park_after", "threads", "source", "proxy_protocol", "accept_proxy_from", "accept_proxy_timeout",
+        "metrics_listen",
     ])]
     pub config: Option<PathBuf>,
 
@@ -217,13 +218,18 @@ pub struct ProxyArgs {
     /// Time a source in --accept-proxy-from has to send its whole PROXY header.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_ACCEPT_PROXY_TIMEOUT, value_parser = parse_duration)]
     pub accept_proxy_timeout: Duration,
+
+    /// Serve metrics for Prometheus on this address (ip:port, e.g. 127.0.0.1:9100): GET
+    /// /metrics, /healthz and /readyz. Keep it on loopback or a management network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The flags' defaults and no route: what `doctor` loads the sockmap engine with, and the
 /// base of tests' configurations.
 impl Default for Config {
     fn default() -> Self {
-        Config { global: Global::default(), routes: Vec::new() }
+        Config { global: Global::default(), routes: Vec::new(), metrics: MetricsSpec::default() }
     }
 }
 
@@ -380,7 +386,15 @@ impl ProxyArgs {
             sockmap_sndbuf: self.sockmap_sndbuf,
             pipe_size: self.pipe_size,
         };
-        Ok((Config { global, routes: vec![route] }, None))
+        if let Some(m) = self.metrics_listen
+            && m.port() != 0
+            && route.listen.contains(&m)
+        {
+            let why = "is also a --listen address; give metrics a port of its own";
+            return Err(invalid("--metrics-listen", m.to_string(), why));
+        }
+        let metrics = MetricsSpec { listen: self.metrics_listen };
+        Ok((Config { global, routes: vec![route], metrics }, None))
     }
 }
 
@@ -439,6 +453,20 @@ mod tests {
         let route = c.routes.remove(0);
         assert_eq!(route.options, RouteOptions::default());
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn metrics_listen_flag() {
+        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
+        assert_eq!(config(&base).unwrap().metrics.listen, None);
+        let c = config(&[&base[..], &["--metrics-listen", "127.0.0.1:9100"]].concat()).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let e = config(&[&base[..], &["--metrics-listen", "127.0.0.1:1"]].concat()).unwrap_err().to_string();
+        assert!(e.starts_with("--metrics-listen 127.0.0.1:1: is also a --listen address"), "{e}");
+        let e = args(&[&base[..], &["--metrics-listen", "localhost:9100"]].concat()).unwrap_err().to_string();
+        assert!(e.contains("--metrics-listen"), "{e}");
+        let e = args(&["--config", "x.toml", "--metrics-listen", "127.0.0.1:9100"]).unwrap_err().to_string();
+        assert!(e.contains("--metrics-listen") && e.contains("--config"), "{e}");
     }
 
     #[test]

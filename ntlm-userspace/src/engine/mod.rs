@@ -21,6 +21,7 @@ use tokio_util::either::Either;
 use crate::{
     config::{EngineChoice, file::Global},
     lifecycle::{EngineKind, Outcome, Progress, Relayed, RelayCtl},
+    metrics::{Fallback, Metrics},
 };
 
 /// The engine a proxy run uses for all its connections.
@@ -57,27 +58,34 @@ pub struct Engines {
     splice: Arc<Engine>,
     /// Loaded on first use; a failed load is not cached (a later reload may try again).
     sockmap: Mutex<Option<Arc<Engine>>>,
+    /// Where fallbacks are counted and the sockmap engine's counters exported.
+    metrics: Arc<Metrics>,
 }
 
 impl Engines {
     /// The splice engine, ready; the sockmap engine is loaded when a route asks for it.
-    pub fn new(global: &Global) -> Engines {
+    pub fn new(global: &Global, metrics: &Arc<Metrics>) -> Engines {
         let splice = Arc::new(Engine::Splice(splice::SpliceEngine::new(global.pipe_size)));
-        Engines { global: global.clone(), splice, sockmap: Mutex::new(None) }
+        Engines { global: global.clone(), splice, sockmap: Mutex::new(None), metrics: metrics.clone() }
     }
 
     /// The engine for `choice`, with the reason for the log line.
     pub fn get(&self, choice: EngineChoice) -> Result<(Arc<Engine>, String), Unavailable> {
         match choice {
             EngineChoice::Splice => Ok((self.splice.clone(), "requested with engine splice".into())),
-            EngineChoice::Auto => Ok((self.splice.clone(), AUTO_REASON.into())),
+            EngineChoice::Auto => {
+                self.metrics.fell_back(Fallback::AutoOptIn);
+                Ok((self.splice.clone(), AUTO_REASON.into()))
+            }
             EngineChoice::Sockmap => {
                 let mut loaded = self.sockmap.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(e) = &*loaded {
                     return Ok((e.clone(), "requested with engine sockmap; self-test passed".into()));
                 }
                 let e = sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
-                let e = Arc::new(Engine::Sockmap(Arc::new(e)));
+                let e = Arc::new(e);
+                self.metrics.sockmap_loaded(&e);
+                let e = Arc::new(Engine::Sockmap(e));
                 *loaded = Some(e.clone());
                 Ok((e, "requested with engine sockmap; self-test passed".into()))
             }

@@ -1,12 +1,34 @@
 //! The engine's counters, declared once: the `counters!` table below yields the atomic
 //! [`Counters`] the connections bump, the matching fields of the public [`Snapshot`], its
-//! filling, and [`COUNTERS`] (name and help of each), which `doctor` and metrics print.
+//! filling, [`COUNTERS`] (name and help of each), which `doctor` and metrics print, and
+//! [`KINDS`] (how metrics export each).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Declares the counters: each entry is a doc comment (the help text) and a name.
+/// How a counter of the table is exported as a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A count of events: a Prometheus counter (`_total`).
+    Count,
+    /// The highest value seen so far (written `(high_water)` after its name in the table): a
+    /// gauge, which never goes down.
+    HighWater,
+}
+
+/// The [`Kind`] of a table entry: `(high_water)` or nothing.
+macro_rules! kind {
+    () => {
+        Kind::Count
+    };
+    (high_water) => {
+        Kind::HighWater
+    };
+}
+
+/// Declares the counters: each entry is a doc comment (the help text), a name and
+/// optionally its kind (`(high_water)`; a count by default).
 macro_rules! counters {
-    ($( $(#[doc = $doc:literal])+ $name:ident, )*) => {
+    ($( $(#[doc = $doc:literal])+ $name:ident $(($kind:ident))?, )*) => {
         /// Engine-wide counters (for `doctor`, metrics, tests and debugging), one atomic each.
         #[derive(Default)]
         pub(crate) struct Counters {
@@ -42,6 +64,9 @@ macro_rules! counters {
         pub const COUNTERS: [(&str, &str); [$(stringify!($name)),*].len()] =
             [$( (stringify!($name), concat!($($doc),+).trim_ascii()), )*];
 
+        /// How each counter is exported, in [`COUNTERS`] order.
+        pub const KINDS: [Kind; COUNTERS.len()] = [$( kind!($($kind)?), )*];
+
         impl Counters {
             /// Every counter's value now, in [`COUNTERS`] order.
             pub(crate) fn values(&self) -> [u64; COUNTERS.len()] {
@@ -76,7 +101,7 @@ counters! {
     /// Map deletions that failed at cleanup (besides "not there").
     cleanup_failures,
     /// Highest in-flight byte count measured on any direction.
-    max_inflight_seen,
+    max_inflight_seen (high_water),
     /// Payload bytes copied in userspace (passed while paused, or sources whose FIN came
     /// before insertion).
     copied_bytes,
@@ -152,6 +177,9 @@ mod tests {
             assert_eq!(listed_value, value, "{name}");
             assert!(!help.is_empty() && help == help.trim() && !help.contains('\n'), "help of {name}: {help:?}");
         }
+        let high_water: Vec<&str> =
+            COUNTERS.iter().zip(KINDS).filter(|(_, k)| *k == Kind::HighWater).map(|((n, _), _)| *n).collect();
+        assert_eq!(high_water, ["max_inflight_seen"], "only the maximum is not a count of events");
         // The other fields are not counters and stay as they were.
         assert_eq!((s.fwd, s.events, s.guard_off), (0, 0, None));
     }

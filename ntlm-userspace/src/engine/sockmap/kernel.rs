@@ -17,14 +17,25 @@ use aya::{
     programs::SkSkb,
 };
 use ntlm_common::{
-    CTL_MAP, ERR_COUNT, ERRORS_MAP, EVENTS_MAP, FWD_MAP, PARSER_PROG, PEER_MAP, SEQ_GUARD_GLOBAL,
-    STATS_MAP, SeqGuard, SockStats, VERDICT_PROG,
+    CTL_MAP, ERR_COUNT, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, ERR_SEQ_GAP, ERRORS_MAP, EVENTS_MAP,
+    FWD_MAP, PARSER_PROG, PEER_MAP, SEQ_GUARD_GLOBAL, STATS_MAP, SeqGuard, SockStats, VERDICT_PROG,
 };
 
 use super::btf;
 
 /// The eBPF object built by `build.rs` (empty when the build had no eBPF toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntlm-ebpf"));
+
+/// The name of each kernel error counter (`ERR_*` of ntlm-common), by its index: the label
+/// metrics export them with.
+pub const ERROR_NAMES: [&str; ERR_COUNT as usize] = {
+    let mut names = [""; ERR_COUNT as usize];
+    names[ERR_NO_STATS as usize] = "no_stats";
+    names[ERR_NO_CTL as usize] = "no_ctl";
+    names[ERR_NO_PEER_UNTRACKED as usize] = "no_peer_untracked";
+    names[ERR_SEQ_GAP as usize] = "seq_gap";
+    names
+};
 
 /// Why this binary has no eBPF object, if it has none (set by `build.rs`).
 pub(crate) const UNAVAILABLE: Option<&str> = option_env!("NTLM_EBPF_UNAVAILABLE");

@@ -55,7 +55,8 @@ mod sock;
 mod tests;
 
 pub(crate) use counters::Counters;
-pub use counters::{COUNTERS, Snapshot};
+pub use counters::{COUNTERS, KINDS, Kind, Snapshot};
+pub use kernel::ERROR_NAMES;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -218,6 +219,12 @@ impl SockmapEngine {
     /// counters (no map walk), for metrics.
     pub fn counters(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + use<> {
         counters::named(self.inner.counters.values())
+    }
+
+    /// The kernel's error counters now (BPF helper failures the programs counted), each with
+    /// its name ([`ERROR_NAMES`]); reads one per-CPU map, for metrics.
+    pub fn kernel_errors(&self) -> impl Iterator<Item = (&'static str, u64)> + use<> {
+        ERROR_NAMES.into_iter().zip(self.inner.kernel.errors())
     }
 }
 
