@@ -274,7 +274,7 @@ pub fn bind(socket: &Socket, source: Source, client: SocketAddr, backend: Socket
         ));
     }
     if source.is_transparent() {
-        set_transparent(socket, backend.is_ipv4())?;
+        set_transparent(socket, backend.is_ipv4()).map_err(explain)?;
     }
     if local.port() == 0 {
         // Take the port at connect, from the 4-tuple, not at bind: many connections from one
@@ -290,18 +290,22 @@ pub fn bind(socket: &Socket, source: Source, client: SocketAddr, backend: Socket
 
 /// IP_TRANSPARENT (IPv4) or IPV6_TRANSPARENT on `socket`.
 fn set_transparent(socket: &Socket, v4: bool) -> io::Result<()> {
-    let r = if v4 { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
-    r.map_err(|e| {
-        if e.raw_os_error() == Some(libc::EPERM) {
-            io::Error::new(
-                e.kind(),
-                "source = \"client\" needs CAP_NET_ADMIN to set IP_TRANSPARENT: run as root or grant the capability \
-                 (see the README, Client addresses), or remove `source`",
-            )
-        } else {
-            e
-        }
-    })
+    if v4 { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) }
+}
+
+/// The kernel's refusal of IP_TRANSPARENT, with the fix named.
+fn explain(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: source = \"client\" needs CAP_NET_ADMIN to set IP_TRANSPARENT: run as root or grant the \
+                 capability (see the README, Client addresses), or remove `source`"
+            ),
+        )
+    } else {
+        e
+    }
 }
 
 /// Sets IP_TRANSPARENT (`v4`) or IPV6_TRANSPARENT on a throwaway TCP socket: whether this
@@ -315,10 +319,10 @@ pub fn probe_transparent(v4: bool) -> io::Result<()> {
 /// a transparent `source`: [`probe_transparent`] for each family (IPv4 only on a host
 /// without IPv6).
 pub fn check_transparent() -> io::Result<()> {
-    probe_transparent(true)?;
+    probe_transparent(true).map_err(explain)?;
     match probe_transparent(false) {
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(()),
-        r => r,
+        r => r.map_err(explain),
     }
 }
 
