@@ -12,6 +12,7 @@ pub mod health;
 pub mod identity;
 pub mod lifecycle;
 pub mod logging;
+pub mod ntlm;
 pub mod park;
 pub mod proxy_proto;
 pub mod route;
