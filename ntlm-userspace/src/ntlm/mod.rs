@@ -11,6 +11,7 @@
 //! No credential, challenge, response, session key or token leaves this module, in a value,
 //! an error or a `Debug` output; nothing here logs.
 
+pub mod http;
 pub mod message;
 
 pub use message::Names;
