@@ -8,13 +8,16 @@
 //! - [`observe()`]: the relay that feeds them and says when to stop, with the byte counts
 //!   the engine starts from and the login seen.
 //!
-//! No credential, challenge, response, session key or token leaves this module, in a value,
-//! an error or a `Debug` output; nothing here logs.
+//! [`observe()`] returns names, a result and byte counts only: the tokens the scanner finds
+//! are decoded and dropped inside it. No error or `Debug` output carries a token, challenge,
+//! response or key, and nothing here logs.
 
 pub mod http;
 pub mod message;
+pub mod observe;
 
 pub use message::Names;
+pub use observe::{Login, LoginResult, ObserveLimits, Observed, Stop, observe};
 
 #[cfg(test)]
 #[path = "tests/fixtures.rs"]
