@@ -14,6 +14,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod ntlm;
 pub mod park;
 pub mod proxy_proto;
 pub mod route;
