@@ -350,6 +350,7 @@ impl Table {
             sni: Vec::new(),
             options: RouteOptions { engine, ..RouteOptions::default() },
             health: None,
+            guard: None,
         };
         let config = Config { routes: vec![route], ..Config::default() };
         let engines = Engines::new(&config.global);

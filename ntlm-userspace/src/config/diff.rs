@@ -120,6 +120,7 @@ mod tests {
             sni: vec![],
             options: RouteOptions::default(),
             health: None,
+            guard: None,
         }
     }
 
