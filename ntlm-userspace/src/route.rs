@@ -31,6 +31,7 @@ use crate::{
         file::{HealthSpec, RouteSpec},
     },
     engine::{Engine, Engines, Unavailable},
+    guard::Guard,
     health::{self, Check, Health, HttpCheck},
     identity::{AcceptProxy, ProxyVersion, Source},
     lifecycle::RelayCtl,
@@ -112,6 +113,9 @@ pub struct Route {
     pub ctl: RelayCtl,
     /// Its active health check, if configured (failed client connects count only then).
     pub health: Option<Check>,
+    /// Its failed-login guard, if configured; the same one as before a reload while the
+    /// route keeps its name (so counts and blocks survive it).
+    pub guard: Option<Arc<Guard>>,
 }
 
 impl Route {
@@ -263,6 +267,13 @@ impl Table {
                     half_close_timeout: o.half_close_timeout,
                 },
                 health: spec.health.as_ref().map(|h| check(h, o.proxy_protocol)),
+                guard: spec.guard.map(|g| match old.and_then(|r| r.guard.clone()) {
+                    Some(kept) => {
+                        kept.set_spec(g);
+                        kept
+                    }
+                    None => Arc::new(Guard::new(g)),
+                }),
                 spec: spec.clone(),
             };
             routes.insert(spec.name.clone(), Arc::new(route));
