@@ -182,6 +182,11 @@ async fn route_and_connect(
     };
     drop(site);
     route.metrics.routed();
+    if let Some(blocked) = route.guard.as_ref().and_then(|g| g.address_blocked(who.client.ip(), Instant::now())) {
+        let why = format!("the failed-login guard blocks this client's {}", blocked.reason());
+        let why = Some(Fault::Blocked(Box::new(why)));
+        return Err((Unserved { route: Some(route), end: End::GuardBlocked, why }, who));
+    }
     if route.spec.options.proxy_protocol.is_some() && who.destination.is_none() {
         // The address the client connected to, for the PROXY header out.
         who.destination = client.local_addr().ok();

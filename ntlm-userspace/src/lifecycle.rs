@@ -106,6 +106,9 @@ pub enum End {
     /// Closed before routing by the PROXY-header checks (`accept_proxy_from`): a trusted
     /// source without a good header, or an untrusted one with a header.
     ProxyRefused,
+    /// Closed by the failed-login guard (`[route.guard]`): the client's address, or the user
+    /// it tried to log in as, is blocked.
+    GuardBlocked,
     /// Closed by the proxy's shutdown after the drain timeout.
     Shutdown,
     /// The engine failed for a reason of its own (e.g. a BPF map update); both closed.
@@ -125,6 +128,7 @@ impl End {
             End::ConnectFailed => "connect_failed",
             End::NoRoute => "no_route",
             End::ProxyRefused => "proxy_refused",
+            End::GuardBlocked => "guard_blocked",
             End::Shutdown => "shutdown",
             End::Internal => "internal_error",
         }
@@ -152,6 +156,9 @@ pub enum Fault {
     /// Boxed so that `Fault` stays the size of one `String` (its niche holds the tag).
     #[error("{0}")]
     ProxyRefused(Box<String>),
+    /// The failed-login guard closed the connection (why, for the log).
+    #[error("{0}")]
+    Blocked(Box<String>),
 }
 
 impl Fault {
@@ -168,6 +175,7 @@ impl Fault {
             Fault::Internal(_) => End::Internal,
             Fault::Unrouted(_) => End::NoRoute,
             Fault::ProxyRefused(_) => End::ProxyRefused,
+            Fault::Blocked(_) => End::GuardBlocked,
         }
     }
 
@@ -178,7 +186,7 @@ impl Fault {
             Fault::Socket { side: Side::Client, .. } => &[Side::Backend],
             Fault::Socket { side: Side::Backend, .. } => &[Side::Client],
             Fault::Internal(_) => &[Side::Client, Side::Backend],
-            Fault::Unrouted(_) | Fault::ProxyRefused(_) => &[],
+            Fault::Unrouted(_) | Fault::ProxyRefused(_) | Fault::Blocked(_) => &[],
         }
     }
 

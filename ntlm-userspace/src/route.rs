@@ -31,6 +31,7 @@ use crate::{
         file::{HealthSpec, RouteSpec},
     },
     engine::{Engine, Engines, Unavailable},
+    guard::Guard,
     health::{self, Check, Health, HttpCheck, Transition},
     identity::{AcceptProxy, ProxyVersion, Source},
     lifecycle::RelayCtl,
@@ -120,6 +121,9 @@ pub struct Route {
     pub health: Option<Check>,
     /// Its metrics.
     pub metrics: RouteMetrics,
+    /// Its failed-login guard, if configured; the same one as before a reload while the
+    /// route keeps its name (so counts and blocks survive it).
+    pub guard: Option<Arc<Guard>>,
 }
 
 impl Route {
@@ -279,6 +283,13 @@ impl Table {
                 },
                 health: spec.health.as_ref().map(|h| check(h, o.proxy_protocol)),
                 metrics: metrics.route(&spec.name),
+                guard: spec.guard.map(|g| match old.and_then(|r| r.guard.clone()) {
+                    Some(kept) => {
+                        kept.set_spec(g);
+                        kept
+                    }
+                    None => Arc::new(Guard::new(g)),
+                }),
                 spec: spec.clone(),
             };
             routes.insert(spec.name.clone(), Arc::new(route));
@@ -366,6 +377,7 @@ impl Table {
             sni: Vec::new(),
             options: RouteOptions { engine, ..RouteOptions::default() },
             health: None,
+            guard: None,
         };
         let config = Config { routes: vec![route], ..Config::default() };
         let metrics = Arc::new(Metrics::new());

@@ -953,7 +953,7 @@ async fn check_validates_without_binding() {
         "check failed on the shipped example with local backends ({status}):\n{stderr}\n{}",
         local.join("\n")
     );
-    assert!(stdout.contains(": ok: 4 route(s)"), "check's report: {stdout}");
+    assert!(stdout.contains(": ok: 5 route(s)"), "check's report: {stdout}");
 
     let backend = Tagged::start(b'A').await;
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the held address");

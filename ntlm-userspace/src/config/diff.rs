@@ -129,6 +129,7 @@ mod tests {
             sni: vec![],
             options: RouteOptions::default(),
             health: None,
+            guard: None,
         }
     }
 

@@ -29,6 +29,7 @@ use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
 use crate::{
+    guard::GuardSpec,
     identity::{DEFAULT_ACCEPT_PROXY_TIMEOUT, ProxyVersion, Source, parse_proxy_version},
     proxy_proto::Trusted,
 };
@@ -53,6 +54,14 @@ pub const DEFAULT_HEALTH_INTERVAL: &str = "2s";
 pub const DEFAULT_HEALTH_RISE: u32 = 2;
 /// Default failed probes in a row that mark an up backend down (HAProxy's `fall` default).
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Default denied logins within the window that block an address or a user (below AD's
+/// common lockout thresholds of 5-10, so the guard acts before the directory locks the
+/// account).
+pub const DEFAULT_GUARD_MAX_FAILURES: u32 = 5;
+/// Default window denied logins are counted in.
+pub const DEFAULT_GUARD_WINDOW: &str = "5m";
+/// Default length of a block.
+pub const DEFAULT_GUARD_BLOCK_FOR: &str = "15m";
 /// Default path of the HTTP probe.
 pub const DEFAULT_HTTP_PATH: &str = "/";
 /// Default status codes an HTTP probe accepts, inclusive: 2xx and 3xx, as HAProxy's
@@ -129,6 +138,8 @@ pub struct RouteSpec {
     pub options: RouteOptions,
     /// Active health checks; `None`: none (passive checks only).
     pub health: Option<HealthSpec>,
+    /// The failed-login guard (`[route.guard]`); `None`: off.
+    pub guard: Option<GuardSpec>,
 }
 
 /// A backend as written in the file: a host name or IP address and a port, not resolved.
@@ -183,6 +194,8 @@ pub struct RouteOptions {
     pub accept_proxy_from: Trusted,
     /// How long a source in `accept_proxy_from` may take to send its header (> 0).
     pub accept_proxy_timeout: Duration,
+    /// Read the NTLM handshake of plain-HTTP clients (not TLS) before the engine takes over.
+    pub ntlm_observe: bool,
 }
 
 /// Active health checks of a route's backends (`[route.health]`).
@@ -242,6 +255,7 @@ impl Default for RouteOptions {
             proxy_protocol: None,
             accept_proxy_from: Trusted::default(),
             accept_proxy_timeout: default_duration(DEFAULT_ACCEPT_PROXY_TIMEOUT),
+            ntlm_observe: true,
         }
     }
 }
@@ -399,6 +413,7 @@ struct RawOptions {
     proxy_protocol: Option<Spanned<String>>,
     accept_proxy_from: Option<SpannedList>,
     accept_proxy_timeout: Option<Spanned<DurationText>>,
+    ntlm_observe: Option<Spanned<bool>>,
 }
 
 /// A list of strings, each with its place, the list with its own.
@@ -414,6 +429,7 @@ struct RawRoute {
     backends: Option<SpannedList>,
     sni: Option<SpannedList>,
     health: Option<Spanned<RawHealth>>,
+    guard: Option<Spanned<RawGuard>>,
     engine: Option<Spanned<String>>,
     balance: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<DurationText>>,
@@ -425,6 +441,7 @@ struct RawRoute {
     proxy_protocol: Option<Spanned<String>>,
     accept_proxy_from: Option<SpannedList>,
     accept_proxy_timeout: Option<Spanned<DurationText>>,
+    ntlm_observe: Option<Spanned<bool>>,
 }
 
 impl RawRoute {
@@ -442,8 +459,18 @@ impl RawRoute {
             proxy_protocol: self.proxy_protocol.clone(),
             accept_proxy_from: self.accept_proxy_from.clone(),
             accept_proxy_timeout: self.accept_proxy_timeout.clone(),
+            ntlm_observe: self.ntlm_observe.clone(),
         }
     }
+}
+
+/// `[route.guard]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    max_failures: Option<Spanned<i64>>,
+    window: Option<Spanned<DurationText>>,
+    block_for: Option<Spanned<DurationText>>,
 }
 
 /// `[route.health]` as written.
@@ -897,6 +924,9 @@ impl Checker<'_> {
         if let Some(d) = accept_timeout.and_then(|v| self.duration(v, s, "accept_proxy_timeout", false, "5s")) {
             out.accept_proxy_timeout = d;
         }
+        if let Some(v) = &raw.ntlm_observe {
+            out.ntlm_observe = *v.get_ref();
+        }
         out
     }
 
@@ -978,7 +1008,8 @@ impl Checker<'_> {
 
         let options = self.options(&raw.options(), s, defaults);
         let health = raw.health.as_ref().map(|h| self.health(h, &scope_name, &options));
-        RouteSpec { name, listen, backends, sni, options, health }
+        let guard = raw.guard.as_ref().map(|g| self.guard(g.get_ref(), &scope_name));
+        RouteSpec { name, listen, backends, sni, options, health, guard }
     }
 
     /// The entries of a list that must not be empty; reports it missing or empty.
@@ -1028,6 +1059,24 @@ impl Checker<'_> {
         let fall = count(self, &raw.fall, "fall", DEFAULT_HEALTH_FALL);
         let http = raw.http.as_ref().map(|h| self.http(h.get_ref(), route));
         HealthSpec { interval, timeout, rise, fall, http }
+    }
+
+    /// `[route.guard]`.
+    fn guard(&mut self, raw: &RawGuard, route: &str) -> GuardSpec {
+        let s = Scope { route, prefix: "guard." };
+        let why = format!("must be at least 1, e.g. {DEFAULT_GUARD_MAX_FAILURES}");
+        let max_failures = raw
+            .max_failures
+            .as_ref()
+            .and_then(|v| self.int_in(v, s, "max_failures", 1, i64::from(u32::MAX), &why))
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(DEFAULT_GUARD_MAX_FAILURES);
+        let dur = |c: &mut Self, v: &Option<Spanned<DurationText>>, key: &str, default: &str| {
+            v.as_ref().and_then(|v| c.duration(v, s, key, false, default)).unwrap_or_else(|| default_duration(default))
+        };
+        let window = dur(self, &raw.window, "window", DEFAULT_GUARD_WINDOW);
+        let block_for = dur(self, &raw.block_for, "block_for", DEFAULT_GUARD_BLOCK_FOR);
+        GuardSpec { max_failures, window, block_for }
     }
 
     /// `http = { ... }` of `[route.health]`.
@@ -1388,6 +1437,7 @@ mod tests {
             proxy_protocol: None,
             accept_proxy_from: Trusted::default(),
             accept_proxy_timeout: secs(5),
+            ntlm_observe: true,
         };
         let both: Vec<SocketAddr> = vec!["0.0.0.0:443".parse().unwrap(), "[::]:443".parse().unwrap()];
         let intranet = RouteSpec {
@@ -1407,6 +1457,7 @@ mod tests {
                     expect: (200, 299),
                 }),
             }),
+            guard: None,
         };
         let exchange = RouteSpec {
             name: "exchange".into(),
@@ -1415,6 +1466,7 @@ mod tests {
             sni: vec!["mail.example.net".into(), "autodiscover.example.net".into()],
             options: RouteOptions { balance: Balance::SourceHash, ..defaults.clone() },
             health: None,
+            guard: None,
         };
         let sql = RouteSpec {
             name: "sql".into(),
@@ -1423,6 +1475,7 @@ mod tests {
             sni: vec![],
             options: RouteOptions { engine: EngineChoice::Splice, idle_timeout: Some(secs(900)), ..defaults.clone() },
             health: None,
+            guard: None,
         };
         let appliance = RouteSpec {
             name: "appliance".into(),
@@ -1432,19 +1485,30 @@ mod tests {
             options: RouteOptions {
                 accept_proxy_from: "10.1.0.0/16".parse().unwrap(),
                 proxy_protocol: Some(ProxyVersion::V2),
-                ..defaults
+                ..defaults.clone()
             },
             health: None,
+            guard: None,
+        };
+        let intranet_http = RouteSpec {
+            name: "intranet-http".into(),
+            listen: vec!["0.0.0.0:80".parse().unwrap()],
+            backends: vec![backend("iis1.example.net", 80)],
+            sni: vec![],
+            options: RouteOptions { source: Some(Source::Client), ..defaults },
+            health: None,
+            guard: Some(GuardSpec { max_failures: 5, window: secs(300), block_for: secs(900) }),
         };
         let metrics = MetricsSpec { listen: Some("127.0.0.1:9100".parse().unwrap()) };
-        assert_eq!(c, FileConfig { global, routes: vec![intranet, exchange, sql, appliance], metrics });
+        let routes = vec![intranet, exchange, sql, appliance, intranet_http];
+        assert_eq!(c, FileConfig { global, routes, metrics });
     }
 
     /// The example documents every key the parser knows: each key of every table appears in
     /// it as `key =` (the unknown-key message lists a table's keys).
     #[test]
     fn shipped_example_shows_every_key() {
-        for table in ["[global]", "[metrics]", "[defaults]", "[[route]]", "[[route]]\n[route.health]"] {
+        for table in ["[global]", "[metrics]", "[defaults]", "[[route]]", "[[route]]\n[route.health]", "[[route]]\n[route.guard]"] {
             let text = format!("{table}\nno_such_key = 1\n");
             let e = parse(&text, "t.toml").unwrap_err();
             let msg = e.to_string();
@@ -1957,7 +2021,7 @@ mod tests {
         let v = with_route(&["listn = []"]);
         assert_eq!(
             problem(&refs(&v)),
-            "t.toml:5: route.listn: unknown key `listn`; valid keys here: name, listen, backends, sni, health, engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout, source, proxy_protocol, accept_proxy_from, accept_proxy_timeout (remove it or correct its spelling)"
+            "t.toml:5: route.listn: unknown key `listn`; valid keys here: name, listen, backends, sni, health, guard, engine, balance, connect_timeout, idle_timeout, park_after, half_close_timeout, sni_timeout, source, proxy_protocol, accept_proxy_from, accept_proxy_timeout, ntlm_observe (remove it or correct its spelling)"
         );
         assert_eq!(
             problem(&["", "[gobal]"]),
@@ -2276,6 +2340,7 @@ mod tests {
                         sni: r.sni.clone(),
                         options,
                         health,
+                        guard: None,
                     }
                 })
                 .collect();

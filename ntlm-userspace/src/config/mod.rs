@@ -376,6 +376,7 @@ impl ProxyArgs {
                 ..RouteOptions::default()
             },
             health: None,
+            guard: None,
         };
         let global = Global {
             drain_timeout: self.drain_timeout,
