@@ -33,8 +33,10 @@ const BULK_TIMEOUT: Duration = Duration::from_secs(120);
 const BULK: u64 = 256 << 20;
 /// The guard's `max_failures` in the guard test.
 const MAX_FAILURES: usize = 3;
-/// The route every test's clients use.
+/// The guard test's route.
 const ROUTE: &str = "obs";
+/// The name of the route a proxy started with flags (`--listen`, `--backend`) has.
+const FLAGS_ROUTE: &str = "default";
 /// The login results of `ntlm_result=` and `ntlm_logins_total{result}`.
 const RESULTS: [&str; 5] = ["ok", "denied", "error", "blocked", "unanswered"];
 /// What the guard closes a connection for (`guard_blocks_total{reason}`).
@@ -146,14 +148,14 @@ fn logged_names(r: &LoginRecord) -> (String, String) {
 /// direction, NTLM logins by result (each connection here logs in at most once, so the
 /// log's first login is its only one), and guard blocks by reason (an address block has no
 /// login fields: it is closed before any byte is read; a user block is `ntlm_result=blocked`).
-fn assert_counters_match(engine: &str, before: &Samples, after: &Samples, lines: &[AccessLine]) {
+fn assert_counters_match(engine: &str, route: &str, before: &Samples, after: &Samples, lines: &[AccessLine]) {
     let d = |series: &str| delta(before, after, series);
     let what = |s: &str| {
         format!("[{engine}] {s}; access log:\n{}", lines.iter().map(|l| l.raw.as_str()).collect::<Vec<_>>().join("\n"))
     };
     let count = |f: &dyn Fn(&AccessLine) -> bool| lines.iter().filter(|l| f(l)).count() as f64;
-    assert!(lines.iter().all(|l| l.get("route") == Some(ROUTE)), "{}", what("every connection on the route"));
-    let accepted = format!("ntlm_splice_connections_accepted_total{{route=\"{ROUTE}\"}}");
+    assert!(lines.iter().all(|l| l.get("route") == Some(route)), "{}", what("every connection on the route"));
+    let accepted = format!("ntlm_splice_connections_accepted_total{{route=\"{route}\"}}");
     assert_eq!(d(&accepted), lines.len() as f64, "{}", what(&accepted));
 
     let mut ends: HashMap<&str, f64> = HashMap::new();
@@ -165,21 +167,21 @@ fn assert_counters_match(engine: &str, before: &Samples, after: &Samples, lines:
         *bytes.entry((e, "down")).or_default() += l.num("bytes_down") as f64;
     }
     for (end, n) in &ends {
-        let series = format!("ntlm_splice_connection_ends_total{{route=\"{ROUTE}\",end=\"{end}\"}}");
+        let series = format!("ntlm_splice_connection_ends_total{{route=\"{route}\",end=\"{end}\"}}");
         assert_eq!(d(&series), *n, "{}", what(&series));
     }
     let all_ends: f64 =
         after.keys().filter(|k| k.starts_with("ntlm_splice_connection_ends_total{")).map(|k| d(k)).sum();
     assert_eq!(all_ends, lines.len() as f64, "{}", what("no end counted twice or elsewhere"));
     for ((e, dir), sum) in &bytes {
-        let series = format!("ntlm_splice_bytes_total{{route=\"{ROUTE}\",engine=\"{e}\",direction=\"{dir}\"}}");
+        let series = format!("ntlm_splice_bytes_total{{route=\"{route}\",engine=\"{e}\",direction=\"{dir}\"}}");
         assert_eq!(d(&series), *sum, "{}", what(&series));
     }
     let all_bytes: f64 = after.keys().filter(|k| k.starts_with("ntlm_splice_bytes_total{")).map(|k| d(k)).sum();
     assert_eq!(all_bytes, bytes.values().sum::<f64>(), "{}", what("bytes counted on no other series"));
 
     for result in RESULTS {
-        let series = format!("ntlm_splice_ntlm_logins_total{{route=\"{ROUTE}\",result=\"{result}\"}}");
+        let series = format!("ntlm_splice_ntlm_logins_total{{route=\"{route}\",result=\"{result}\"}}");
         assert_eq!(d(&series), count(&|l| l.get("ntlm_result") == Some(result)), "{}", what(&series));
     }
     let blocked = |l: &AccessLine| l.get("end") == Some("guard_blocked");
@@ -188,7 +190,7 @@ fn assert_counters_match(engine: &str, before: &Samples, after: &Samples, lines:
         ("user", count(&|l| blocked(l) && l.get("ntlm_result") == Some("blocked"))),
     ];
     for (reason, n) in by_reason {
-        let series = format!("ntlm_splice_guard_blocks_total{{route=\"{ROUTE}\",reason=\"{reason}\"}}");
+        let series = format!("ntlm_splice_guard_blocks_total{{route=\"{route}\",reason=\"{reason}\"}}");
         assert_eq!(d(&series), n, "{}", what(&series));
     }
     let all_blocks: f64 = after.keys().filter(|k| k.starts_with("ntlm_splice_guard_blocks_total{")).map(|k| d(k)).sum();
@@ -289,7 +291,7 @@ async fn logins_are_logged_with_user_workstation_and_result() {
         assert_eq!(lines[4].get("ntlm_workstation"), Some("WS\\x221\\x5cx"), "[{engine}] escaped: {}", lines[4].raw);
         assert_eq!(lines[3].get("ntlm_user"), Some("bob"), "[{engine}] no domain: {}", lines[3].raw);
         let after = scrape(m).await;
-        assert_counters_match(&engine, &before, &after, &lines);
+        assert_counters_match(&engine, FLAGS_ROUTE, &before, &after, &lines);
         stop(&engine, proxy).await;
     }
 }
@@ -336,7 +338,7 @@ async fn bulk_after_the_login_is_byte_exact() {
         assert_login(&engine, &line, Some((&user, &workstation, "ok")));
         assert_eq!(backend.connections_accepted(), 1, "[{engine}] one backend connection");
         let after = scrape(m).await;
-        assert_counters_match(&engine, &before, &after, &[line]);
+        assert_counters_match(&engine, FLAGS_ROUTE, &before, &after, &[line]);
         stop(&engine, proxy).await;
     }
 }
@@ -486,7 +488,7 @@ async fn the_guard_blocks_an_address_and_a_user_and_keeps_them_over_a_reload() {
 
         let lines = all_lines(&engine, &proxy, clients.conns).await;
         let after = scrape(m).await;
-        assert_counters_match(&engine, &before, &after, &lines);
+        assert_counters_match(&engine, ROUTE, &before, &after, &lines);
         stop(&engine, proxy).await;
     }
 }
