@@ -279,7 +279,9 @@ async fn logins_are_logged_with_user_workstation_and_result() {
         );
         let mut sent = logins.iter();
         for (line, result) in lines.iter().zip(&expected) {
-            assert_eq!(line.get("engine"), Some(engine.as_str()), "[{engine}] {}", line.raw);
+            // (No engine check here: a short connection whose client closed while the observer
+            // still had it goes on in the splice engine from a sockmap route; the bulk test
+            // checks the engine of a connection that lives.)
             match result {
                 Some(result) => {
                     let record = sent.next().expect("counted above");
