@@ -160,6 +160,22 @@ impl Guard {
         }
         out
     }
+
+    /// A login of `user` succeeded: its failures are forgotten unless it is blocked, as the
+    /// directory resets an account's bad-password count on a good one. The address's count
+    /// stays (one good account must not launder a spray from that address).
+    pub fn succeeded(&self, user: &str, now: Instant) {
+        let key = user_key(user);
+        let mut users = lock(&self.users);
+        if !users.blocked(&key, now) {
+            users.entries.remove(&key);
+        }
+    }
+
+    /// The settings now.
+    pub fn spec(&self) -> GuardSpec {
+        *lock(&self.spec)
+    }
 }
 
 /// Windows user names are case-insensitive: `EXAMPLE\Alice` and `example\alice` are one
@@ -184,6 +200,27 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_good_login_forgets_the_users_failures_but_not_the_addresss() {
+        let g = Guard::new(spec());
+        let t0 = Instant::now();
+        let a = ip("192.0.2.9");
+        g.denied(a, Some("EX\\dave"), t0);
+        g.denied(a, Some("EX\\dave"), t0);
+        g.succeeded("ex\\DAVE", t0);
+        // Two more for the user start from zero; the address reaches three.
+        assert_eq!(g.denied(a, Some("EX\\dave"), t0), vec![Blocked::Address(a)]);
+        assert!(g.denied(ip("192.0.2.10"), Some("EX\\dave"), t0).is_empty());
+        assert_eq!(g.user_blocked("EX\\dave", t0), None);
+        // A blocked user stays blocked after a good login.
+        let b = ip("192.0.2.11");
+        for _ in 0..3 {
+            g.denied(b, Some("EX\\erin"), t0);
+        }
+        g.succeeded("EX\\erin", t0);
+        assert!(g.user_blocked("EX\\erin", t0).is_some());
     }
 
     #[test]

@@ -81,13 +81,19 @@ async fn access_lines(engine: &str, proxy: &Proxy, n: usize) -> Vec<AccessLine> 
         proxy.logs()
     );
     for line in &lines {
-        assert_eq!(
-            line.get("engine"),
-            Some(engine),
+        // The sockmap engine hands a client that half-closed before the pair went into the
+        // map to the splice engine; with the NTLM observer reading the first exchange, a
+        // client that sends one request and closes has half-closed by then.
+        let handed_on = engine == "sockmap" && line.get("end") == Some("client_fin");
+        let want: &[&str] = if handed_on { &["sockmap", "splice"] } else { &[engine] };
+        assert!(
+            line.get("engine").is_some_and(|e| want.contains(&e)),
             "[{engine}] access line names the engine: {}",
             line.raw
         );
     }
+    // Connection 1 (alice's, kept alive) is carried by the route's engine itself.
+    assert_eq!(lines.iter().find(|l| l.get("conn") == Some("1")).and_then(|l| l.get("engine")), Some(engine));
     lines
 }
 

@@ -20,7 +20,7 @@ use tokio_util::either::Either;
 
 use crate::{
     config::{EngineChoice, file::Global},
-    lifecycle::{EngineKind, Outcome, Progress, Relayed, RelayCtl},
+    lifecycle::{EngineKind, Outcome, Progress, RelayCtl, Relayed},
     metrics::{Fallback, Metrics},
 };
 
@@ -82,7 +82,8 @@ impl Engines {
                 if let Some(e) = &*loaded {
                     return Ok((e.clone(), "requested with engine sockmap; self-test passed".into()));
                 }
-                let e = sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
+                let e =
+                    sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
                 let e = Arc::new(e);
                 self.metrics.sockmap_loaded(&e);
                 let e = Arc::new(Engine::Sockmap(e));
@@ -108,8 +109,9 @@ impl Engine {
     /// every connection task, splice ones included (an idle connection's memory is mostly its
     /// task). Not an `async fn`, whose by-value arguments would be stored a second time.
     ///
-    /// Only the splice engine parks (`ctl.park_after`); it goes on from `progress`, which the
-    /// sockmap engine ignores (it never hands a connection back).
+    /// Only the splice engine parks (`ctl.park_after`). Both go on from `progress` (bytes
+    /// moved before: by the NTLM observer, or before parking), which the connection's byte
+    /// counts include.
     pub fn relay<'a>(
         &'a self,
         id: u64,
@@ -121,7 +123,13 @@ impl Engine {
         match self {
             Engine::Splice(e) => Either::Left(e.relay(id, client, backend, ctl, progress)),
             Engine::Sockmap(e) => {
-                Either::Right(Box::pin(async move { Relayed::Ended(e.relay(id, client, backend, ctl).await) }))
+                Either::Right(Box::pin(async move {
+                    let mut o = e.relay(id, client, backend, ctl).await;
+                    // Its counters start at zero with the pair in the map.
+                    o.bytes_up += progress.bytes[0];
+                    o.bytes_down += progress.bytes[1];
+                    Relayed::Ended(o)
+                }))
             }
         }
     }

@@ -51,6 +51,7 @@ use crate::{
     engine::sockmap::{self, SockmapEngine},
     health::Transition,
     lifecycle::{End, EngineKind, Outcome},
+    ntlm::LoginResult,
     route::{Route, Table},
 };
 
@@ -61,7 +62,7 @@ pub const PREFIX: &str = "ntlm_splice";
 pub const NO_ROUTE: &str = "";
 
 /// Every [`End`], in the order of [`end_slot`].
-const ENDS: [End; 11] = [
+const ENDS: [End; 12] = [
     End::ClientFin,
     End::BackendFin,
     End::ClientReset,
@@ -73,6 +74,7 @@ const ENDS: [End; 11] = [
     End::ProxyRefused,
     End::Shutdown,
     End::Internal,
+    End::GuardBlocked,
 ];
 
 /// The index of `end` in [`ENDS`] (a match, so that a new `End` does not compile until it is
@@ -90,6 +92,7 @@ fn end_slot(end: End) -> usize {
         End::ProxyRefused => 8,
         End::Shutdown => 9,
         End::Internal => 10,
+        End::GuardBlocked => 11,
     }
 }
 
@@ -108,28 +111,6 @@ fn engine_slot(engine: EngineKind) -> usize {
 /// The `direction` labels of `bytes_total`, indexed as `Progress::bytes` (`lifecycle::Dir`).
 const DIRECTIONS: [&str; 2] = ["up", "down"];
 
-/// The result of an NTLM login the observer saw (`ntlm_logins_total{result}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoginResult {
-    /// The backend accepted the AUTHENTICATE message.
-    Ok,
-    /// The backend refused it (401).
-    Denied,
-}
-
-impl LoginResult {
-    /// Every result, in slot order.
-    const ALL: [LoginResult; 2] = [LoginResult::Ok, LoginResult::Denied];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LoginResult::Ok => "ok",
-            LoginResult::Denied => "denied",
-        }
-    }
-}
-
 /// Why the failed-login guard closed a connection (`guard_blocks_total{reason}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockReason {
@@ -137,17 +118,21 @@ pub enum BlockReason {
     Address,
     /// The user name is blocked.
     User,
+    /// A connection whose last login was denied, closed when the observer stopped watching
+    /// it (so that the client's next try is watched).
+    Unwatched,
 }
 
 impl BlockReason {
     /// Every reason, in slot order.
-    const ALL: [BlockReason; 2] = [BlockReason::Address, BlockReason::User];
+    const ALL: [BlockReason; 3] = [BlockReason::Address, BlockReason::User, BlockReason::Unwatched];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             BlockReason::Address => "address",
             BlockReason::User => "user",
+            BlockReason::Unwatched => "unwatched",
         }
     }
 }

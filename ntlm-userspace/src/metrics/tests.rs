@@ -43,6 +43,7 @@ fn route(name: &str, listen: &str, backends: &[SocketAddr]) -> RouteSpec {
         sni: Vec::new(),
         options: RouteOptions { engine: EngineChoice::Splice, ..RouteOptions::default() },
         health: None,
+        guard: None,
     }
 }
 

@@ -17,7 +17,7 @@ pub mod message;
 pub mod observe;
 
 pub use message::Names;
-pub use observe::{Login, LoginResult, ObserveLimits, Observed, Stop, observe};
+pub use observe::{Judge, Login, LoginResult, ObserveLimits, Observed, Stop, observe};
 
 #[cfg(test)]
 #[path = "tests/fixtures.rs"]

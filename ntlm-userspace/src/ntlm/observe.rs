@@ -11,6 +11,9 @@
 //! When it stops ([`Stop`]), in order of the exchanges:
 //! - the response to the request carrying the AUTHENTICATE message: [`Login`] with its
 //!   [`LoginResult`];
+//!   A denied login does not stop it when the [`Judge`] watches denied connections (a
+//!   route with a guard): a client may try again on the same connection, and each try is
+//!   judged; such a connection is never handed over unwatched ([`Stop::DeniedUnwatched`]);
 //! - a response that shows the client is not logging in with NTLM: its request carried no
 //!   NTLM message and it is not the first `401` offering NTLM or Negotiate (browsers and
 //!   requests-ntlm send an anonymous request first and start NTLM on the same connection
@@ -19,7 +22,7 @@
 //! - the limits: [`ObserveLimits`] bytes each way or time;
 //! - a scanner that cannot follow the protocol;
 //! - a side's EOF (its FIN passed on first), a socket's failure, the route's idle timeout, a
-//!   forced shutdown, or the `admit` hook refusing an AUTHENTICATE (the guard).
+//!   forced shutdown, or the [`Judge`] refusing an AUTHENTICATE (the guard).
 //!
 //! Nothing here logs; the token is decoded only to read the names, and only the names are
 //! kept ([`super::message`]).
@@ -89,13 +92,17 @@ pub enum LoginResult {
     Denied,
     /// Any other status (5xx): the server failed; the login is undecided.
     Error,
-    /// The `admit` hook refused it: the request never reached the backend.
+    /// The [`Judge`] refused it: the request never reached the backend.
     Blocked,
     /// Observation stopped before the response came (limits, EOF, failure).
     Unanswered,
 }
 
 impl LoginResult {
+    /// Every result, in declaration order (the metrics' slots).
+    pub const ALL: [LoginResult; 5] =
+        [LoginResult::Ok, LoginResult::Denied, LoginResult::Error, LoginResult::Blocked, LoginResult::Unanswered];
+
     /// The result a response with `status` gives.
     pub fn of(status: u16) -> LoginResult {
         match status {
@@ -133,7 +140,7 @@ pub enum Stop {
     Login,
     /// The client is not logging in with NTLM (see the module doc).
     NotAuthenticating,
-    /// The `admit` hook refused the AUTHENTICATE message: the read holding the end of that
+    /// The [`Judge`] refused the AUTHENTICATE message: the read holding the end of that
     /// request was not forwarded (earlier bytes were). Close both sockets.
     Blocked,
     /// The scanner of a direction cannot follow the protocol.
@@ -157,6 +164,11 @@ pub enum Stop {
     Failed(Fault),
     /// Nothing moved for the route's idle timeout ([`RelayCtl::idle_timeout`]).
     IdleTimeout,
+    /// The last login was denied, the [`Judge`] watches denied connections, and observation
+    /// had to stop (a limit, a scanner that cannot follow, the client going on without
+    /// NTLM): close, so that the client's next try comes on a new connection, watched,
+    /// instead of on this one unwatched.
+    DeniedUnwatched,
     /// The forced shutdown came ([`RelayCtl::force_close`]).
     Shutdown,
 }
@@ -165,7 +177,7 @@ impl Stop {
     /// Whether the connection goes on with the engine: every byte read was written. Else
     /// (blocked, failed, idle, shutdown) it ends here.
     pub fn hands_over(&self) -> bool {
-        !matches!(self, Stop::Blocked | Stop::Failed(_) | Stop::IdleTimeout | Stop::Shutdown)
+        !matches!(self, Stop::Blocked | Stop::Failed(_) | Stop::IdleTimeout | Stop::Shutdown | Stop::DeniedUnwatched)
     }
 
     /// A short name for debug logs.
@@ -180,6 +192,7 @@ impl Stop {
             Stop::Fin(_) => "fin",
             Stop::Failed(_) => "failed",
             Stop::IdleTimeout => "idle_timeout",
+            Stop::DeniedUnwatched => "denied_unwatched",
             Stop::Shutdown => "shutdown",
         }
     }
@@ -192,15 +205,36 @@ pub struct Observed {
     pub progress: Progress,
     /// Why it stopped.
     pub stop: Stop,
-    /// The NTLM login seen, if an AUTHENTICATE message was (the first one).
+    /// The NTLM login seen, if an AUTHENTICATE message was (the last one: a connection
+    /// watched past a denied login may carry several).
     pub login: Option<Login>,
+}
+
+/// Judges the logins the observer sees (the failed-login guard).
+pub trait Judge {
+    /// Asked about each AUTHENTICATE message before any byte of the read that completes its
+    /// request is forwarded; `false` stops with [`Stop::Blocked`].
+    fn admit(&mut self, names: &Names) -> bool;
+    /// A login's response came (ok, denied or error).
+    fn decided(&mut self, _login: &Login) {}
+    /// Whether to watch on after a denied login (see [`Stop::DeniedUnwatched`]).
+    fn watches_denied(&self) -> bool {
+        false
+    }
+}
+
+/// A plain `admit` function judges: it admits, and lets a denied login stop observation.
+impl<F: FnMut(&Names) -> bool> Judge for F {
+    fn admit(&mut self, names: &Names) -> bool {
+        self(names)
+    }
 }
 
 /// Relays `client` and `backend` both ways in userspace while reading their first HTTP
 /// exchanges, until the NTLM login on the connection is decided or a limit is reached.
 ///
-/// `admit` is asked about each AUTHENTICATE message before any byte of the read that
-/// completes its request is forwarded; `false` stops with [`Stop::Blocked`] (the guard).
+/// `judge` is asked about each AUTHENTICATE message before any byte of the read that
+/// completes its request is forwarded, and told of each login decided ([`Judge`]).
 /// `ctl` gives the idle timeout and the forced shutdown, as an engine honours them.
 ///
 /// Dropping the future before it returns may drop bytes read and not yet written: do so only
@@ -212,13 +246,13 @@ pub async fn observe(
     backend: &TcpStream,
     ctl: &RelayCtl,
     limits: &ObserveLimits,
-    admit: impl FnMut(&Names) -> bool,
+    judge: impl Judge,
 ) -> Observed {
     let started = Instant::now();
     let mut relay = Relay {
         socks: [client, backend],
         lanes: [Lane::new(), Lane::new()],
-        watch: Watch::new(admit),
+        watch: Watch::new(judge),
         progress: Progress::new(),
         last_move: started,
         stop: None,
@@ -254,13 +288,21 @@ pub async fn observe(
         Poll::Pending
     })
     .await;
-    let login = relay.watch.login.take().or_else(|| {
-        // An AUTHENTICATE whose response did not come.
-        relay.watch.pending.iter().find_map(|p| match p {
-            Pending::Authenticate(names) => Some(Login { names: names.clone(), result: LoginResult::Unanswered }),
-            _ => None,
-        })
+    // An AUTHENTICATE whose response did not come is the last login, else the last decided.
+    let unanswered = relay.watch.pending.iter().find_map(|p| match p {
+        Pending::Authenticate(names) => Some(Login { names: names.clone(), result: LoginResult::Unanswered }),
+        _ => None,
     });
+    let login = unanswered.or_else(|| relay.watch.login.take());
+    let denied = login.as_ref().is_some_and(|l| l.result == LoginResult::Denied);
+    let stop = match stop {
+        Stop::NotAuthenticating | Stop::CannotFollow { .. } | Stop::ByteCap(_) | Stop::TimeLimit
+            if denied && relay.watch.judge.watches_denied() =>
+        {
+            Stop::DeniedUnwatched
+        }
+        stop => stop,
+    };
     Observed { progress: relay.progress, stop, login }
 }
 
@@ -290,12 +332,12 @@ impl Lane {
 }
 
 /// The relay's state across polls.
-struct Relay<'a, F> {
+struct Relay<'a, J> {
     /// Client, backend (indexed by [`crate::lifecycle::Side`] order, as [`Dir::src`] gives).
     socks: [&'a TcpStream; 2],
     /// Up, down.
     lanes: [Lane; 2],
-    watch: Watch<F>,
+    watch: Watch<J>,
     progress: Progress,
     /// When a byte was last written (the idle timer).
     last_move: Instant,
@@ -304,7 +346,7 @@ struct Relay<'a, F> {
     max_bytes: u64,
 }
 
-impl<F: FnMut(&Names) -> bool> Relay<'_, F> {
+impl<J: Judge> Relay<'_, J> {
     /// Moves what can move in both directions; `Some` when the connection ends here.
     fn poll_lanes(&mut self, cx: &mut Context<'_>) -> Option<Stop> {
         for dir in [Dir::Up, Dir::Down] {
@@ -403,27 +445,27 @@ enum Pending {
 
 /// The observer's reading of the exchanges, apart from the sockets: fed each direction's
 /// reads, it says when to stop.
-struct Watch<F> {
+struct Watch<J> {
     requests: RequestScanner,
     responses: ResponseScanner,
     /// What each request sent and not yet answered carried, oldest first.
     pending: VecDeque<Pending>,
     /// 401s offering NTLM to requests without it, watched past so far.
     anonymous_challenges: u32,
-    /// The login, once its response came (or it was blocked).
+    /// The last login whose response came (or that was blocked).
     login: Option<Login>,
-    admit: F,
+    judge: J,
 }
 
-impl<F: FnMut(&Names) -> bool> Watch<F> {
-    fn new(admit: F) -> Watch<F> {
+impl<J: Judge> Watch<J> {
+    fn new(judge: J) -> Watch<J> {
         Watch {
             requests: RequestScanner::new(),
             responses: ResponseScanner::new(),
             pending: VecDeque::new(),
             anonymous_challenges: 0,
             login: None,
-            admit,
+            judge,
         }
     }
 
@@ -443,8 +485,8 @@ impl<F: FnMut(&Names) -> bool> Watch<F> {
         let message = request.auth.as_ref().and_then(|a| message::parse_token(a.scheme, &a.token).ok().flatten());
         let pending = match message {
             Some(Message::Authenticate(names)) => {
-                if !(self.admit)(&names) {
-                    self.login.get_or_insert(Login { names, result: LoginResult::Blocked });
+                if !self.judge.admit(&names) {
+                    self.login = Some(Login { names, result: LoginResult::Blocked });
                     return Some(Stop::Blocked);
                 }
                 Pending::Authenticate(names)
@@ -477,8 +519,16 @@ impl<F: FnMut(&Names) -> bool> Watch<F> {
         let request = self.pending.pop_front().unwrap_or(Pending::Plain);
         match request {
             Pending::Authenticate(names) => {
-                self.login = Some(Login { names, result: LoginResult::of(response.status) });
-                Some(Stop::Login)
+                let login = Login { names, result: LoginResult::of(response.status) };
+                self.judge.decided(&login);
+                // Denied, and watched on: the client may try again here, judged again.
+                let again = login.result == LoginResult::Denied && self.judge.watches_denied();
+                if again {
+                    // A client tries again as it began: perhaps anonymously first.
+                    self.anonymous_challenges = 0;
+                }
+                self.login = Some(login);
+                (!again).then_some(Stop::Login)
             }
             Pending::Negotiate if response.status == 401 => None,
             Pending::Plain

@@ -108,7 +108,8 @@ async fn replay(f: &Fixture, tail: usize) -> Observed {
     let client = tokio::spawn(play(client, Dir::Up, turns.clone(), up_tail.clone(), down_tail.clone()));
     let backend = tokio::spawn(play(backend, Dir::Down, turns, down_tail, up_tail));
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     assert!(observed.stop.hands_over(), "{}: {:?}", f.file, observed.stop);
     let (mut c, mut b) = (proxy_client, proxy_backend);
     let (up, down) = tokio::io::copy_bidirectional(&mut c, &mut b).await.unwrap();
@@ -161,7 +162,8 @@ async fn a_client_that_sends_no_ntlm_is_handed_over_after_the_first_response() {
     let c = tokio::spawn(play(client, Dir::Up, turns.clone(), pattern(3, 1000), vec![]));
     let b = tokio::spawn(play(backend, Dir::Down, turns.clone(), vec![], pattern(3, 1000)));
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     assert!(matches!(observed.stop, Stop::NotAuthenticating), "{:?}", observed.stop);
     assert_eq!(observed.login, None);
     assert_eq!(observed.progress.bytes, [turns[0].1.len() as u64, turns[1].1.len() as u64]);
@@ -185,7 +187,8 @@ async fn one_anonymous_401_offering_ntlm_is_watched_past_not_two() {
     let c = tokio::spawn(play(client, Dir::Up, turns.clone(), vec![], vec![]));
     let b = tokio::spawn(play(backend, Dir::Down, turns, vec![], vec![]));
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     assert!(matches!(observed.stop, Stop::NotAuthenticating), "{:?}", observed.stop);
     assert_eq!(observed.progress.bytes, [2 * get.len() as u64, 2 * unauthorized.len() as u64]);
     let (mut pc, mut pb) = (proxy_client, proxy_backend);
@@ -216,7 +219,8 @@ async fn a_fin_is_passed_on_and_the_pair_can_be_handed_over_after_it() {
         backend.write_all(&late).await.unwrap();
     });
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     assert!(matches!(observed.stop, Stop::Fin(Dir::Up)), "{:?}", observed.stop);
     assert!(observed.stop.hands_over());
     assert_eq!(observed.progress.bytes, [f.stream(Dir::Up).len() as u64, f.stream(Dir::Down).len() as u64]);
@@ -239,7 +243,8 @@ async fn an_authenticate_without_its_response_is_unanswered() {
     let c = tokio::spawn(play(client, Dir::Up, turns.clone(), vec![], vec![]));
     let b = tokio::spawn(play(backend, Dir::Down, turns, vec![], vec![]));
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     assert!(matches!(observed.stop, Stop::Fin(Dir::Up)), "{:?}", observed.stop);
     assert_eq!(observed.login, Some(Login { result: LoginResult::Unanswered, ..login_of(f) }));
     let (mut pc, mut pb) = (proxy_client, proxy_backend);
@@ -307,7 +312,7 @@ async fn the_byte_cap_hands_over_mid_body() {
     let c = tokio::spawn(play(client, Dir::Up, turns.clone(), vec![], vec![]));
     let b = tokio::spawn(play(backend, Dir::Down, turns, vec![], vec![]));
     let limits = ObserveLimits { max_bytes: 64 << 10, ..ObserveLimits::default() };
-    let observed = observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &limits, |_| true).await;
+    let observed = observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &limits, |_: &Names| true).await;
     assert!(matches!(observed.stop, Stop::ByteCap(Dir::Up)), "{:?}", observed.stop);
     let up = observed.progress.bytes[0];
     assert!(up >= limits.max_bytes && up < request.len() as u64, "stopped after the cap, mid-body: {up}");
@@ -325,7 +330,8 @@ async fn a_scanner_that_cannot_follow_hands_over() {
     let c = tokio::spawn(play(client, Dir::Up, turns.clone(), pattern(6, 5000), pattern(7, 5000)));
     let b = tokio::spawn(play(backend, Dir::Down, turns, pattern(7, 5000), pattern(6, 5000)));
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     assert!(matches!(observed.stop, Stop::CannotFollow { dir: Dir::Up, why: GiveUp::NotHttp1 }), "{:?}", observed.stop);
     assert!(observed.progress.bytes[0] >= preface.len() as u64);
     let (mut pc, mut pb) = (proxy_client, proxy_backend);
@@ -342,7 +348,7 @@ async fn the_time_limit_hands_over_what_is_in_flight() {
     client.write_all(&part1).await.unwrap();
     let limits = ObserveLimits { max_time: Duration::from_secs(3), ..ObserveLimits::default() };
     let before = Instant::now();
-    let observed = observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &limits, |_| true).await;
+    let observed = observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &limits, |_: &Names| true).await;
     assert!(matches!(observed.stop, Stop::TimeLimit), "{:?}", observed.stop);
     assert!(before.elapsed() >= limits.max_time);
     assert!(observed.progress.bytes[0] <= part1.len() as u64);
@@ -365,7 +371,7 @@ async fn nothing_moving_for_the_idle_timeout_ends_the_connection() {
     let ctl = RelayCtl { idle_timeout: Some(Duration::from_secs(2)), ..RelayCtl::unlimited() };
     let limits = ObserveLimits { max_time: Duration::from_secs(60), ..ObserveLimits::default() };
     let before = Instant::now();
-    let observed = observe(&proxy_client, &proxy_backend, &ctl, &limits, |_| true).await;
+    let observed = observe(&proxy_client, &proxy_backend, &ctl, &limits, |_: &Names| true).await;
     assert!(matches!(observed.stop, Stop::IdleTimeout) && !observed.stop.hands_over(), "{:?}", observed.stop);
     assert!((Duration::from_secs(2)..limits.max_time).contains(&before.elapsed()));
     drop((client, backend));
@@ -376,7 +382,7 @@ async fn the_forced_shutdown_ends_the_connection() {
     let Wire { client, proxy_client, proxy_backend, backend } = wire().await;
     let ctl = RelayCtl::unlimited();
     ctl.force_close.cancel();
-    let observed = observe(&proxy_client, &proxy_backend, &ctl, &ObserveLimits::default(), |_| true).await;
+    let observed = observe(&proxy_client, &proxy_backend, &ctl, &ObserveLimits::default(), |_: &Names| true).await;
     assert!(matches!(observed.stop, Stop::Shutdown) && !observed.stop.hands_over(), "{:?}", observed.stop);
     drop((client, backend));
 }
@@ -389,7 +395,8 @@ async fn a_reset_backend_is_a_backend_failure() {
     socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
     drop(b); // a reset
     let observed =
-        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_| true).await;
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), |_: &Names| true)
+            .await;
     let Stop::Failed(fault) = &observed.stop else { panic!("{:?}", observed.stop) };
     assert_eq!((fault.end(), fault.resets()), (End::BackendReset, &[Side::Client][..]));
     assert!(!observed.stop.hands_over());
@@ -467,6 +474,79 @@ mod rules {
         ];
         for (status, want) in cases {
             assert_eq!(LoginResult::of(status), want, "{status}");
+        }
+    }
+}
+
+/// A judge like a route's guard: admits everyone, records the logins decided, and watches
+/// on after a denied one when `watch` is set.
+struct Recorder {
+    watch: bool,
+    decided: Vec<LoginResult>,
+}
+
+impl Judge for &mut Recorder {
+    fn admit(&mut self, _: &Names) -> bool {
+        true
+    }
+
+    fn decided(&mut self, login: &Login) {
+        self.decided.push(login.result);
+    }
+
+    fn watches_denied(&self) -> bool {
+        self.watch
+    }
+}
+
+#[tokio::test]
+async fn with_a_guard_a_denied_login_is_watched_on_and_the_next_try_judged() {
+    let (denied, ok) = (fixture("curl_denied.bin"), fixture("curl_ok.bin"));
+    // Both logins on one connection: the wrong password, then the right one.
+    let turns = [denied.turns(), ok.turns()].concat();
+    let tail = 200_000;
+    let Wire { client, proxy_client, proxy_backend, backend } = wire().await;
+    let c = tokio::spawn(play(client, Dir::Up, turns.clone(), pattern(6, tail), pattern(7, tail)));
+    let b = tokio::spawn(play(backend, Dir::Down, turns, pattern(7, tail), pattern(6, tail)));
+    let mut judge = Recorder { watch: true, decided: Vec::new() };
+    let observed =
+        observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), &mut judge).await;
+    assert!(matches!(observed.stop, Stop::Login), "{:?}", observed.stop);
+    assert_eq!(judge.decided, [LoginResult::Denied, LoginResult::Ok]);
+    assert_eq!(observed.login, Some(login_of(ok)));
+    let (mut pc, mut pb) = (proxy_client, proxy_backend);
+    let (up, down) = tokio::io::copy_bidirectional(&mut pc, &mut pb).await.unwrap();
+    c.await.unwrap();
+    b.await.unwrap();
+    let streams = [denied.stream(Dir::Up).len() + ok.stream(Dir::Up).len(), 0];
+    assert_eq!(observed.progress.bytes[0] + up, (streams[0] + tail) as u64);
+    assert!(down > 0);
+}
+
+#[tokio::test]
+async fn with_a_guard_a_denied_connection_is_never_handed_over_unwatched() {
+    let f = fixture("curl_denied.bin");
+    for watch in [false, true] {
+        // After the 401, bytes the scanners cannot follow, both ways.
+        let Wire { client, proxy_client, proxy_backend, backend } = wire().await;
+        let c = tokio::spawn(play(client, Dir::Up, f.turns(), pattern(8, 5000), pattern(9, 5000)));
+        let b = tokio::spawn(play(backend, Dir::Down, f.turns(), pattern(9, 5000), pattern(8, 5000)));
+        let mut judge = Recorder { watch, decided: Vec::new() };
+        let observed =
+            observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), &mut judge).await;
+        assert_eq!(judge.decided, [LoginResult::Denied]);
+        assert_eq!(observed.login.as_ref().map(|l| l.result), Some(LoginResult::Denied));
+        if watch {
+            assert!(matches!(observed.stop, Stop::DeniedUnwatched), "{:?}", observed.stop);
+            assert!(!observed.stop.hands_over());
+            c.abort();
+            b.abort();
+        } else {
+            assert!(matches!(observed.stop, Stop::Login), "{:?}", observed.stop);
+            let (mut pc, mut pb) = (proxy_client, proxy_backend);
+            tokio::io::copy_bidirectional(&mut pc, &mut pb).await.unwrap();
+            c.await.unwrap();
+            b.await.unwrap();
         }
     }
 }
