@@ -97,7 +97,7 @@ fn account(domain: &str, user: &str) -> String {
 /// A name as the access log writes it: `"`, `\` and control characters as `\xNN`.
 fn escaped(name: &str) -> String {
     name.chars()
-        .map(|c| if c == '"' || c == '\\' || c.is_control() { format!("\\x{:02x}", c as u32) } else { c.into() })
+        .map(|c| if c == '%' || c == '"' || c == '\\' || c.is_control() { format!("%{:02X}", c as u32) } else { c.into() })
         .collect()
 }
 
@@ -292,7 +292,7 @@ async fn logins_are_logged_with_user_workstation_and_result() {
                 None => assert_login(&engine, line, None),
             }
         }
-        assert_eq!(lines[4].get("ntlm_workstation"), Some("WS\\x221\\x5cx"), "[{engine}] escaped: {}", lines[4].raw);
+        assert_eq!(lines[4].get("ntlm_workstation"), Some("WS%221%5Cx"), "[{engine}] escaped: {}", lines[4].raw);
         assert_eq!(lines[3].get("ntlm_user"), Some("bob"), "[{engine}] no domain: {}", lines[3].raw);
         let after = scrape(m).await;
         assert_counters_match(&engine, FLAGS_ROUTE, &before, &after, &lines);
@@ -590,6 +590,6 @@ fn check_no_secret(engine: &str, log: &str, secrets: &[String]) {
 fn curl_tokens_and_escaping() {
     let stderr = "> GET / HTTP/1.1\n> Authorization: NTLM TlRMTVNTUAABAAAA\n< HTTP/1.1 401\n< WWW-Authenticate: NTLM\n< WWW-Authenticate: NTLM TlRMTVNTUAACAAAA\n* done\n";
     assert_eq!(curl_tokens(stderr), ["TlRMTVNTUAABAAAA", "TlRMTVNTUAACAAAA"]);
-    assert_eq!(escaped("WS\"1\\x\n"), "WS\\x221\\x5cx\\x0a");
+    assert_eq!(escaped("WS\"1\\x\n%"), "WS%221%5Cx%0A%25");
     assert_eq!(account("", "bob"), "bob");
 }
