@@ -19,6 +19,7 @@ use std::{
 
 use ntlm_splice_tests::{
     harness::{self, AccessLine, Proxy},
+    metrics::{delta, get, metrics_addr, scrape, value},
     servers::{self, Server},
 };
 use tokio::{
@@ -108,57 +109,6 @@ async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T
         Ok(v) => v,
         Err(_) => panic!("timed out after {limit:?}: {what}"),
     }
-}
-
-/// The metrics endpoint's address, from the proxy's `metrics: serving ... at http://ADDR`.
-async fn metrics_addr(proxy: &Proxy) -> SocketAddr {
-    proxy.wait_for_log("metrics: serving", QUICK).await;
-    let logs = proxy.logs();
-    let line = logs.lines().find(|l| l.contains("metrics: serving")).expect("just seen");
-    let addr = line.rsplit_once("http://").map(|(_, a)| a.trim()).unwrap_or_else(|| panic!("no address: {line}"));
-    addr.parse().unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
-}
-
-/// `GET path` from the endpoint at `addr`: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect to the endpoint {addr}: {e}"));
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.unwrap();
-        out
-    };
-    let out = within(QUICK, &format!("GET {path}"), exchange).await;
-    let text = String::from_utf8(out).expect("a UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response head: {text:?}"));
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("status line: {head:?}"));
-    (code, body.to_string())
-}
-
-/// The samples of one scrape: each series as printed (`name{labels}`) to its value.
-type Samples = HashMap<String, f64>;
-
-/// Scrapes `/metrics` at `addr`.
-async fn scrape(addr: SocketAddr) -> Samples {
-    let (code, body) = get(addr, "/metrics").await;
-    assert_eq!(code, 200, "/metrics: {body}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l:?}"));
-            (series.to_string(), value.parse().unwrap_or_else(|_| panic!("not a value: {l:?}")))
-        })
-        .collect()
-}
-
-/// The change of `series` from `before` to `after`; a series absent from a scrape is 0 there.
-fn delta(before: &Samples, after: &Samples, series: &str) -> f64 {
-    after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
-}
-
-/// The value of `series` in `s`, which must have it.
-fn value(s: &Samples, series: &str) -> f64 {
-    *s.get(series).unwrap_or_else(|| panic!("no series {series}; have: {:#?}", s.keys().collect::<Vec<_>>()))
 }
 
 /// The metrics' `route` label of an access line: its route, or "" for `route=-` (closed

@@ -8,22 +8,17 @@
 //! Every scenario runs once per engine in `harness::engines()`, each with its own
 //! backend and proxy on 127.0.0.1 port 0.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use ntlm_splice_tests::{
+    clients::{curl, requests_ntlm},
     harness::{self, AccessLine, Proxy, within},
     ntlm::{Credentials, DEFAULT_DOMAIN, HttpConn, NtlmServer, User, demo_users},
 };
-use tokio::{process::Command, task::JoinSet};
+use tokio::task::JoinSet;
 
-/// Bound for one client subprocess (curl, python) from start to exit.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// curl's own `--max-time`, below [`CLIENT_TIMEOUT`] so curl reports what it was doing.
-const CURL_MAX_TIME_SECS: &str = "45";
 /// Bound for quick steps: a raw request, an access-log line.
 const QUICK: Duration = Duration::from_secs(10);
-/// Marker that starts curl's `--write-out` line after each transfer.
-const CURL_MARK: &str = "@@ntlm-test ";
 
 const ALICE: Credentials<'static> = Credentials {
     domain: "EXAMPLE",
@@ -100,139 +95,6 @@ async fn access_lines(engine: &str, proxy: &Proxy, n: usize) -> Vec<AccessLine> 
     // Connection 1 (alice's, kept alive) is carried by the route's engine itself.
     assert_eq!(lines.iter().find(|l| l.get("conn") == Some("1")).and_then(|l| l.get("engine")), Some(engine));
     lines
-}
-
-/// One transfer of a curl run, from its `--write-out` line.
-#[derive(Debug)]
-struct Transfer {
-    status: u16,
-    /// New TCP connections curl made for this transfer (0 = re-used the previous one).
-    connects: u32,
-    body: String,
-}
-
-/// Runs curl against `urls` (one invocation, so one connection when it can keep it),
-/// with `--ntlm -u USER:PASSWORD` when `auth` is given.
-async fn curl(auth: Option<(&str, &str)>, urls: &[String]) -> Vec<Transfer> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--noproxy", "*", "--max-time", CURL_MAX_TIME_SECS])
-        .args([
-            "--write-out",
-            &format!("\n{CURL_MARK}status=%{{http_code}} connects=%{{num_connects}}\n"),
-        ]);
-    if let Some((user, password)) = auth {
-        cmd.args(["--ntlm", "-u", &format!("{user}:{password}")]);
-    }
-    cmd.args(urls).stdin(Stdio::null()).kill_on_drop(true);
-    let out = within(CLIENT_TIMEOUT, &format!("curl {urls:?}"), cmd.output())
-        .await
-        .unwrap_or_else(|e| panic!("cannot run curl (is it installed?): {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "curl {urls:?} failed with {}: {stderr}\n{stdout}",
-        out.status
-    );
-    let transfers = parse_curl(&stdout);
-    assert_eq!(
-        transfers.len(),
-        urls.len(),
-        "one --write-out line per URL:\n{stdout}\n{stderr}"
-    );
-    transfers
-}
-
-fn parse_curl(stdout: &str) -> Vec<Transfer> {
-    let mut transfers = Vec::new();
-    let mut rest = stdout;
-    while let Some(at) = rest.find(&format!("\n{CURL_MARK}")) {
-        let body = rest[..at].trim_end_matches('\n').to_owned();
-        let after = &rest[at + 1 + CURL_MARK.len()..];
-        let (line, tail) = after.split_once('\n').unwrap_or((after, ""));
-        let field = |key: &str| -> u32 {
-            line.split(' ')
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("curl --write-out line without {key}: {line:?}"))
-        };
-        let status = u16::try_from(field("status")).expect("HTTP status fits u16");
-        transfers.push(Transfer {
-            status,
-            connects: field("connects"),
-            body,
-        });
-        rest = tail;
-    }
-    transfers
-}
-
-/// One request of the Python requests-ntlm client.
-#[derive(Debug)]
-struct PyResponse {
-    status: u16,
-    /// Whether this request needed an NTLM handshake (a 401 first).
-    handshake: bool,
-    body: String,
-}
-
-fn python_client() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/ntlm_client.py")
-}
-
-/// Runs tests/python/ntlm_client.py: one requests.Session with HttpNtlmAuth doing
-/// `count` GETs of `url`.
-async fn requests_ntlm(url: &str, user: &str, password: &str, count: usize) -> Vec<PyResponse> {
-    let script = python_client();
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script)
-        .args([url, user, password, "--count", &count.to_string()])
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = within(
-        CLIENT_TIMEOUT,
-        &format!("python3 {} {url}", script.display()),
-        cmd.output(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("cannot run python3 {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(3) {
-        panic!(
-            "Python requests-ntlm is missing - pip install requests-ntlm (cargo xtask test installs it): {stderr}"
-        );
-    }
-    assert!(
-        out.status.success(),
-        "{} failed with {}: {stderr}\n{stdout}",
-        script.display(),
-        out.status
-    );
-    let responses: Vec<PyResponse> = stdout
-        .lines()
-        .map(|line| {
-            let parse = || -> Option<PyResponse> {
-                let rest = line.strip_prefix("status=")?;
-                let (status, rest) = rest.split_once(" handshake=")?;
-                let (handshake, body) = rest.split_once(" body=")?;
-                Some(PyResponse {
-                    status: status.parse().ok()?,
-                    handshake: handshake == "1",
-                    body: body.to_owned(),
-                })
-            };
-            parse().unwrap_or_else(|| {
-                panic!("unexpected output line from {}: {line:?}", script.display())
-            })
-        })
-        .collect();
-    assert_eq!(
-        responses.len(),
-        count,
-        "one output line per request:\n{stdout}\n{stderr}"
-    );
-    responses
 }
 
 /// Awaits every task, re-raising the first panic with its own message.
@@ -586,22 +448,4 @@ async fn requests_ntlm_session_through_the_proxy() {
         access_lines(&engine, &proxy, 1).await;
         stop(&engine, proxy).await;
     }
-}
-
-#[test]
-fn parses_curl_write_out() {
-    let out = format!(
-        "EXAMPLE\\alice\n\n{CURL_MARK}status=200 connects=1\n401 denied\n\n{CURL_MARK}status=401 connects=0\n\n{CURL_MARK}status=000 connects=0\n"
-    );
-    let t = parse_curl(&out);
-    assert_eq!(t.len(), 3);
-    assert_eq!(
-        (t[0].status, t[0].connects, t[0].body.as_str()),
-        (200, 1, "EXAMPLE\\alice")
-    );
-    assert_eq!(
-        (t[1].status, t[1].connects, t[1].body.as_str()),
-        (401, 0, "401 denied")
-    );
-    assert_eq!((t[2].status, t[2].body.as_str()), (0, ""));
 }

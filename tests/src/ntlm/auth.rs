@@ -82,6 +82,10 @@ impl fmt::Display for Identity {
 pub struct Verdict {
     /// UserName from the message, if it could be parsed.
     pub claimed_user: Option<String>,
+    /// DomainName from the message, if it could be parsed.
+    pub claimed_domain: Option<String>,
+    /// Workstation from the message, if it could be parsed.
+    pub workstation: Option<String>,
     /// The identity, or why not.
     pub result: Result<Identity, AuthFailure>,
 }
@@ -134,6 +138,8 @@ impl Directory {
             Err(e) => {
                 return Verdict {
                     claimed_user: None,
+                    claimed_domain: None,
+                    workstation: None,
                     result: Err(e.into()),
                 };
             }
@@ -141,6 +147,8 @@ impl Directory {
         let result = self.check(server_challenge, &msg);
         Verdict {
             claimed_user: Some(msg.user),
+            claimed_domain: Some(msg.domain),
+            workstation: Some(msg.workstation),
             result,
         }
     }

@@ -13,6 +13,8 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
+/// Bytes asked of the socket per read while a body is streamed through a callback.
+const STREAM_CHUNK: usize = 256 * 1024;
 
 /// Why an HTTP message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -124,15 +126,16 @@ impl Headers {
         Ok(found)
     }
 
-    /// Content-Length checked against [`MAX_BODY_BYTES`]; Transfer-Encoding refused.
-    fn body_len(&self) -> Result<Option<usize>, HttpError> {
+    /// Content-Length checked against `max` (usually [`MAX_BODY_BYTES`]); Transfer-Encoding
+    /// refused.
+    fn body_len(&self, max: usize) -> Result<Option<usize>, HttpError> {
         if self.get("transfer-encoding").is_some() {
             return Err(HttpError::Unsupported {
                 what: "Transfer-Encoding",
             });
         }
         match self.content_length()? {
-            Some(len) if len > MAX_BODY_BYTES as u64 => Err(HttpError::BodyTooLarge { len }),
+            Some(len) if len > max as u64 => Err(HttpError::BodyTooLarge { len }),
             Some(len) => Ok(Some(len as usize)),
             None => Ok(None),
         }
@@ -203,6 +206,8 @@ impl Response {
 pub struct HttpReader<S> {
     stream: S,
     buf: Vec<u8>,
+    /// Bytes read from the stream so far, consumed or not.
+    received: u64,
 }
 
 impl<S: AsyncRead + Unpin> HttpReader<S> {
@@ -211,7 +216,13 @@ impl<S: AsyncRead + Unpin> HttpReader<S> {
         HttpReader {
             stream,
             buf: Vec::new(),
+            received: 0,
         }
+    }
+
+    /// Bytes read from the stream so far (whether consumed as a message yet or not).
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// The underlying stream.
@@ -237,6 +248,7 @@ impl<S: AsyncRead + Unpin> HttpReader<S> {
         let n = *read.as_ref().unwrap_or(&0);
         self.buf.truncate(start + n);
         read?;
+        self.received += n as u64;
         Ok(n > 0)
     }
 
@@ -282,8 +294,35 @@ impl<S: AsyncRead + Unpin> HttpReader<S> {
         Ok(self.buf.drain(..len).collect())
     }
 
+    /// Reads exactly `len` body bytes, handing them to `f` piece by piece instead of
+    /// keeping them (bodies of any size).
+    pub async fn read_body_with(&mut self, len: u64, mut f: impl FnMut(&[u8])) -> Result<(), HttpError> {
+        let buffered = self.buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        f(&self.buf[..buffered]);
+        self.buf.drain(..buffered);
+        let mut left = len - buffered as u64;
+        let mut chunk = vec![0u8; STREAM_CHUNK];
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(STREAM_CHUNK);
+            let n = self.stream.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                return Err(HttpError::UnexpectedEof);
+            }
+            self.received += n as u64;
+            f(&chunk[..n]);
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
     /// Reads the next request head. `Ok(None)` on a clean close between requests.
     pub async fn read_request_head(&mut self) -> Result<Option<RequestHead>, HttpError> {
+        self.read_request_head_up_to(MAX_BODY_BYTES).await
+    }
+
+    /// Reads the next request head, accepting a `Content-Length` up to `max_body` (the
+    /// caller reads such a body with [`HttpReader::read_body_with`]).
+    pub async fn read_request_head_up_to(&mut self, max_body: usize) -> Result<Option<RequestHead>, HttpError> {
         let Some(lines) = self.read_head_lines().await? else {
             return Ok(None);
         };
@@ -305,7 +344,7 @@ impl<S: AsyncRead + Unpin> HttpReader<S> {
         }
         let minor_version = parse_version(version)?;
         let headers = parse_headers(&lines[1..])?;
-        let content_length = headers.body_len()?.unwrap_or(0);
+        let content_length = headers.body_len(max_body)?.unwrap_or(0);
         Ok(Some(RequestHead {
             method: method.to_owned(),
             target: target.to_owned(),
@@ -318,6 +357,35 @@ impl<S: AsyncRead + Unpin> HttpReader<S> {
     /// Reads a whole response (client side). `head_request` tells that the request
     /// was HEAD, whose response has no body whatever Content-Length says.
     pub async fn read_response(&mut self, head_request: bool) -> Result<Response, HttpError> {
+        let (status, headers) = self.read_response_head().await?;
+        let body = if head_request || status == 204 || status == 304 {
+            Vec::new()
+        } else {
+            match headers.body_len(MAX_BODY_BYTES)? {
+                Some(len) => self.read_body(len).await?,
+                None => self.read_to_end().await?,
+            }
+        };
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Reads a response to a GET whose body has a `Content-Length` (of any size), handing
+    /// the body to `f` piece by piece; returns the status and the headers.
+    pub async fn read_response_with(&mut self, f: impl FnMut(&[u8])) -> Result<(u16, Headers), HttpError> {
+        let (status, headers) = self.read_response_head().await?;
+        let len = headers.content_length()?.ok_or(HttpError::Malformed {
+            what: "a streamed response without Content-Length",
+        })?;
+        self.read_body_with(len, f).await?;
+        Ok((status, headers))
+    }
+
+    /// Reads a response's status line and headers, skipping interim 1xx responses.
+    async fn read_response_head(&mut self) -> Result<(u16, Headers), HttpError> {
         let lines = loop {
             let Some(lines) = self.read_head_lines().await? else {
                 return Err(HttpError::UnexpectedEof);
@@ -330,19 +398,7 @@ impl<S: AsyncRead + Unpin> HttpReader<S> {
         };
         let status = parse_status_line(&lines[0])?;
         let headers = parse_headers(&lines[1..])?;
-        let body = if head_request || status == 204 || status == 304 {
-            Vec::new()
-        } else {
-            match headers.body_len()? {
-                Some(len) => self.read_body(len).await?,
-                None => self.read_to_end().await?,
-            }
-        };
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+        Ok((status, headers))
     }
 
     /// Reads until the peer closes and returns what arrived (at most [`MAX_BODY_BYTES`]).

@@ -3,6 +3,12 @@
 //!
 //! The authenticated identity lives in the connection task's local state, so it can
 //! only ever be seen by requests that arrive on that same TCP connection.
+//!
+//! Besides the pages, an authenticated connection may move bulk data: `GET
+//! /pattern?seed=S&len=N` answers N bytes of the positional pattern of stream S
+//! ([`crate::servers::pattern_fill`]), and `PUT /pattern?seed=S` checks its body against
+//! that pattern and answers `len=N mismatch=none` (or the offset of the first wrong byte);
+//! neither is kept in memory, so a test can move hundreds of MiB after a login.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::User;
 use super::auth::{Directory, Identity};
-use super::http::{HttpError, HttpReader, RequestHead, ResponseBuilder};
+use super::http::{self, HttpError, HttpReader, RequestHead, ResponseBuilder};
 use super::message;
+use crate::servers::{self, Verifier};
 
 /// Most connections served at once; further clients wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -33,6 +40,26 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 const SERVER_HEADER: &str = "ntlm-testd";
 /// Body of every 401.
 const UNAUTHORIZED_BODY: &str = "401 Unauthorized: NTLM authentication required\n";
+/// The bulk-data path (see the module's doc).
+pub const PATTERN_PATH: &str = "/pattern";
+/// Largest body `PUT /pattern` accepts, and largest `len` `GET /pattern` sends.
+pub const MAX_PATTERN_BYTES: u64 = 4 << 30;
+
+/// An AUTHENTICATE message the server received and checked: the names as the client
+/// sent them (never a response or a hash), and the verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRecord {
+    /// The client (here: the proxy's side of the backend connection).
+    pub peer: SocketAddr,
+    /// DomainName as sent ("" if the message did not parse).
+    pub domain: String,
+    /// UserName as sent ("" if the message did not parse).
+    pub user: String,
+    /// Workstation as sent ("" if the message did not parse).
+    pub workstation: String,
+    /// Whether the login succeeded.
+    pub ok: bool,
+}
 
 /// A running NTLM test backend. Dropping it stops the accept loop and closes every
 /// connection it is serving.
@@ -49,6 +76,8 @@ struct Shared {
     accepted: AtomicU64,
     /// The peer address of every accepted connection, in order.
     peers: Mutex<Vec<SocketAddr>>,
+    /// Every AUTHENTICATE message received, in order.
+    logins: Mutex<Vec<LoginRecord>>,
 }
 
 impl NtlmServer {
@@ -73,6 +102,7 @@ impl NtlmServer {
             directory: Directory::new(domain, users),
             accepted: AtomicU64::new(0),
             peers: Mutex::new(Vec::new()),
+            logins: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown.clone()));
@@ -97,6 +127,12 @@ impl NtlmServer {
     /// which source address the proxy connected from).
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.shared.peers.lock().expect("peers lock").clone()
+    }
+
+    /// Every AUTHENTICATE message received so far, in order (lets tests see what a client
+    /// actually sent, and whether a login reached the backend at all).
+    pub fn logins(&self) -> Vec<LoginRecord> {
+        self.shared.logins.lock().expect("logins lock").clone()
     }
 
     /// The configured domain, upper case.
@@ -138,7 +174,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cance
                 let shared = Arc::clone(&shared);
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    serve_connection(stream, id, peer, &shared.directory, shutdown).await;
+                    serve_connection(stream, id, peer, &shared, shutdown).await;
                     drop(permit);
                 });
             }
@@ -164,26 +200,84 @@ enum ConnAuth {
     Authenticated(Identity),
 }
 
+/// A request read whole: its head, and for `PUT /pattern` its body checked.
+struct Request {
+    head: RequestHead,
+    /// The body of a `PUT /pattern`, checked against the pattern its query names.
+    upload: Option<Verifier>,
+}
+
+/// Whether `head` is a bulk upload (`PUT /pattern`), whose body is checked, not kept.
+fn is_upload(head: &RequestHead) -> bool {
+    head.path() == PATTERN_PATH && head.method.eq_ignore_ascii_case("PUT")
+}
+
+/// The numeric query parameter `key` of `target` (`/path?a=1&b=2`).
+fn query_u64(target: &str, key: &str) -> Option<u64> {
+    let (_, query) = target.split_once('?')?;
+    query.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
 /// Reads the next request including its body (answering `Expect: 100-continue`).
-async fn next_request(conn: &mut HttpReader<TcpStream>) -> Result<Option<RequestHead>, HttpError> {
-    let Some(head) = conn.read_request_head().await? else {
+async fn next_request(conn: &mut HttpReader<TcpStream>) -> Result<Option<Request>, HttpError> {
+    let max = usize::try_from(MAX_PATTERN_BYTES).unwrap_or(usize::MAX);
+    let Some(head) = conn.read_request_head_up_to(max).await? else {
         return Ok(None);
     };
+    let upload = is_upload(&head);
+    if !upload && head.content_length > http::MAX_BODY_BYTES {
+        return Err(HttpError::BodyTooLarge {
+            len: head.content_length as u64,
+        });
+    }
     if head.expects_continue() && head.content_length > 0 && conn.buffered().is_empty() {
         conn.get_mut()
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await?;
     }
+    if upload {
+        let mut v = Verifier::new(query_u64(&head.target, "seed").unwrap_or(0));
+        conn.read_body_with(head.content_length as u64, |piece| v.update(piece)).await?;
+        return Ok(Some(Request { head, upload: Some(v) }));
+    }
     // The test pages ignore request bodies, but they must be consumed to keep framing.
     conn.read_body(head.content_length).await?;
-    Ok(Some(head))
+    Ok(Some(Request { head, upload: None }))
+}
+
+/// What to answer.
+enum Reply {
+    /// A response held whole.
+    Whole(ResponseBuilder),
+    /// 200 with `len` bytes of pattern `seed`, written as they are made.
+    Pattern { seed: u64, len: u64 },
+}
+
+impl Reply {
+    async fn write_to(self, w: &mut TcpStream, minor_version: u8, head_only: bool, keep_alive: bool) -> std::io::Result<()> {
+        match self {
+            Reply::Whole(r) => r.write_to(w, minor_version, head_only, keep_alive).await,
+            Reply::Pattern { seed, len } => {
+                let head = format!(
+                    "HTTP/1.{} 200 OK\r\nServer: {SERVER_HEADER}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: {}\r\n\r\n",
+                    minor_version.min(1),
+                    if keep_alive { "keep-alive" } else { "close" }
+                );
+                w.write_all(head.as_bytes()).await?;
+                if !head_only {
+                    servers::send_pattern(w, seed, len).await?;
+                }
+                w.flush().await
+            }
+        }
+    }
 }
 
 async fn serve_connection(
     stream: TcpStream,
     id: u64,
     peer: SocketAddr,
-    directory: &Directory,
+    shared: &Shared,
     shutdown: CancellationToken,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
@@ -196,12 +290,12 @@ async fn serve_connection(
             _ = shutdown.cancelled() => return,
             next = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, next_request(&mut conn)) => next,
         };
-        let head = match next {
+        let Request { head, upload } = match next {
             Err(_elapsed) => {
                 debug!("conn={id} client={peer}: idle for {KEEP_ALIVE_TIMEOUT:?}, closing");
                 return;
             }
-            Ok(Ok(Some(head))) => head,
+            Ok(Ok(Some(request))) => request,
             Ok(Ok(None)) | Ok(Err(HttpError::UnexpectedEof)) => return,
             Ok(Err(HttpError::Io(e))) => {
                 debug!("conn={id} client={peer}: read failed: {e}");
@@ -221,7 +315,7 @@ async fn serve_connection(
                 return;
             }
         };
-        let response = respond(directory, &mut auth, &head, id);
+        let response = respond(shared, peer, &mut auth, &head, upload, id);
         let keep_alive = head.keep_alive();
         let head_only = head.method.eq_ignore_ascii_case("HEAD");
         if let Err(e) = response
@@ -248,46 +342,58 @@ fn unauthorized() -> ResponseBuilder {
 
 /// Decides the response to one request and advances the connection's auth state.
 fn respond(
-    directory: &Directory,
+    shared: &Shared,
+    peer: SocketAddr,
     auth: &mut ConnAuth,
     head: &RequestHead,
+    upload: Option<Verifier>,
     id: u64,
-) -> ResponseBuilder {
+) -> Reply {
     let mut authorization = head.headers.get_all("authorization");
     if let Some(value) = authorization.next() {
         if authorization.next().is_some() {
             *auth = ConnAuth::Anonymous;
-            return unauthorized();
+            return Reply::Whole(unauthorized());
         }
-        match handshake_step(directory, auth, value, id) {
+        match handshake_step(shared, peer, auth, value, id) {
             Step::Challenge { scheme, token } => {
-                return ResponseBuilder::text(401, UNAUTHORIZED_BODY)
-                    .header("Server", SERVER_HEADER)
-                    .header("WWW-Authenticate", format!("{scheme} {token}"));
+                return Reply::Whole(
+                    ResponseBuilder::text(401, UNAUTHORIZED_BODY)
+                        .header("Server", SERVER_HEADER)
+                        .header("WWW-Authenticate", format!("{scheme} {token}")),
+                );
             }
             Step::Authenticated => {}
             Step::Rejected => {
                 *auth = ConnAuth::Anonymous;
-                return unauthorized();
+                return Reply::Whole(unauthorized());
             }
         }
     }
     match auth {
-        ConnAuth::Authenticated(identity) => page(identity, head.path()),
+        ConnAuth::Authenticated(identity) => page(identity, head, upload),
         // A request without Authorization abandons a handshake in progress.
         _ => {
             *auth = ConnAuth::Anonymous;
-            unauthorized()
+            Reply::Whole(unauthorized())
         }
     }
 }
 
-fn page(identity: &Identity, path: &str) -> ResponseBuilder {
-    match path {
-        "/" | "/whoami" => ResponseBuilder::text(200, format!("{identity}\n")),
-        _ => ResponseBuilder::text(404, "404 Not Found\n"),
+fn page(identity: &Identity, head: &RequestHead, upload: Option<Verifier>) -> Reply {
+    let text = |status, body: String| Reply::Whole(ResponseBuilder::text(status, body).header("Server", SERVER_HEADER));
+    match (head.path(), upload) {
+        (PATTERN_PATH, Some(v)) => {
+            let mismatch = v.first_mismatch.map_or("none".to_string(), |at| at.to_string());
+            text(200, format!("len={} mismatch={mismatch}\n", v.len))
+        }
+        (PATTERN_PATH, None) => match (query_u64(&head.target, "seed"), query_u64(&head.target, "len")) {
+            (Some(seed), Some(len)) if len <= MAX_PATTERN_BYTES => Reply::Pattern { seed, len },
+            _ => text(400, format!("GET {PATTERN_PATH} needs ?seed=S&len=N, N at most {MAX_PATTERN_BYTES}\n")),
+        },
+        ("/" | "/whoami", _) => text(200, format!("{identity}\n")),
+        _ => text(404, "404 Not Found\n".to_string()),
     }
-    .header("Server", SERVER_HEADER)
 }
 
 enum Step {
@@ -301,7 +407,8 @@ enum Step {
 
 /// Handles one `Authorization` value. Any NTLM token restarts or continues the
 /// handshake; a NEGOTIATE on an authenticated connection drops the old identity.
-fn handshake_step(directory: &Directory, auth: &mut ConnAuth, value: &str, id: u64) -> Step {
+fn handshake_step(shared: &Shared, peer: SocketAddr, auth: &mut ConnAuth, value: &str, id: u64) -> Step {
+    let directory = &shared.directory;
     let (scheme, token) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
     let scheme = if scheme.eq_ignore_ascii_case("NTLM") {
         "NTLM"
@@ -335,10 +442,25 @@ fn handshake_step(directory: &Directory, auth: &mut ConnAuth, value: &str, id: u
         }
         Ok(message::AUTHENTICATE) => {
             let ConnAuth::Challenged { server_challenge } = *auth else {
+                let names = message::parse_authenticate(&token).ok();
+                shared.logins.lock().expect("logins lock").push(LoginRecord {
+                    peer,
+                    domain: names.as_ref().map(|m| m.domain.clone()).unwrap_or_default(),
+                    user: names.as_ref().map(|m| m.user.clone()).unwrap_or_default(),
+                    workstation: names.map(|m| m.workstation).unwrap_or_default(),
+                    ok: false,
+                });
                 debug!("conn={id}: AUTHENTICATE without a challenge on this connection");
                 return Step::Rejected;
             };
             let verdict = directory.verify(&server_challenge, &token);
+            shared.logins.lock().expect("logins lock").push(LoginRecord {
+                peer,
+                domain: verdict.claimed_domain.clone().unwrap_or_default(),
+                user: verdict.claimed_user.clone().unwrap_or_default(),
+                workstation: verdict.workstation.clone().unwrap_or_default(),
+                ok: verdict.result.is_ok(),
+            });
             let user = verdict.claimed_user.as_deref().unwrap_or("-");
             match verdict.result {
                 Ok(identity) => {
@@ -585,6 +707,43 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&r)
         );
+    }
+
+    #[tokio::test]
+    async fn records_logins_and_moves_patterns_only_when_logged_in() {
+        const LEN: u64 = (3 << 20) + 11;
+        let server = server().await;
+        let mut conn = HttpConn::connect(server.local_addr()).await.expect("connect");
+        let get = format!("{PATTERN_PATH}?seed=5&len={LEN}");
+        assert_eq!(conn.get(&get).await.expect("anonymous").status, 401);
+        let wrong = Credentials { password: "Bob-Pass-2", ..ALICE };
+        let r = conn.login_from("NTLM", "/", &wrong, "WS-1").await.expect("login");
+        assert_eq!(r.status, 401);
+        let r = conn.login_from("NTLM", "/", &ALICE, "WS-2").await.expect("login");
+        assert_eq!(r.status, 200);
+        let peer = conn.local_addr().expect("local");
+        let record = |workstation: &str, ok| LoginRecord {
+            peer,
+            domain: "EXAMPLE".into(),
+            user: "alice".into(),
+            workstation: workstation.into(),
+            ok,
+        };
+        assert_eq!(server.logins(), [record("WS-1", false), record("WS-2", true)]);
+
+        let (status, v) = conn.get_pattern(&get, 5).await.expect("GET pattern");
+        assert_eq!(status, 200);
+        v.assert_exact(LEN, "GET /pattern");
+        let r = conn.put_pattern(&format!("{PATTERN_PATH}?seed=6"), 6, LEN).await.expect("PUT");
+        assert_eq!((r.status, r.text()), (200, format!("len={LEN} mismatch=none\n")));
+        // A body of another stream is reported at its first wrong byte.
+        let r = conn.put_pattern(&format!("{PATTERN_PATH}?seed=7"), 6, 100).await.expect("PUT");
+        assert_eq!(r.status, 200);
+        assert!(r.text().starts_with("len=100 mismatch=") && !r.text().contains("none"), "{}", r.text());
+        let before = (conn.bytes_sent(), conn.bytes_received());
+        assert!(before.0 > LEN && before.1 > LEN, "{before:?}");
+        assert_eq!(conn.get("/whoami").await.expect("whoami").text(), "EXAMPLE\\alice\n");
+        assert!(conn.bytes_sent() > before.0 && conn.bytes_received() > before.1);
     }
 
     #[tokio::test]
