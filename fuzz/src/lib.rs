@@ -19,6 +19,7 @@
 //! case's input before running it.
 
 pub mod havoc;
+pub mod leak;
 
 use std::{
     cell::RefCell,
@@ -43,7 +44,7 @@ use proptest::{
 /// The environment variable giving each target's time budget in whole seconds (0 skips).
 pub const SECS_VAR: &str = "NTLM_SPLICE_FUZZ_SECS";
 
-/// Each target's time budget when [`SECS_VAR`] is not set: with five targets, under four
+/// Each target's time budget when [`SECS_VAR`] is not set: with seven targets, under six
 /// minutes of CI time in all.
 pub const DEFAULT_SECS: u64 = 45;
 

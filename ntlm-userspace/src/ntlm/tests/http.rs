@@ -293,13 +293,21 @@ fn arbitrary_split() -> impl Strategy<Value = Split> {
     (bytes(), bytes(), picks()).prop_map(|(up, down, picks)| split(up, down, &picks))
 }
 
+/// The captured exchanges (NTLM and Negotiate logins, a 401 offering NTLM) and the synthetic
+/// one (chunked bodies with extensions and trailers, a 401 with WWW-Authenticate, HEAD,
+/// 100-continue and 103, 204, 304): both directions of each.
+fn valid_exchanges() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut all: Vec<_> = FIXTURES.iter().map(|f| (f.stream(Dir::Up), f.stream(Dir::Down))).collect();
+    all.push((UP.to_vec(), DOWN.to_vec()));
+    all
+}
+
 /// The captured exchanges and the synthetic one, with a few bytes overwritten each way, cut
 /// anywhere.
 fn mutated_split() -> impl Strategy<Value = Split> {
     let edits = proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6);
     (any::<prop::sample::Index>(), edits, picks()).prop_map(|(which, edits, picks)| {
-        let mut all: Vec<_> = FIXTURES.iter().map(|f| (f.stream(Dir::Up), f.stream(Dir::Down))).collect();
-        all.push((UP.to_vec(), DOWN.to_vec()));
+        let mut all = valid_exchanges();
         let (mut up, mut down) = all.swap_remove(which.index(all.len()));
         for (i, (at, b)) in edits.into_iter().enumerate() {
             let s = if i % 2 == 0 { &mut up } else { &mut down };
@@ -310,8 +318,33 @@ fn mutated_split() -> impl Strategy<Value = Split> {
     })
 }
 
+/// The valid exchanges ([`valid_exchanges`]) with random edits (see [`ntlm_fuzz::havoc`]) in
+/// one direction or both, cut anywhere.
+fn havoc_on_valid_split() -> impl Strategy<Value = Split> {
+    prop::sample::select(valid_exchanges())
+        .prop_flat_map(|(up, down)| {
+            let side = |bytes: Vec<u8>| prop_oneof![1 => Just(bytes.clone()), 2 => ntlm_fuzz::havoc(Just(bytes))];
+            (side(up), side(down), picks())
+        })
+        .prop_map(|(up, down, picks)| split(up, down, &picks))
+}
+
+/// Both directions in the recording format of `fixtures/` (`>` or `<`, a big-endian u32
+/// length, the bytes): what a fuzz failure reports, ready to become a fixture.
+fn recording(s: &Split) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (dir, bytes) in [(b'>', &s.up), (b'<', &s.down)] {
+        out.push(dir);
+        out.extend_from_slice(&u32::try_from(bytes.len()).expect("a short stream").to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
 /// No panic, and the reads' split changes nothing: the same requests, responses and verdicts
-/// as when each direction is fed whole (the responses told of the requests scanned).
+/// as when each direction is fed whole (the responses told of the requests scanned). No
+/// `Debug` or `Display` text of what the scanners report shows bytes of the stream
+/// ([`ntlm_fuzz::leak::shown`]): not a token, nor any other field.
 fn scans_as_whole(s: Split) -> TestCaseResult {
     let whole_up = requests(&[&s.up]);
     prop_assert_eq!(requests(&cut(&s.up, &s.up_cuts)), whole_up.clone());
@@ -319,8 +352,20 @@ fn scans_as_whole(s: Split) -> TestCaseResult {
     let plain = vec![Request { auth: None, head_method: false }; 3];
     let sent = if whole_up.0.is_empty() { &plain } else { &whole_up.0 };
     let whole_down = responses(sent, &[&s.down]);
-    prop_assert_eq!(responses(sent, &cut(&s.down, &s.down_cuts)), whole_down);
+    prop_assert_eq!(responses(sent, &cut(&s.down, &s.down_cuts)), whole_down.clone());
+    for (text, stream) in [(shown_text(&whole_up), &s.up), (shown_text(&whole_down), &s.down)] {
+        if let Some(how) = ntlm_fuzz::leak::shown(&text, stream) {
+            return Err(TestCaseError::fail(format!("{how}: {text}")));
+        }
+    }
     Ok(())
+}
+
+/// What a scan shows in a log or a failure message: the messages' `Debug`, the verdict's
+/// `Debug` and `Display`.
+fn shown_text<T: fmt::Debug>((messages, result): &Scan<T>) -> String {
+    let verdict = result.err().map(|e| format!("{e}\n{e:?}")).unwrap_or_default();
+    format!("{messages:?}\n{verdict}")
 }
 
 proptest! {
@@ -333,4 +378,30 @@ proptest! {
     fn mutated_exchanges_split_anywhere_scan_as_whole(s in mutated_split()) {
         scans_as_whole(s)?;
     }
+
+    #[test]
+    fn valid_exchanges_with_random_edits_split_anywhere_scan_as_whole(s in havoc_on_valid_split()) {
+        scans_as_whole(s)?;
+    }
+}
+
+/// The properties above on fresh cases for a time budget instead of proptest's 256 (see the
+/// `ntlm_fuzz` crate): the product's HTTP/1.x head scanners. A failing case's input is both
+/// directions in the recording format of `fixtures/` ([`recording`]).
+#[test]
+#[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
+fn fuzz_http_scanner() {
+    ntlm_fuzz::Target::new("http_scanner")
+        .property("arbitrary bytes", arbitrary_split(), recording, scans_as_whole)
+        .property("mutated exchanges", mutated_split(), recording, scans_as_whole)
+        .property("havoc on valid exchanges", havoc_on_valid_split(), recording, scans_as_whole)
+        .run();
+}
+
+#[test]
+fn a_recording_reads_back_as_its_streams() {
+    let s = split(UP.to_vec(), DOWN.to_vec(), &[]);
+    let file = Box::leak(recording(&s).into_boxed_slice());
+    let f = crate::ntlm::fixtures::Fixture { file: "recording", bytes: file, login: None };
+    assert_eq!((f.stream(Dir::Up), f.stream(Dir::Down)), (UP.to_vec(), DOWN.to_vec()));
 }

@@ -366,6 +366,9 @@ fn log_safe(n: &Names) -> TestCaseResult {
         prop_assert!(name.chars().count() <= MAX_NAME_CHARS, "{:?} too long", name);
         prop_assert!(!name.chars().any(unsafe_char), "{:?} has a character a log field must not", name);
     }
+    // The account's one `\` is the separator (none without a domain).
+    let account = n.account();
+    prop_assert_eq!(account.matches('\\').count(), usize::from(!n.domain.is_empty()), "{:?}", account);
     Ok(())
 }
 
@@ -375,7 +378,9 @@ fn arbitrary_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// `bytes` as a raw message, a GSS token, and a token's text (as sent, and base64 encoded)
-/// under either scheme: no panic, and any names found are log-safe.
+/// under either scheme: no panic, any names found are log-safe, and no error (`Display` or
+/// `Debug`) nor parsed message (`Debug`, but for the names) shows bytes of the token or of
+/// what it decodes to ([`ntlm_fuzz::leak::shown`]).
 fn parses_safely(bytes: &[u8]) -> TestCaseResult {
     let b64 = STANDARD.encode(bytes);
     let mut parsed =
@@ -384,12 +389,39 @@ fn parses_safely(bytes: &[u8]) -> TestCaseResult {
         parsed.push(parse_token(scheme, bytes));
         parsed.push(parse_token(scheme, b64.as_bytes()));
     }
-    for p in parsed {
+    let mut texts = Vec::new();
+    for p in &parsed {
         if let Ok(Some(Message::Authenticate(n))) = p {
-            log_safe(&n)?;
+            log_safe(n)?;
+        }
+        texts.push(shown_text(p));
+    }
+    texts.sort_unstable();
+    texts.dedup();
+    let texts = texts.join("\n");
+    let decoded = BASE64.decode(bytes).ok();
+    for secret in [Some(bytes), Some(b64.as_bytes()), decoded.as_deref()].into_iter().flatten() {
+        if let Some(how) = ntlm_fuzz::leak::shown(&texts, secret) {
+            return Err(TestCaseError::fail(format!("{how}: {texts}")));
         }
     }
     Ok(())
+}
+
+/// What a parse result shows in a log or a failure message: an error's `Display` and `Debug`,
+/// a message's `Debug` without the names (token bytes by design, escaped).
+fn shown_text(parsed: &Result<Option<Message>, MessageError>) -> String {
+    match parsed {
+        Ok(Some(Message::Authenticate(n))) => {
+            let mut debug = format!("{parsed:?}");
+            for name in [&n.domain, &n.user, &n.workstation] {
+                debug = debug.replacen(&format!("{name:?}"), "", 1);
+            }
+            debug
+        }
+        Ok(_) => format!("{parsed:?}"),
+        Err(e) => format!("{e}\n{e:?}"),
+    }
 }
 
 /// A valid AUTHENTICATE message, raw, in a SPNEGO NegTokenInit or in a NegTokenResp, with
@@ -408,21 +440,57 @@ fn mutated_message() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// The tokens real clients and servers sent (`fixtures/`: NEGOTIATE, CHALLENGE and
+/// AUTHENTICATE messages, under `NTLM` and in SPNEGO under `Negotiate`), the [MS-NLMP]
+/// example, and built Unicode and OEM AUTHENTICATE messages, each raw and wrapped in a SPNEGO
+/// NegTokenInit and NegTokenResp, decoded: the seeds random edits start from.
+fn valid_tokens() -> Vec<Vec<u8>> {
+    let captured = FIXTURES.iter().flat_map(|f| [f.tokens(Dir::Up), f.tokens(Dir::Down)]).flatten();
+    let decoded: Vec<Vec<u8>> =
+        captured.map(|(_, token)| BASE64.decode(token).expect("a captured token is base64")).collect();
+    let raw = decoded
+        .iter()
+        .filter_map(|t| ntlm_in_gss(t).expect("a captured token is well-formed").map(<[u8]>::to_vec))
+        .chain([
+            unhex(MS_NLMP_AUTHENTICATE),
+            unicode_message("EXAMPLE", "alice", "WORKSTATION"),
+            authenticate_message(0, b"EXAMPLE", b"alice", b"PC-1"),
+        ])
+        .collect::<Vec<_>>();
+    let wrapped = raw.iter().flat_map(|m| [spnego_init(NTLM_OID, Some(m), &[]), spnego_resp(m)]);
+    let mut all: Vec<Vec<u8>> = decoded.iter().cloned().chain(raw.iter().cloned()).chain(wrapped).collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// Valid tokens ([`valid_tokens`]) with a few random edits (see [`ntlm_fuzz::havoc`]).
+fn havoc_on_valid_tokens() -> impl Strategy<Value = Vec<u8>> {
+    ntlm_fuzz::havoc(prop::sample::select(valid_tokens()))
+}
+
 /// Any UTF-16 code units as a name, and a name of characters that need no escape.
 fn any_names() -> impl Strategy<Value = (Vec<u16>, String)> {
     (proptest::collection::vec(any::<u16>(), 0..300), "[A-Za-z0-9._@-]{0,40}")
 }
 
-/// Any name comes out log-safe, in Unicode and OEM messages; a plain name comes out as is.
-fn escapes_any_keeps_plain((units, plain): (Vec<u16>, String)) -> TestCaseResult {
+/// The Unicode and the OEM message of [`escapes_any_keeps_plain`]: the code units as the
+/// domain (and the workstation of the Unicode one), the plain name as the user.
+fn names_messages((units, plain): &(Vec<u16>, String)) -> [Vec<u8>; 2] {
     let bytes: Vec<u8> = units.iter().flat_map(|u| u.to_le_bytes()).collect();
-    let unicode = authenticate_message(NEGOTIATE_UNICODE, &bytes, &utf16(&plain), &bytes);
+    let unicode = authenticate_message(NEGOTIATE_UNICODE, &bytes, &utf16(plain), &bytes);
     let oem = authenticate_message(0, &bytes, plain.as_bytes(), &[]);
-    for msg in [unicode, oem] {
+    [unicode, oem]
+}
+
+/// Any name comes out log-safe, in Unicode and OEM messages; a plain name comes out as is.
+fn escapes_any_keeps_plain(names: (Vec<u16>, String)) -> TestCaseResult {
+    let plain = &names.1;
+    for msg in names_messages(&names) {
         let parsed = parse_message(&msg);
         let Ok(Message::Authenticate(n)) = parsed else { return Err(TestCaseError::fail(format!("{parsed:?}"))) };
         log_safe(&n)?;
-        prop_assert_eq!(&n.user, &plain);
+        prop_assert_eq!(&n.user, plain);
     }
     Ok(())
 }
@@ -439,7 +507,46 @@ proptest! {
     }
 
     #[test]
+    fn valid_tokens_with_random_edits_never_panic_and_names_are_log_safe(m in havoc_on_valid_tokens()) {
+        parses_safely(&m)?;
+    }
+
+    #[test]
     fn any_name_is_escaped_and_plain_names_kept(n in any_names()) {
         escapes_any_keeps_plain(n)?;
     }
+}
+
+/// The properties above on fresh cases for a time budget instead of proptest's 256 (see the
+/// `ntlm_fuzz` crate): the product's parser of `Authorization` tokens.
+#[test]
+#[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
+fn fuzz_ntlm_message() {
+    ntlm_fuzz::Target::new("ntlm_message")
+        .property("arbitrary bytes", arbitrary_bytes(), Clone::clone, |b| parses_safely(&b))
+        .property("mutated messages", mutated_message(), Clone::clone, |b| parses_safely(&b))
+        .property("havoc on valid tokens", havoc_on_valid_tokens(), Clone::clone, |b| parses_safely(&b))
+        .property("any names", any_names(), |n| names_messages(n)[0].clone(), escapes_any_keeps_plain)
+        .run();
+}
+
+#[test]
+fn the_seeds_of_random_edits_are_every_kind_of_message_in_both_wrappings() {
+    let seeds = valid_tokens();
+    let mut kinds: Vec<_> = seeds
+        .iter()
+        .filter_map(|t| {
+            // pyspnego's last token carries no NTLM message: a seed all the same.
+            let inner = ntlm_in_gss(t).unwrap()?;
+            let kind = match parse_message(inner).unwrap() {
+                Message::Authenticate(_) => 3,
+                Message::Challenge => 2,
+                Message::Negotiate => 1,
+            };
+            Some((kind, t.starts_with(SIGNATURE)))
+        })
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    assert_eq!(kinds, [(1, false), (1, true), (2, false), (2, true), (3, false), (3, true)]);
 }

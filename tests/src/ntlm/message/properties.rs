@@ -327,11 +327,12 @@ proptest! {
 }
 
 /// The NTLM message properties above, on fresh cases for a time budget instead of [`CASES`]
-/// cases (see the `ntlm_fuzz` crate).
+/// cases (see the `ntlm_fuzz` crate). These are the parsers of the test server (`ntlm-testd`);
+/// the product's are fuzzed by `ntlm_splice::ntlm::message`'s `fuzz_ntlm_message`.
 #[test]
 #[ignore = "fuzz target: `cargo xtask test` runs it for NTLM_SPLICE_FUZZ_SECS"]
-fn fuzz_ntlm_message() {
-    ntlm_fuzz::Target::new("ntlm_message")
+fn fuzz_test_server_ntlm_message() {
+    ntlm_fuzz::Target::new("test_server_ntlm_message")
         .property(
             "arbitrary messages",
             arbitrary_message(),
