@@ -97,7 +97,15 @@ fn account(domain: &str, user: &str) -> String {
 /// A name as the access log writes it: `"`, `\` and control characters as `\xNN`.
 fn escaped(name: &str) -> String {
     name.chars()
-        .map(|c| if c == '%' || c == '"' || c == '\\' || c.is_control() { format!("%{:02X}", c as u32) } else { c.into() })
+        .map(
+            |c| {
+                if c == '%' || c == '"' || c == '\\' || c.is_control() {
+                    format!("%{:02X}", c as u32)
+                } else {
+                    c.into()
+                }
+            },
+        )
         .collect()
 }
 
@@ -508,6 +516,57 @@ async fn the_guard_blocks_an_address_and_a_user_and_keeps_them_over_a_reload() {
         let lines = all_lines(&engine, &proxy, clients.conns).await;
         let after = scrape(m).await;
         assert_counters_match(&engine, ROUTE, &before, &after, &lines);
+        stop(&engine, proxy).await;
+    }
+}
+
+/// With a guard, a denied login does not hand the connection to the engine: the client may
+/// try again on it, and that login is judged (and counted) too; a connection whose last
+/// login was denied is closed, not handed over unwatched, when the observer has to stop
+/// (here: bytes that are not HTTP), so that a client cannot keep one connection and try
+/// passwords through the engine unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_connection_is_watched_on_and_never_handed_over_unwatched() {
+    let wrong = Credentials { password: "a-wrong-password", ..ALICE };
+    for engine in harness::engines() {
+        let backend = backend().await;
+        let dir = TempDir::new("observe-unwatched");
+        let path = dir.write("ntlm-splice.toml", &guard_config(&engine, backend.local_addr(), "5m"));
+        let proxy = Proxy::start_config(&path).await;
+        let m = metrics_addr(&proxy).await;
+        let before = scrape(m).await;
+        let addr = proxy.addr_of(ROUTE, QUICK).await;
+
+        // A wrong password, then the right one, on one connection: both reach the backend.
+        let mut c = within(QUICK, "connect", HttpConn::connect_from(loopback(30), addr)).await.expect("connect");
+        let r = within(QUICK, "wrong password", c.login("/whoami", &wrong)).await.expect("login");
+        assert_eq!(r.status, 401, "[{engine}] wrong password");
+        let r = within(QUICK, "right password", c.login("/whoami", &ALICE)).await.expect("login");
+        assert_eq!((r.status, r.text().as_str()), (200, "EXAMPLE\\alice\n"), "[{engine}] second try");
+        let rest = within(QUICK, "close", c.finish()).await.expect("close");
+        assert!(rest.is_empty(), "[{engine}] {rest:?}");
+        let line = conn_line(&proxy, 1).await;
+        assert_login(&engine, &line, Some(("EXAMPLE\\alice", WORKSTATION, "ok")));
+        let tries: Vec<bool> = backend.logins().iter().map(|l| l.ok).collect();
+        assert_eq!(tries, [false, true], "[{engine}] the backend saw both tries");
+
+        // A wrong password, then bytes the observer cannot follow: closed by the guard.
+        let mut c = within(QUICK, "connect", HttpConn::connect_from(loopback(31), addr)).await.expect("connect");
+        let r = within(QUICK, "wrong password", c.login("/whoami", &wrong)).await.expect("login");
+        assert_eq!(r.status, 401, "[{engine}] wrong password");
+        let closed = within(QUICK, "closed", c.raw_exchange(b"\x16\x03\x01 not HTTP\r\n\r\n")).await;
+        assert!(closed.is_ok(), "[{engine}] the proxy closes the connection: {closed:?}");
+        let line = conn_line(&proxy, 2).await;
+        assert_eq!(line.get("end"), Some("guard_blocked"), "[{engine}] {}", line.raw);
+        assert!(line.get("error").is_some_and(|e| e.contains("last login was denied")), "[{engine}] {}", line.raw);
+        assert_login(&engine, &line, Some(("EXAMPLE\\alice", WORKSTATION, "denied")));
+
+        let after = scrape(m).await;
+        let d = |series: String| delta(&before, &after, &series);
+        let logins = |r: &str| d(format!("ntlm_splice_ntlm_logins_total{{route=\"{ROUTE}\",result=\"{r}\"}}"));
+        assert_eq!((logins("ok"), logins("denied")), (1.0, 2.0), "[{engine}] every try counted");
+        let blocks = |r: &str| d(format!("ntlm_splice_guard_blocks_total{{route=\"{ROUTE}\",reason=\"{r}\"}}"));
+        assert_eq!((blocks("unwatched"), blocks("address"), blocks("user")), (1.0, 0.0, 0.0), "[{engine}]");
         stop(&engine, proxy).await;
     }
 }
