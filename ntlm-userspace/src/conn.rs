@@ -279,7 +279,7 @@ async fn observe_ntlm(
     from: IpAddr,
 ) -> Result<(Progress, Option<Box<Login>>), (Progress, End, Option<Fault>, Option<Box<Login>>)> {
     let mut judge = GuardJudge { route, id, from, blocked: None };
-    let Observed { progress, stop, login } =
+    let Observed { progress, stop, login, answerable } =
         ntlm::observe(client, backend, &route.ctl, &ObserveLimits::default(), &mut judge).await;
     let blocked = judge.blocked.take();
     if let Some(l) = &login
@@ -301,6 +301,16 @@ async fn observe_ntlm(
         Stop::Blocked => {
             let b = blocked.unwrap_or(Blocked::User(String::new()));
             route.metrics.guard_block(block_reason(&b));
+            if answerable {
+                // The client waits for this request's response alone: say no, rather than
+                // close, which HTTP clients take for a lost connection and retry (curl five
+                // times), each retry blocked again.
+                match client.try_write(BLOCKED_RESPONSE) {
+                    Ok(n) if n == BLOCKED_RESPONSE.len() => {}
+                    Ok(n) => log::debug!("conn={id} the guard's 403 went out in part ({n} bytes)"),
+                    Err(e) => log::debug!("conn={id} the guard's 403: {e}"),
+                }
+            }
             (End::GuardBlocked, Some(Fault::Blocked(Box::new(blocked_why(&b)))))
         }
         Stop::DeniedUnwatched => {
@@ -324,6 +334,11 @@ async fn observe_ntlm(
     };
     Err((progress, end, fault, login))
 }
+
+/// What a client whose login the guard blocks gets, when it waits for that response alone
+/// (not counted in the access log's bytes, which are the backend's and the client's).
+const BLOCKED_RESPONSE: &[u8] = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 60\r\n\
+    Connection: close\r\n\r\nLogins are blocked for a while after too many failed ones.\r\n";
 
 /// The failed-login guard of a route (if it has one) as the observer's judge; also counts the
 /// logins decided.
@@ -613,6 +628,18 @@ mod tests {
 
     use super::*;
     use crate::config::EngineChoice;
+
+    /// The guard's answer is one whole HTTP/1.1 response whose body is as long as it says.
+    #[test]
+    fn the_guards_403_is_a_whole_response() {
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut r = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(head) = r.parse(BLOCKED_RESPONSE).unwrap() else { panic!("a partial head") };
+        assert_eq!(r.code, Some(403));
+        let len = r.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")).unwrap().value;
+        let len: usize = std::str::from_utf8(len).unwrap().parse().unwrap();
+        assert_eq!(BLOCKED_RESPONSE.len() - head, len);
+    }
 
     #[tokio::test]
     async fn backend_connect_sets_nodelay_and_reports_refusal() {

@@ -417,20 +417,23 @@ impl Clients<'_> {
         assert_eq!(line.get("ntlm_result"), Some("denied"), "[{}] {}", self.engine, line.raw);
     }
 
-    /// A connection the guard closes: the raw client's login gets no response, the line
-    /// ends `end=guard_blocked`. (Not curl: when a connection that answered its NEGOTIATE is
-    /// closed at the AUTHENTICATE, curl retries on new connections, five times.)
-    async fn blocked(&mut self, from: IpAddr, creds: &Credentials<'_>) -> AccessLine {
+    /// A connection the guard closes, seen by the raw client (which tells a 403 from a
+    /// closed connection); the line ends `end=guard_blocked`.
+    /// `answered`: a user block, whose AUTHENTICATE gets the proxy's 403; else an address
+    /// block, closed before any response.
+    async fn blocked(&mut self, from: IpAddr, creds: &Credentials<'_>, answered: bool) -> AccessLine {
         let addr = self.proxy.addr_of(ROUTE, QUICK).await;
         let mut c = within(QUICK, "connect", HttpConn::connect_from(from, addr)).await.expect("connect");
         let r = within(QUICK, "a blocked login", c.login("/whoami", creds)).await;
-        assert!(
-            r.is_err(),
-            "[{}] {}\\{} from {from} must get no response: {r:?}",
-            self.engine,
-            creds.domain,
-            creds.user
-        );
+        let who = format!("[{}] {}\\{} from {from}", self.engine, creds.domain, creds.user);
+        if answered {
+            let r = r.unwrap_or_else(|e| panic!("{who} must get the guard's 403: {e:?}"));
+            assert_eq!(r.status, 403, "{who}: {:?}", r.text());
+            let rest = within(QUICK, "closed", c.wait_closed()).await;
+            assert!(rest.as_ref().is_ok_and(|b| b.is_empty()), "{who}: closed after the 403: {rest:?}");
+        } else {
+            assert!(r.is_err(), "{who} must get no response: {r:?}");
+        }
         self.conns += 1;
         let line = conn_line(self.proxy, self.conns).await;
         assert_eq!(
@@ -471,7 +474,7 @@ async fn the_guard_blocks_an_address_and_a_user_and_keeps_them_over_a_reload() {
             clients.denied(a, creds).await;
         }
         let accepted = backend.connections_accepted();
-        let line = clients.blocked(a, &DAVE).await;
+        let line = clients.blocked(a, &DAVE, false).await;
         assert_eq!(line.get("backend"), Some("-"), "[{engine}] no backend for a blocked address: {}", line.raw);
         assert!(
             line.get("error").is_some_and(|e| ADDRESS_BLOCKED.iter().all(|s| e.contains(s))),
@@ -491,7 +494,7 @@ async fn the_guard_blocks_an_address_and_a_user_and_keeps_them_over_a_reload() {
         let dave_authenticates = |b: &NtlmServer| b.logins().iter().filter(|l| l.user == DAVE.user).count();
         let seen = dave_authenticates(&backend);
         assert_eq!(seen, MAX_FAILURES, "[{engine}] dave's denied logins reached the backend");
-        let line = clients.blocked(fresh, &DAVE).await;
+        let line = clients.blocked(fresh, &DAVE, true).await;
         assert_login(&engine, &line, Some(("EXAMPLE\\dave", WORKSTATION, "blocked")));
         assert!(
             line.get("error").is_some_and(|e| e.contains("user")),
@@ -499,6 +502,11 @@ async fn the_guard_blocks_an_address_and_a_user_and_keeps_them_over_a_reload() {
             line.raw
         );
         assert_eq!(dave_authenticates(&backend), seen, "[{engine}] the blocked AUTHENTICATE never reached the backend");
+        // curl as dave gets the 403 and stops there: one connection, no retry (when the
+        // guard only closed the connection, curl retried on five new ones).
+        let (run, line) = clients.login(fresh, &DAVE, DAVE.password).await;
+        assert_eq!(run.transfers.first().map(|t| t.status), Some(403), "[{engine}] curl as dave: {run:?}");
+        assert_eq!(line.get("ntlm_result"), Some("blocked"), "[{engine}] {}", line.raw);
         // Another user from that same fresh address, and a sprayer address, log in.
         clients.ok(fresh, &CAROL).await;
         clients.ok(sprayers[0], &ALICE).await;
@@ -506,9 +514,9 @@ async fn the_guard_blocks_an_address_and_a_user_and_keeps_them_over_a_reload() {
         // A reload that keeps the route (with another window) keeps both blocks.
         dir.write("ntlm-splice.toml", &guard_config(&engine, backend.local_addr(), "6m"));
         proxy.reload(QUICK).await.unwrap_or_else(|l| panic!("[{engine}] the reload was rejected: {l}"));
-        let line = clients.blocked(a, &CAROL).await;
+        let line = clients.blocked(a, &CAROL, false).await;
         assert_eq!(line.get("backend"), Some("-"), "[{engine}] after the reload: {}", line.raw);
-        let line = clients.blocked(later, &DAVE).await;
+        let line = clients.blocked(later, &DAVE, true).await;
         assert_eq!(line.get("ntlm_result"), Some("blocked"), "[{engine}] after the reload: {}", line.raw);
         assert_eq!(dave_authenticates(&backend), seen, "[{engine}] after the reload");
         clients.ok(b, &CAROL).await;

@@ -496,6 +496,12 @@ impl ResponseScanner {
         ResponseScanner { framer: Framer::new(Kind::Response), pending: VecDeque::new() }
     }
 
+    /// Whether every request it was told of has been answered in full: the backend's stream
+    /// is between responses, where a response of the proxy's own could go instead.
+    pub fn idle(&self) -> bool {
+        self.pending.is_empty() && matches!(self.framer.state, State::Head) && self.framer.buf.is_empty()
+    }
+
     /// `request` went to the backend: its response comes after those of the requests before.
     /// `Err` when too many are waiting; the scanner has then given up.
     pub fn expect(&mut self, request: &Request) -> Result<(), GiveUp> {

@@ -208,6 +208,10 @@ pub struct Observed {
     /// The NTLM login seen, if an AUTHENTICATE message was (the last one: a connection
     /// watched past a denied login may carry several).
     pub login: Option<Login>,
+    /// [`Stop::Blocked`] only: every earlier request was answered and its response written
+    /// to the client in full, so the client waits for the blocked request's response alone
+    /// and the proxy may answer it itself.
+    pub answerable: bool,
 }
 
 /// Judges the logins the observer sees (the failed-login guard).
@@ -295,6 +299,10 @@ pub async fn observe(
     });
     let login = unanswered.or_else(|| relay.watch.login.take());
     let denied = login.as_ref().is_some_and(|l| l.result == LoginResult::Denied);
+    let answerable = matches!(stop, Stop::Blocked)
+        && relay.watch.pending.is_empty()
+        && relay.watch.responses.idle()
+        && relay.lanes[Dir::Down as usize].flushed();
     let stop = match stop {
         Stop::NotAuthenticating | Stop::CannotFollow { .. } | Stop::ByteCap(_) | Stop::TimeLimit
             if denied && relay.watch.judge.watches_denied() =>
@@ -303,7 +311,7 @@ pub async fn observe(
         }
         stop => stop,
     };
-    Observed { progress: relay.progress, stop, login }
+    Observed { progress: relay.progress, stop, login, answerable }
 }
 
 /// `start + d`, or some 30 years on when that is past what `Instant` holds.

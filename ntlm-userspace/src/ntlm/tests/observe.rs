@@ -285,6 +285,8 @@ async fn a_refused_login_never_reaches_the_backend() {
     let observed =
         observe(&proxy_client, &proxy_backend, &RelayCtl::unlimited(), &ObserveLimits::default(), admit).await;
     assert!(matches!(observed.stop, Stop::Blocked) && !observed.stop.hands_over(), "{:?}", observed.stop);
+    // The challenge was written in full and nothing else is awaited: the proxy may answer.
+    assert!(observed.answerable);
     assert_eq!(observed.login, Some(Login { result: LoginResult::Blocked, ..login_of(f) }));
     assert_eq!(*asked.lock().unwrap(), ["EXAMPLE\\alice"]);
     assert_eq!(observed.progress.bytes, [turns_len(f, 0), turns_len(f, 1)]);
