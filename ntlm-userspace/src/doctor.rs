@@ -1,4 +1,5 @@
-//! `ntlm-splice doctor`: what this host supports for the sockmap engine, step by step, and
+//! `ntlm-splice doctor`: who the process is and what it holds, what each engine and option
+//! needs ([`crate::privilege`]); what this host supports for the sockmap engine, step by step, and
 //! which engine `--engine auto` would pick; then what transparent source mode
 //! (`source = "client"`) needs and what of it is missing ([`transparent`], the `transparent_`
 //! lines). Each line is `key=value` (values with spaces quoted) so scripts can read it;
@@ -51,6 +52,11 @@ pub fn run() -> anyhow::Result<()> {
             line("cap_sys_admin", has(Cap::SysAdmin));
         }
         None => line("capabilities", "unknown (no CapEff in /proc/self/status)"),
+    }
+    // Who the process is, every capability set, and what each engine and option needs (the
+    // README's Privileges section; `--user` keeps only those).
+    for (key, value) in crate::privilege::doctor_lines() {
+        line(&key, value);
     }
     line("kernel", kernel_release());
     if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled") {

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ntlm;
 pub mod park;
+pub mod privilege;
 pub mod proxy_proto;
 pub mod route;
 pub mod server;

@@ -1,5 +1,6 @@
 use std::{path::Path, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::Parser as _;
 use ntlm_splice::{
     config::{Cli, Command, Config, ProxyArgs, file},
@@ -63,6 +64,11 @@ fn check(path: &Path) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    if let Some(user) = &config.global.user {
+        let account = ntlm_splice::sys::privs::lookup(user, config.global.group.as_deref())
+            .with_context(|| format!("{}: [global] user", path.display()))?;
+        println!("{}: user {user:?} exists (uid {}, gid {})", path.display(), account.uid, account.gid);
+    }
     let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
     let mut listen: Vec<_> = config.routes.iter().flat_map(|r| r.listen.iter()).collect();
     listen.sort();
@@ -83,7 +89,16 @@ async fn proxy(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Resu
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let server = Server::start(config, path).await?;
+    // Looked up before anything is bound: an unknown user fails at once, with the fix.
+    let account = match &config.global.user {
+        Some(user) => Some(
+            ntlm_splice::sys::privs::lookup(user, config.global.group.as_deref())
+                .with_context(|| format!("--user {user:?} (or [global] user)"))?,
+        ),
+        None => None,
+    };
+    let mut server = Server::start(config, path).await?;
+    server.drop_privileges(account.as_ref())?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {

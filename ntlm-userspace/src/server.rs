@@ -43,7 +43,9 @@ use crate::{
     health,
     metrics::{self, Metrics},
     park::{self, Parker},
+    privilege,
     route::{Site, Table},
+    sys::privs::Account,
 };
 
 /// Listen backlog: where clients wait while `max_connections` are busy. The kernel clamps
@@ -98,6 +100,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     /// The metrics endpoint, bound but not yet serving (until [`Server::run`]).
     metrics_listener: Option<TcpListener>,
+    /// What the process holds after [`Server::drop_privileges`] (`None`: nothing dropped).
+    dropped: Option<privilege::Dropped>,
 }
 
 impl Server {
@@ -137,7 +141,52 @@ impl Server {
             stop_accept: CancellationToken::new(),
             metrics,
             metrics_listener,
+            dropped: None,
         })
+    }
+
+    /// Gives up what serving no longer needs, between [`Server::start`] (listeners bound,
+    /// engines loaded, self-test run) and [`Server::run`]: switches every thread to `account`
+    /// when given and keeps only the capabilities [`privilege::needs`] names. A root process
+    /// without `account` keeps everything (and says so); one started as another user narrows
+    /// its capabilities all the same. Fails if any thread ends up holding something else.
+    pub fn drop_privileges(&mut self, account: Option<&Account>) -> anyhow::Result<()> {
+        if account.is_none() && crate::sys::caps::euid() == 0 {
+            log::info!(
+                "privileges: running as root for the whole run; pass --user NAME to switch to a user after start"
+            );
+            return Ok(());
+        }
+        let facts = privilege::Facts::of(&self.config, self.path.is_some(), self.engines.sockmap_loaded());
+        let needs = privilege::needs(&facts);
+        let held = crate::sys::privs::current().map(|c| c.permitted).unwrap_or(0);
+        for n in needs.iter().filter(|n| held & n.cap.bit() == 0) {
+            log::warn!("privileges: {} is not held, so this will fail: {}", n.cap.name(), n.why);
+        }
+        let dropped = privilege::drop_to(account, privilege::set_of(&needs)).with_context(|| match account {
+            Some(a) => format!(
+                "cannot drop privileges to user {:?}; the proxy stops rather than run with more than it should",
+                a.name
+            ),
+            None => "cannot narrow the capabilities; the proxy stops rather than run with more than it should".into(),
+        })?;
+        self.engines.privileges_dropped(privilege::SEALED.into());
+        for n in needs.iter().filter(|n| dropped.caps & n.cap.bit() != 0) {
+            log::info!("privileges: keeping {}: {}", n.cap.name(), n.why);
+        }
+        log::info!("privileges: dropped; {}", dropped.summary());
+        if let (Some(path), Some(a)) = (&self.path, account)
+            && let Err(e) = std::fs::File::open(path)
+        {
+            log::warn!(
+                "privileges: {} cannot be read as user {:?} ({e}), so a reload (SIGHUP) will fail: make it readable \
+                 by that user or its group (chgrp/chmod)",
+                path.display(),
+                a.name
+            );
+        }
+        self.dropped = Some(dropped);
+        Ok(())
     }
 
     /// Serves until `Control::Shutdown` (or `control` closes), applying `Control::Reload`s;
@@ -246,13 +295,28 @@ impl Server {
                 self.metrics.reloaded(false);
                 // The rejected table's new series go; the running table's stay.
                 self.metrics.track(&self.table);
-                log::error!("reload: {} rejected, the running configuration is unchanged: {e:#}", path.display());
+                let privileges = match &self.dropped {
+                    Some(d) => format!(
+                        " (privileges were dropped at start: {}; a change that needs more takes a restart)",
+                        d.summary()
+                    ),
+                    None => String::new(),
+                };
+                log::error!(
+                    "reload: {} rejected, the running configuration is unchanged: {e:#}{privileges}",
+                    path.display()
+                );
             }
         }
     }
 
     async fn try_reload(&mut self, path: &std::path::Path) -> anyhow::Result<String> {
         let mut new = file::load(path)?;
+        if new.global.user.is_none() {
+            // `--user`/`--group` on the command line are not in the file: they stay.
+            new.global.user.clone_from(&self.config.global.user);
+            new.global.group.clone_from(&self.config.global.group);
+        }
         let plan = diff::plan(&self.config, &new);
         if !plan.restart_needed.is_empty() {
             log::warn!(

@@ -177,12 +177,12 @@ impl Proxy {
     /// Starts `ntlm-splice --listen 127.0.0.1:0 --engine ENGINE --backend … EXTRA…` and waits
     /// until it listens.
     pub async fn start(engine: &str, backends: &[SocketAddr], extra: &[&str]) -> Proxy {
-        Self::spawn(None, &Self::args(engine, backends, extra), &Self::default_log()).await
+        Self::spawn(&[], &Self::args(engine, backends, extra), &Self::default_log()).await
     }
 
     /// As [`Proxy::start`], with `RUST_LOG=rust_log` (e.g. to see debug lines of a module).
     pub async fn start_with_log(engine: &str, backends: &[SocketAddr], extra: &[&str], rust_log: &str) -> Proxy {
-        Self::spawn(None, &Self::args(engine, backends, extra), rust_log).await
+        Self::spawn(&[], &Self::args(engine, backends, extra), rust_log).await
     }
 
     /// `RUST_LOG` for the proxy: `$NTLM_SPLICE_TEST_LOG`, else `info`.
@@ -204,7 +204,7 @@ impl Proxy {
 
     /// Starts `ntlm-splice --config PATH` and waits until it listens (its first listener).
     pub async fn start_config(path: &std::path::Path) -> Proxy {
-        Self::spawn(None, &["--config".to_string(), path.display().to_string()], &Self::default_log()).await
+        Self::spawn(&[], &["--config".to_string(), path.display().to_string()], &Self::default_log()).await
     }
 
     /// Every listener the proxy has announced so far: (bound address, its routes).
@@ -250,32 +250,45 @@ impl Proxy {
 
     /// Starts the binary with exactly `args`.
     pub async fn start_args(args: &[String]) -> Proxy {
-        Self::spawn(None, args, &Self::default_log()).await
+        Self::spawn(&[], args, &Self::default_log()).await
     }
 
     /// Starts the binary with exactly `args` inside network namespace `netns`, as
     /// `ip netns exec NETNS ntlm-splice ARGS...` (`ip` execs the binary in its own place, so
     /// the child's PID, signals and output are the proxy's).
     pub async fn start_args_in(netns: &str, args: &[String]) -> Proxy {
-        Self::spawn(Some(netns), args, &Self::default_log()).await
+        Self::spawn(&["ip", "netns", "exec", netns], args, &Self::default_log()).await
     }
 
-    async fn spawn(netns: Option<&str>, args: &[String], rust_log: &str) -> Proxy {
-        let mut cmd = match netns {
-            None => Command::new(bin()),
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin());
-                c
-            }
-        };
+    /// Starts `WRAPPER... BINARY ARGS...`, e.g. `setpriv --reuid=... --ambient-caps=...`, where
+    /// the wrapper execs the binary in its own place (so the child's PID, signals and output
+    /// are the proxy's); `binary` instead of [`bin`] when given (a copy others may run).
+    pub async fn start_wrapped(wrapper: &[&str], binary: Option<&Path>, args: &[String]) -> Proxy {
+        let mut full: Vec<&str> = wrapper.to_vec();
+        let bin = binary.map_or_else(bin, Path::to_path_buf);
+        full.push(bin.to_str().expect("a UTF-8 binary path"));
+        Self::spawn_cmd(&full, args, &Self::default_log()).await
+    }
+
+    /// `wrapper` (may be empty) before the binary.
+    async fn spawn(wrapper: &[&str], args: &[String], rust_log: &str) -> Proxy {
+        let bin = bin();
+        let mut full: Vec<&str> = wrapper.to_vec();
+        full.push(bin.to_str().expect("a UTF-8 binary path"));
+        Self::spawn_cmd(&full, args, rust_log).await
+    }
+
+    /// Runs `command[0] command[1..] args`.
+    async fn spawn_cmd(command: &[&str], args: &[String], rust_log: &str) -> Proxy {
+        let mut cmd = Command::new(command[0]);
+        cmd.args(&command[1..]);
         cmd.args(args)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
         let log = Arc::new(Log::default());
         log.follow(Box::new(child.stderr.take().expect("stderr")), "proxy");
         log.follow(Box::new(child.stdout.take().expect("stdout")), "proxy");

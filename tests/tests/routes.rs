@@ -923,6 +923,9 @@ async fn check_validates_without_binding() {
     let mut replaced = 0;
     let local: Vec<String> = example
         .lines()
+        // The example's service account (`[global] user`) need not exist on this host; `check`
+        // would rightly fail on it. ntlm-userspace's config tests cover those keys.
+        .filter(|l| !l.starts_with("user = ") && !l.starts_with("group = "))
         .map(|l| {
             if !l.starts_with("backends = ") {
                 return l.to_string();

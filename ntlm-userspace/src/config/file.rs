@@ -119,6 +119,11 @@ pub struct Global {
     pub sockmap_sndbuf: u64,
     /// splice engine: capacity of each direction's pipe; 0: the kernel's default.
     pub pipe_size: u64,
+    /// The user to switch to once listeners are bound and engines loaded; `None`: keep the
+    /// user the process was started as (see `crate::privilege`).
+    pub user: Option<String>,
+    /// The group to switch to with `user`; `None`: the user's primary group.
+    pub group: Option<String>,
 }
 
 /// One route (`[[route]]`): the listeners it owns, its backend pool and its options.
@@ -236,6 +241,8 @@ impl Default for Global {
             max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
             sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
             pipe_size: DEFAULT_PIPE_SIZE,
+            user: None,
+            group: None,
         }
     }
 }
@@ -396,6 +403,8 @@ struct RawGlobal {
     max_inflight_total: Option<Spanned<SizeText>>,
     sockmap_sndbuf: Option<Spanned<SizeText>>,
     pipe_size: Option<Spanned<SizeText>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// `[defaults]` as written; the same keys as the options part of [`RawRoute`].
@@ -854,6 +863,18 @@ impl Checker<'_> {
                 out.pipe_size = n;
             }
         }
+        for (key, value, slot) in [("user", &g.user, &mut out.user), ("group", &g.group, &mut out.group)] {
+            if let Some(v) = value {
+                match account_name_problem(v.get_ref()) {
+                    Some(why) => self.report(&v.span(), s, key, format!("{:?}: {why}", v.get_ref())),
+                    None => *slot = Some(v.get_ref().clone()),
+                }
+            }
+        }
+        if let (Some(v), None) = (&g.group, &g.user) {
+            let m = "group needs user: set `user` too (the group alone does not switch anything)".to_string();
+            self.report(&v.span(), s, "group", m);
+        }
         out
     }
 
@@ -1229,6 +1250,18 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
+/// Why `name` cannot be a user or group name (`None`: it can): not empty, at most 256
+/// bytes, no whitespace, control characters, `:` or `/` (which no account database allows).
+pub(crate) fn account_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 256 {
+        return Some("must be a user or group name of 1 to 256 characters, e.g. \"ntlm-splice\"");
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control() || c == ':' || c == '/') {
+        return Some("has whitespace, a control character, ':' or '/', which no user or group name has");
+    }
+    None
+}
+
 /// A route name: `[A-Za-z0-9_.-]+`.
 fn is_route_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -1423,6 +1456,8 @@ mod tests {
             max_inflight_total: 256 << 20,
             sockmap_sndbuf: 8 << 20,
             pipe_size: 1 << 20,
+            user: Some("ntlm-splice".into()),
+            group: Some("ntlm-splice".into()),
         };
         assert_eq!(c.global, global);
         let defaults = RouteOptions {
@@ -1927,6 +1962,34 @@ mod tests {
         );
     }
 
+    /// `user` and `group`: names as account databases allow them, and no group without a user.
+    #[test]
+    fn user_and_group() {
+        let r = route("a", "127.0.0.1:1");
+        let mut v = vec!["[global]", r#"user = "ntlm-splice""#, r#"group = "proxy""#];
+        v.extend(refs(&r));
+        let c = parse(&file(&v), "t.toml").unwrap();
+        assert_eq!((c.global.user.as_deref(), c.global.group.as_deref()), (Some("ntlm-splice"), Some("proxy")));
+        let mut v = vec!["[global]", r#"user = """#, r#"group = "a b""#];
+        v.extend(refs(&r));
+        assert_eq!(
+            problems(&v),
+            [
+                r#"t.toml:2: global.user: "": must be a user or group name of 1 to 256 characters, e.g. "ntlm-splice""#,
+                r#"t.toml:3: global.group: "a b": has whitespace, a control character, ':' or '/', which no user or group name has"#,
+            ]
+        );
+        let mut v = vec!["[global]", r#"group = "proxy""#];
+        v.extend(refs(&r));
+        assert_eq!(
+            problem(&v),
+            "t.toml:2: global.group: group needs user: set `user` too (the group alone does not switch anything)"
+        );
+        let mut v = vec!["[global]", "user = 0"];
+        v.extend(refs(&r));
+        assert!(problem(&v).starts_with("t.toml:2: global.user: "), "a number is not a name");
+    }
+
     #[test]
     fn global_problems() {
         let mut v = vec![
@@ -2292,6 +2355,12 @@ mod tests {
             t.push_str(&format!("max_inflight_total = \"{}KiB\"\n", global.max_inflight_total >> 10));
             t.push_str(&format!("sockmap_sndbuf = {}\n", global.sockmap_sndbuf));
             t.push_str(&format!("pipe_size = \"{}\"\n", global.pipe_size));
+            if let Some(user) = &global.user {
+                t.push_str(&format!("user = {user:?}\n"));
+            }
+            if let Some(group) = &global.group {
+                t.push_str(&format!("group = {group:?}\n"));
+            }
             t.push_str("\n[defaults]\n");
             defaults.render(&mut t);
             for (i, r) in routes.iter().enumerate() {
@@ -2356,9 +2425,21 @@ mod tests {
                 0..(1u64 << 20),
                 prop_oneof![Just(0), MIN_KERNEL_BYTES..=MAX_SOCKMAP_SNDBUF],
                 prop_oneof![Just(0u64), (1u64..=64).prop_map(|m| m << 20)],
+                // A user, and with one maybe a group.
+                proptest::option::of(("[a-z_][a-z0-9_.-]{0,15}", proptest::option::of("[a-z_][a-z0-9_-]{0,15}"))),
             )
                 .prop_map(
-                    |(drain_timeout, max_connections, threads, max_inflight, extra_kib, sockmap_sndbuf, pipe_size)| {
+                    |(
+                        drain_timeout,
+                        max_connections,
+                        threads,
+                        max_inflight,
+                        extra_kib,
+                        sockmap_sndbuf,
+                        pipe_size,
+                        account,
+                    )| {
+                        let (user, group) = account.map_or((None, None), |(u, g)| (Some(u), g));
                         Global {
                             drain_timeout,
                             max_connections,
@@ -2368,6 +2449,8 @@ mod tests {
                             max_inflight_total: (max_inflight.div_ceil(1024) + extra_kib) << 10,
                             sockmap_sndbuf,
                             pipe_size,
+                            user,
+                            group,
                         }
                     },
                 )

@@ -223,6 +223,17 @@ pub struct ProxyArgs {
     /// /metrics, /healthz and /readyz. Keep it on loopback or a management network.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Once the listeners are bound and the engines loaded, switch to this user (its primary
+    /// group and supplementary groups) and keep only the capabilities still needed (the README,
+    /// Privileges, says which). Also `user` in the file's `[global]`; may be combined with
+    /// --config. Needs root (or CAP_SETUID, CAP_SETGID and CAP_SETPCAP) at start.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// With --user: switch to this group instead of the user's primary group.
+    #[arg(long, value_name = "NAME", requires = "user")]
+    pub group: Option<String>,
 }
 
 /// The flags' defaults and no route: what `doctor` loads the sockmap engine with, and the
@@ -256,6 +267,22 @@ pub enum ConfigError {
     /// The configuration file (`--config`): every problem with its line, key and fix.
     #[error(transparent)]
     File(#[from] file::FileError),
+    /// `--user`/`--group` and the file's `[global]` key name different accounts.
+    #[error(
+        "{flag} {flag_value:?} and `{key} = {file_value:?}` in {path} differ: keep one of them (or make them equal)"
+    )]
+    AccountConflict {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        flag_value: String,
+        /// The file's key.
+        key: &'static str,
+        /// The file's value.
+        file_value: String,
+        /// The file.
+        path: String,
+    },
     /// A value out of range.
     #[error("{flag} {value}: {why}")]
     Invalid {
@@ -303,8 +330,39 @@ impl ProxyArgs {
     /// The validated configuration, and the file it came from (`None`: from the flags). Host
     /// names are resolved later, when the routes are built; nothing is bound or loaded yet.
     pub fn into_config(self) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        for (flag, v) in [("--user", &self.user), ("--group", &self.group)] {
+            if let Some(v) = v
+                && let Some(why) = file::account_name_problem(v)
+            {
+                return Err(ConfigError::Invalid { flag, value: v.clone(), why });
+            }
+        }
         if let Some(path) = self.config {
-            return Ok((file::load(&path)?, Some(path)));
+            let mut config = file::load(&path)?;
+            let g = &mut config.global;
+            for (flag, key, given, slot) in
+                [("--user", "user", self.user, &mut g.user), ("--group", "group", self.group, &mut g.group)]
+            {
+                match (given, slot.as_ref()) {
+                    (Some(v), Some(f)) if v != *f => {
+                        return Err(ConfigError::AccountConflict {
+                            flag,
+                            flag_value: v,
+                            key,
+                            file_value: f.clone(),
+                            path: path.display().to_string(),
+                        });
+                    }
+                    (Some(v), _) => *slot = Some(v),
+                    (None, _) => {}
+                }
+            }
+            if g.group.is_some() && g.user.is_none() {
+                // `--group` with a file that sets no user (`requires` covers only the flags).
+                let why = "needs a user: pass --user or set `user` in [global]";
+                return Err(ConfigError::Invalid { flag: "--group", value: g.group.clone().unwrap_or_default(), why });
+            }
+            return Ok((config, Some(path)));
         }
         let invalid = |flag, value: String, why| ConfigError::Invalid { flag, value, why };
         if let Some(n) = self.threads
@@ -386,6 +444,8 @@ impl ProxyArgs {
             max_inflight_total: self.max_inflight_total,
             sockmap_sndbuf: self.sockmap_sndbuf,
             pipe_size: self.pipe_size,
+            user: self.user,
+            group: self.group,
         };
         if let Some(m) = self.metrics_listen
             && m.port() != 0
@@ -454,6 +514,39 @@ mod tests {
         let route = c.routes.remove(0);
         assert_eq!(route.options, RouteOptions::default());
         assert_eq!(c, Config::default());
+    }
+
+    /// `--user`/`--group`: on the flags' route, or with --config, where a file's different
+    /// `user` is an error rather than a silent choice.
+    #[test]
+    fn user_and_group_flags() {
+        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
+        let c = config(&[&base[..], &["--user", "ntlm-splice", "--group", "proxy"]].concat()).unwrap();
+        assert_eq!((c.global.user.as_deref(), c.global.group.as_deref()), (Some("ntlm-splice"), Some("proxy")));
+        assert!(args(&[&base[..], &["--group", "proxy"]].concat()).is_err(), "--group needs --user");
+        let e = config(&[&base[..], &["--user", "a:b"]].concat()).unwrap_err().to_string();
+        assert!(e.starts_with("--user a:b: has whitespace"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("ntlm-splice-user-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let route = "[[route]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"127.0.0.1:2\"]\n";
+        let plain = dir.join("plain.toml");
+        std::fs::write(&plain, route).unwrap();
+        let with_user = dir.join("user.toml");
+        std::fs::write(&with_user, format!("[global]\nuser = \"svc\"\n\n{route}")).unwrap();
+        let from = |file: &std::path::Path, extra: &[&str]| {
+            let p = file.to_str().unwrap();
+            args(&[&["--config", p][..], extra].concat()).unwrap().into_config().map(|(c, _)| c.global)
+        };
+        let g = from(&plain, &["--user", "ntlm-splice"]).unwrap();
+        assert_eq!((g.user.as_deref(), g.group), (Some("ntlm-splice"), None), "the flag with a file");
+        assert_eq!(from(&with_user, &[]).unwrap().user.as_deref(), Some("svc"));
+        assert_eq!(from(&with_user, &["--user", "svc"]).unwrap().user.as_deref(), Some("svc"), "equal is fine");
+        let e = from(&with_user, &["--user", "other"]).unwrap_err().to_string();
+        assert!(e.contains("--user \"other\" and `user = \"svc\"`") && e.contains("keep one of them"), "{e}");
+        let e = from(&plain, &["--user", "a", "--group", "b c"]).unwrap_err().to_string();
+        assert!(e.starts_with("--group b c: "), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

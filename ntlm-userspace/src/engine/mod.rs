@@ -58,6 +58,9 @@ pub struct Engines {
     splice: Arc<Engine>,
     /// Loaded on first use; a failed load is not cached (a later reload may try again).
     sockmap: Mutex<Option<Arc<Engine>>>,
+    /// Set once the process gave up the privileges that loading the sockmap engine needs
+    /// ([`crate::privilege`]): why a later request for it is refused.
+    sealed: std::sync::OnceLock<String>,
     /// Where fallbacks are counted and the sockmap engine's counters exported.
     metrics: Arc<Metrics>,
 }
@@ -66,7 +69,32 @@ impl Engines {
     /// The splice engine, ready; the sockmap engine is loaded when a route asks for it.
     pub fn new(global: &Global, metrics: &Arc<Metrics>) -> Engines {
         let splice = Arc::new(Engine::Splice(splice::SpliceEngine::new(global.pipe_size)));
-        Engines { global: global.clone(), splice, sockmap: Mutex::new(None), metrics: metrics.clone() }
+        Engines {
+            global: global.clone(),
+            splice,
+            sockmap: Mutex::new(None),
+            sealed: std::sync::OnceLock::new(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Whether the sockmap engine is loaded (its programs attached, its maps held).
+    pub fn sockmap_loaded(&self) -> bool {
+        self.sockmap.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Records that the process can no longer load eBPF programs (`why`, with the fix): a
+    /// later request for the sockmap engine is refused with it instead of failing in the
+    /// kernel. The pipe budgets are computed again for the process's new user.
+    pub fn privileges_dropped(&self, why: String) {
+        let _first = self.sealed.set(why);
+        let sockmap = self.sockmap.lock().unwrap_or_else(|e| e.into_inner());
+        for e in std::iter::once(&self.splice).chain(sockmap.as_ref()) {
+            match &**e {
+                Engine::Splice(s) => s.refresh_pipe_budget(),
+                Engine::Sockmap(s) => s.fallback().refresh_pipe_budget(),
+            }
+        }
     }
 
     /// The engine for `choice`, with the reason for the log line.
@@ -82,8 +110,10 @@ impl Engines {
                 if let Some(e) = &*loaded {
                     return Ok((e.clone(), "requested with engine sockmap; self-test passed".into()));
                 }
-                let e =
-                    sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
+                if let Some(why) = self.sealed.get() {
+                    return Err(Unavailable { reason: why.clone() });
+                }
+                let e = sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
                 let e = Arc::new(e);
                 self.metrics.sockmap_loaded(&e);
                 let e = Arc::new(Engine::Sockmap(e));

@@ -12,5 +12,6 @@ pub mod epoll;
 pub mod mem;
 pub mod netlink;
 pub mod pipe;
+pub mod privs;
 pub mod rlimit;
 pub mod sock;

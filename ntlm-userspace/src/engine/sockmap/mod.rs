@@ -210,6 +210,11 @@ impl SockmapEngine {
         session::relay(&self.inner, id, client, backend, ctl).await
     }
 
+    /// The splice engine it falls back to for connections the kernel cannot take.
+    pub fn fallback(&self) -> &SpliceEngine {
+        &self.inner.splice
+    }
+
     /// The engine's maps and counters now.
     pub fn snapshot(&self) -> Snapshot {
         snapshot(&self.inner)

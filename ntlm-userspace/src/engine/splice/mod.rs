@@ -61,6 +61,12 @@ impl SpliceEngine {
         Self { pipes: PipePool::new(pipe_size) }
     }
 
+    /// Computes the budget of enlarged pipes again, for the process's user and capabilities
+    /// now (after [`crate::privilege`] switched them).
+    pub fn refresh_pipe_budget(&self) {
+        self.pipes.refresh_budget();
+    }
+
     /// Relays one paired connection to its end, or until it is parked.
     ///
     /// One hand-written state machine per connection instead of a tree of `async fn`s: an

@@ -36,6 +36,12 @@ impl PipePool {
         PipePool { pool: Mutex::new(Vec::new()), sizing: PipeSizing::new(pipe_size) }
     }
 
+    /// Computes the pipe budget again for the process's user and capabilities now
+    /// ([`PipeSizing::refresh`]).
+    pub(super) fn refresh_budget(&self) {
+        self.sizing.refresh();
+    }
+
     /// A pooled pipe, or a new one.
     pub(super) fn take(&self) -> io::Result<Pipe> {
         if let Some(p) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop() {
@@ -67,35 +73,53 @@ pub(super) struct PipeSizing {
     /// CAP_SYS_ADMIN, once a user's pipes hold more than `fs.pipe-user-pages-soft` pages the
     /// kernel refuses to enlarge more and gives every new pipe of that user (ours and its
     /// other processes') 2 pages instead of 16; half that limit leaves room for the rest.
-    budget: usize,
+    /// Atomic: a switch of user ([`crate::privilege`]) changes it after the engine was made.
+    budget: AtomicUsize,
 }
 
 impl PipeSizing {
     pub(super) fn new(bytes: u64) -> PipeSizing {
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        PipeSizing { bytes, budget: AtomicUsize::new(Self::budget_now()) }
+    }
+
+    /// For tests: a fixed budget.
+    #[cfg(test)]
+    fn with_budget(bytes: usize, budget: usize) -> PipeSizing {
+        PipeSizing { bytes, budget: AtomicUsize::new(budget) }
+    }
+
+    /// Computes the budget again: after a switch of user the pipes are counted against the
+    /// new user, and without CAP_SYS_RESOURCE its `fs.pipe-user-pages-soft` applies.
+    pub(super) fn refresh(&self) {
+        self.budget.store(Self::budget_now(), Ordering::Relaxed);
+    }
+
+    /// The budget for the process's user and capabilities now.
+    fn budget_now() -> usize {
         let privileged = caps::any(&[Cap::SysResource, Cap::SysAdmin]);
         let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok());
-        let budget = match soft {
+        match soft {
             _ if privileged => usize::MAX,
             Some(0) => usize::MAX,
             Some(pages) => pages / 2,
             None => 4096, // 16 MiB of 4 KiB pages when the limit cannot be read
-        };
-        PipeSizing { bytes, budget }
+        }
     }
 }
 
 /// For `doctor`: what a new pipe gets with `--pipe-size` `pipe_size` on this host.
 pub fn pipe_check(pipe_size: u64) -> String {
     let sizing = PipeSizing::new(pipe_size);
-    let budget = if sizing.budget == usize::MAX {
+    let pages = sizing.budget.load(Ordering::Relaxed);
+    let budget = if pages == usize::MAX {
         "no limit on enlarged pipes".to_string()
     } else {
         format!(
             "at most {} MiB of enlarged pipes at once (half of fs.pipe-user-pages-soft; no CAP_SYS_RESOURCE)",
-            (sizing.budget * page_size()) >> 20
+            (pages * page_size()) >> 20
         )
     };
     match Pipe::new(&sizing) {
@@ -119,7 +143,9 @@ impl Pipe {
         let mut p = Pipe { r, w, cap: DEFAULT_PIPE as u32 };
         if sizing.bytes > DEFAULT_PIPE {
             let pages = sizing.bytes.div_ceil(page_size());
-            if BIG_PIPE_PAGES.fetch_add(pages, Ordering::Relaxed).saturating_add(pages) <= sizing.budget {
+            if BIG_PIPE_PAGES.fetch_add(pages, Ordering::Relaxed).saturating_add(pages)
+                <= sizing.budget.load(Ordering::Relaxed)
+            {
                 let got = sys_pipe::set_capacity(&p.w, sizing.bytes);
                 if let Ok(got) = got.as_ref().map(|&g| u32::try_from(g).unwrap_or(u32::MAX))
                     && got as usize > DEFAULT_PIPE
@@ -172,11 +198,11 @@ mod tests {
     /// 0, or no budget left for enlarged pipes, leaves the kernel's default.
     #[test]
     fn pipes_get_the_configured_size_within_the_budget() {
-        let big = Pipe::new(&PipeSizing { bytes: 1 << 20, budget: usize::MAX }).unwrap();
+        let big = Pipe::new(&PipeSizing::with_budget(1 << 20, usize::MAX)).unwrap();
         assert_eq!((pipe_capacity(&big), big.cap), (1 << 20, 1 << 20));
-        let odd = Pipe::new(&PipeSizing { bytes: 300 << 10, budget: usize::MAX }).unwrap();
+        let odd = Pipe::new(&PipeSizing::with_budget(300 << 10, usize::MAX)).unwrap();
         assert_eq!((pipe_capacity(&odd), odd.cap), (512 << 10, 512 << 10), "rounded up to a power of two pages");
-        for sizing in [PipeSizing { bytes: 0, budget: usize::MAX }, PipeSizing { bytes: 1 << 20, budget: 0 }] {
+        for sizing in [PipeSizing::with_budget(0, usize::MAX), PipeSizing::with_budget(1 << 20, 0)] {
             let p = Pipe::new(&sizing).unwrap();
             assert_eq!((pipe_capacity(&p), p.cap as usize), (DEFAULT_PIPE as i32, DEFAULT_PIPE));
         }
