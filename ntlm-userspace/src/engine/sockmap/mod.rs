@@ -47,6 +47,7 @@ mod duplicates;
 mod entries;
 mod flow;
 mod kernel;
+pub mod kernels;
 mod lane;
 mod selftest;
 mod session;
