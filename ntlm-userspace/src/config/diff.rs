@@ -87,8 +87,16 @@ fn listen_addrs(routes: &[RouteSpec]) -> Vec<SocketAddr> {
 /// The `[global]` keys whose values differ.
 fn global_changes(old: &Global, new: &Global) -> Vec<&'static str> {
     // Destructured so that a new `Global` field does not compile until it is compared here.
-    let Global { drain_timeout, max_connections, threads, max_inflight, max_inflight_total, sockmap_sndbuf, pipe_size } =
-        old;
+    let Global {
+        drain_timeout,
+        max_connections,
+        threads,
+        max_inflight,
+        max_inflight_total,
+        sockmap_sndbuf,
+        pipe_size,
+        sockmap_allow_affected_kernel,
+    } = old;
     [
         ("global.drain_timeout", *drain_timeout != new.drain_timeout),
         ("global.max_connections", *max_connections != new.max_connections),
@@ -97,6 +105,7 @@ fn global_changes(old: &Global, new: &Global) -> Vec<&'static str> {
         ("global.max_inflight_total", *max_inflight_total != new.max_inflight_total),
         ("global.sockmap_sndbuf", *sockmap_sndbuf != new.sockmap_sndbuf),
         ("global.pipe_size", *pipe_size != new.pipe_size),
+        ("global.sockmap_allow_affected_kernel", *sockmap_allow_affected_kernel != new.sockmap_allow_affected_kernel),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))
@@ -260,7 +269,7 @@ mod tests {
     #[test]
     fn every_global_and_metrics_key_needs_a_restart() {
         let old = config(vec![route("a", &["127.0.0.1:1"])]);
-        let edits: [(&str, Edit<FileConfig>); 8] = [
+        let edits: [(&str, Edit<FileConfig>); 9] = [
             ("global.drain_timeout", |c| c.global.drain_timeout += Duration::from_secs(1)),
             ("global.max_connections", |c| c.global.max_connections += 1),
             ("global.threads", |c| c.global.threads = Some(3)),
@@ -268,6 +277,7 @@ mod tests {
             ("global.max_inflight_total", |c| c.global.max_inflight_total += 1),
             ("global.sockmap_sndbuf", |c| c.global.sockmap_sndbuf = 0),
             ("global.pipe_size", |c| c.global.pipe_size = 0),
+            ("global.sockmap_allow_affected_kernel", |c| c.global.sockmap_allow_affected_kernel = true),
             ("metrics.listen", |c| c.metrics.listen = Some("127.0.0.1:9100".parse().unwrap())),
         ];
         let mut all = old.clone();

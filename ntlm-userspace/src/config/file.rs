@@ -110,6 +110,9 @@ pub struct Global {
     pub sockmap_sndbuf: u64,
     /// splice engine: capacity of each direction's pipe; 0: the kernel's default.
     pub pipe_size: u64,
+    /// sockmap engine: run it even on a kernel with a known sockmap defect that the engine
+    /// meets (`engine::sockmap::kernels`), e.g. where a distribution backported the fix.
+    pub sockmap_allow_affected_kernel: bool,
 }
 
 /// One route (`[[route]]`): the listeners it owns, its backend pool and its options.
@@ -223,6 +226,7 @@ impl Default for Global {
             max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
             sockmap_sndbuf: DEFAULT_SOCKMAP_SNDBUF,
             pipe_size: DEFAULT_PIPE_SIZE,
+            sockmap_allow_affected_kernel: false,
         }
     }
 }
@@ -382,6 +386,7 @@ struct RawGlobal {
     max_inflight_total: Option<Spanned<SizeText>>,
     sockmap_sndbuf: Option<Spanned<SizeText>>,
     pipe_size: Option<Spanned<SizeText>>,
+    sockmap_allow_affected_kernel: Option<bool>,
 }
 
 /// `[defaults]` as written; the same keys as the options part of [`RawRoute`].
@@ -826,6 +831,9 @@ impl Checker<'_> {
             } else {
                 out.pipe_size = n;
             }
+        }
+        if let Some(v) = g.sockmap_allow_affected_kernel {
+            out.sockmap_allow_affected_kernel = v;
         }
         out
     }
@@ -1374,6 +1382,7 @@ mod tests {
             max_inflight_total: 256 << 20,
             sockmap_sndbuf: 8 << 20,
             pipe_size: 1 << 20,
+            sockmap_allow_affected_kernel: false,
         };
         assert_eq!(c.global, global);
         let defaults = RouteOptions {
@@ -1519,6 +1528,7 @@ mod tests {
     #[test]
     fn values_in_their_other_forms() {
         let mut v = vec!["[global]", "max_inflight = 131072", r#"max_inflight_total = "1 GiB""#, "sockmap_sndbuf = 0"];
+        v.extend(["sockmap_allow_affected_kernel = true"]);
         v.extend(["[[route]]", r#"name = "A-1.b_c""#, r#"listen = ["[::1]:0"]"#]);
         v.extend([r#"backends = ["[::1]:8", "127.0.0.1:9", "Host-1_x:65535"]"#]);
         v.extend([r#"sni = ["Intranet.Example.NET.", "*.x-1.example""#, "]"]);
@@ -1528,6 +1538,7 @@ mod tests {
             (c.global.max_inflight, c.global.max_inflight_total, c.global.sockmap_sndbuf),
             (128 << 10, 1 << 30, 0)
         );
+        assert!(c.global.sockmap_allow_affected_kernel);
         let r = &c.routes[0];
         assert_eq!(r.name, "A-1.b_c");
         assert_eq!(r.listen, vec!["[::1]:0".parse::<SocketAddr>().unwrap()]);
@@ -2228,6 +2239,7 @@ mod tests {
             t.push_str(&format!("max_inflight_total = \"{}KiB\"\n", global.max_inflight_total >> 10));
             t.push_str(&format!("sockmap_sndbuf = {}\n", global.sockmap_sndbuf));
             t.push_str(&format!("pipe_size = \"{}\"\n", global.pipe_size));
+            t.push_str(&format!("sockmap_allow_affected_kernel = {}\n", global.sockmap_allow_affected_kernel));
             t.push_str("\n[defaults]\n");
             defaults.render(&mut t);
             for (i, r) in routes.iter().enumerate() {
@@ -2291,9 +2303,19 @@ mod tests {
                 0..(1u64 << 20),
                 prop_oneof![Just(0), MIN_KERNEL_BYTES..=MAX_SOCKMAP_SNDBUF],
                 prop_oneof![Just(0u64), (1u64..=64).prop_map(|m| m << 20)],
+                any::<bool>(),
             )
                 .prop_map(
-                    |(drain_timeout, max_connections, threads, max_inflight, extra_kib, sockmap_sndbuf, pipe_size)| {
+                    |(
+                        drain_timeout,
+                        max_connections,
+                        threads,
+                        max_inflight,
+                        extra_kib,
+                        sockmap_sndbuf,
+                        pipe_size,
+                        sockmap_allow_affected_kernel,
+                    )| {
                         Global {
                             drain_timeout,
                             max_connections,
@@ -2303,6 +2325,7 @@ mod tests {
                             max_inflight_total: (max_inflight.div_ceil(1024) + extra_kib) << 10,
                             sockmap_sndbuf,
                             pipe_size,
+                            sockmap_allow_affected_kernel,
                         }
                     },
                 )
