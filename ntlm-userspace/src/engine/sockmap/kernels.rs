@@ -99,9 +99,9 @@ impl fmt::Display for Base {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Base::Known { version, rc: Some(n), from } => {
-                write!(f, "{}.{}-rc{n} (from {from})", version.major, version.minor)
+                write!(f, "{}.{}-rc{n} from {from}", version.major, version.minor)
             }
-            Base::Known { version, rc: None, from } => write!(f, "{version} (from {from})"),
+            Base::Known { version, rc: None, from } => write!(f, "{version} from {from}"),
             Base::Unknown { why } => write!(f, "unknown: {why}"),
         }
     }
