@@ -60,7 +60,7 @@ pub enum Unavailable {
     /// The kernel has a known sockmap defect that the engine meets. The refusal is the
     /// message, not a source: a chain printed with `{:#}` would repeat it.
     #[error("the sockmap engine was requested (--engine sockmap, or engine = \"sockmap\") but {0}")]
-    Kernel(kernels::Refusal),
+    Kernel(Box<kernels::Refusal>),
 }
 
 /// The engines of a running server, made when a route first asks for one: every route
@@ -97,7 +97,7 @@ impl Engines {
         let parser = sockmap::parser_requested();
         if let Some(r) = self.kernel.refusal(parser) {
             if !self.global.sockmap_allow_affected_kernel {
-                return Err(Unavailable::Kernel(r));
+                return Err(Unavailable::Kernel(Box::new(r)));
             }
             log::warn!(
                 "sockmap: running on a kernel with a known defect because sockmap_allow_affected_kernel is set: {r}"
