@@ -13,7 +13,7 @@ use aya::maps::MapType;
 
 use crate::{
     config::Config,
-    engine::sockmap::{self, SockmapEngine},
+    engine::sockmap::{self, SockmapEngine, kernels},
     sys::caps::{self, Cap},
 };
 
@@ -39,6 +39,33 @@ fn kernel_release() -> String {
         .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_string())
 }
 
+/// The kernel's lines: its upstream base, one `kernel_defect_<id>` per known sockmap defect
+/// (verdict, fix, and whether the engine meets it), and `sockmap_kernel`, what start-up
+/// does with `engine = "sockmap"` on this kernel.
+fn kernel_lines(k: &kernels::Assessment, parser: bool) -> Vec<(String, String)> {
+    let mut out = vec![("kernel_base".to_string(), k.base.to_string())];
+    for (d, v) in &k.verdicts {
+        let meets = match d.engine_use {
+            kernels::Use::Always => "the engine meets it",
+            kernels::Use::WithParser => "the engine meets it only with NTLM_SPLICE_SOCKMAP_PARSER=1",
+            kernels::Use::Never => "the engine does not meet it",
+        };
+        out.push((
+            format!("kernel_defect_{}", d.id),
+            format!("{v}; fix {} \"{}\" in {}; {meets}", d.fix.id, d.fix.title, d.fixed_releases()),
+        ));
+    }
+    let verdict = match k.refusal(parser) {
+        Some(r) => format!("refused unless forced: {r}"),
+        None => match k.unknowns(parser).as_slice() {
+            [] => "allowed".to_string(),
+            w => format!("allowed with warnings: {}", w.join("; ")),
+        },
+    };
+    out.push(("sockmap_kernel".to_string(), verdict));
+    out
+}
+
 /// Prints the report.
 pub fn run() -> anyhow::Result<()> {
     let uid = caps::euid();
@@ -59,6 +86,10 @@ pub fn run() -> anyhow::Result<()> {
         line(&key, value);
     }
     line("kernel", kernel_release());
+    let kernel = kernels::assess(&kernels::Host::read());
+    for (key, value) in kernel_lines(&kernel, sockmap::parser_requested()) {
+        line(&key, value);
+    }
     if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled") {
         line("unprivileged_bpf_disabled", v.trim());
     }
@@ -118,8 +149,15 @@ pub fn run() -> anyhow::Result<()> {
                         }
                     },
                 );
+                line(
+                    "kernel_probe_fionread",
+                    match e.fionread_probe() {
+                        Ok(p) => p.to_string(),
+                        Err(why) => format!("not run: {why}"),
+                    },
+                );
                 line("sockmap_engine", "available");
-                ("splice", crate::engine::AUTO_REASON.to_string())
+                ("splice", crate::engine::auto_reason(&kernel))
             }
             Err(e) => {
                 line("programs_or_self_test", format!("failed: {e:#}"));
@@ -140,6 +178,32 @@ pub fn run() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::kernels;
+
+    fn kernel_lines(release: &str) -> std::collections::HashMap<String, String> {
+        let host = kernels::Host { release: release.into(), ..kernels::Host::default() };
+        super::kernel_lines(&kernels::assess(&host), false).into_iter().collect()
+    }
+
+    #[test]
+    fn the_kernel_lines_give_a_verdict_per_defect() {
+        let l = kernel_lines("6.1.100");
+        assert_eq!(l["kernel_base"], "6.1.100 from the release string");
+        assert!(l["kernel_defect_dup_tx"].starts_with("affected (fixed in 6.1.142); fix 3b4f14b79428"), "{l:?}");
+        assert!(l["kernel_defect_dup_tx"].ends_with("the engine meets it"), "{l:?}");
+        assert!(l["kernel_defect_copied_seq"].starts_with("affected (fixed in 6.1.130)"), "{l:?}");
+        assert!(l["kernel_defect_fionread"].starts_with("not_affected"), "{l:?}");
+        assert!(l["sockmap_kernel"].starts_with("refused unless forced: kernel 6.1.100"), "{l:?}");
+        let l = kernel_lines("6.18.44-fc-v1252");
+        assert!(l["kernel_defect_dup_tx"].starts_with("fixed; "), "{l:?}");
+        assert!(l["kernel_defect_fionread"].starts_with("unknown: "), "{l:?}");
+        assert_eq!(l["sockmap_kernel"], "allowed");
+        let l = kernel_lines("5.14.0-427.el9.x86_64");
+        assert!(l["kernel_base"].starts_with("unknown: "), "{l:?}");
+        assert!(l["sockmap_kernel"].starts_with("allowed with warnings: sockmap defect dup_tx"), "{l:?}");
+        assert_eq!(l.len(), 2 + kernels::DEFECTS.len());
+    }
+
     #[test]
     fn a_line_is_one_line_and_quoted_when_it_has_spaces() {
         assert_eq!(super::format_line("k", "v"), "k=v");

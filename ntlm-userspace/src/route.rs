@@ -219,12 +219,12 @@ pub enum BuildError {
         error: std::io::Error,
     },
     /// The route's engine cannot run here.
-    #[error("route {route:?}: {source}")]
+    #[error("route {route:?}: {error}")]
     Engine {
         /// The route.
         route: String,
-        /// Why.
-        source: Unavailable,
+        /// Why (in the message, not a source: a `{:#}` chain would print it twice).
+        error: Unavailable,
     },
 }
 
@@ -267,7 +267,7 @@ impl Table {
             }
             let (engine, engine_reason) = engines
                 .get(spec.options.engine)
-                .map_err(|source| BuildError::Engine { route: spec.name.clone(), source })?;
+                .map_err(|error| BuildError::Engine { route: spec.name.clone(), error })?;
             let o = &spec.options;
             let route = Route {
                 balancer: Balancer::new(o.balance),

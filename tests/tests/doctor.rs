@@ -99,3 +99,51 @@ fn doctor_reports_the_reply_routing_without_changing_its_verdict_on_engines() {
         assert!(before.contains_key(key), "no {key} line: {before:?}");
     }
 }
+
+/// How long the proxy may take to refuse an engine at start (it loads nothing first).
+const REFUSAL_TIMEOUT_SECS: u32 = 20;
+/// timeout(1)'s exit status when it had to stop the command.
+const TIMEOUT_EXIT: i32 = 124;
+
+/// A kernel release injected with `NTLM_SPLICE_TEST_KERNEL_RELEASE` (6.8 ended without the
+/// duplicate-transmission fix): the proxy refuses `--engine sockmap` at start, naming the
+/// defect, where it is fixed and the switch; doctor says the same. Needs no privilege: the
+/// refusal comes before anything is loaded.
+#[test]
+fn an_affected_kernel_is_refused_at_start_and_named_by_doctor() {
+    let release = ["NTLM_SPLICE_TEST_KERNEL_RELEASE", "6.8.12"];
+    // Under timeout(1): a binary that wrongly starts would otherwise serve for ever.
+    let out = Command::new("timeout")
+        .arg(REFUSAL_TIMEOUT_SECS.to_string())
+        .arg(harness::bin())
+        .env(release[0], release[1])
+        .args(["--engine", "sockmap", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"])
+        .output()
+        .expect("run ntlm-splice under timeout(1)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(TIMEOUT_EXIT), "started and served on an affected kernel: {err}");
+    assert!(!out.status.success(), "started on an affected kernel: {err}");
+    for part in ["6.8.12", "dup_tx", "3b4f14b79428", "6.16+", "sockmap_allow_affected_kernel", "splice engine"] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    assert_eq!(err.matches("has the sockmap defect dup_tx").count(), 1, "said more than once: {err}");
+
+    let out = Command::new(harness::bin()).env(release[0], release[1]).arg("doctor").output().expect("doctor");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .trim_matches('"')
+            .to_string()
+    };
+    assert!(get("kernel_defect_dup_tx").starts_with("affected (this line ended without the fix)"), "{text}");
+    assert!(get("sockmap_kernel").starts_with("refused unless forced: kernel 6.8.12"), "{text}");
+    assert!(
+        get("auto_reason").ends_with(
+            "kernel 6.8.12: known sockmap defects: dup_tx affected, copied_seq affected, fionread not_affected"
+        ),
+        "{text}"
+    );
+}

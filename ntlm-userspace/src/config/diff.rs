@@ -97,6 +97,7 @@ fn global_changes(old: &Global, new: &Global) -> Vec<&'static str> {
         pipe_size,
         user,
         group,
+        sockmap_allow_affected_kernel,
     } = old;
     [
         ("global.drain_timeout", *drain_timeout != new.drain_timeout),
@@ -108,6 +109,7 @@ fn global_changes(old: &Global, new: &Global) -> Vec<&'static str> {
         ("global.pipe_size", *pipe_size != new.pipe_size),
         ("global.user", *user != new.user),
         ("global.group", *group != new.group),
+        ("global.sockmap_allow_affected_kernel", *sockmap_allow_affected_kernel != new.sockmap_allow_affected_kernel),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))
@@ -272,7 +274,7 @@ mod tests {
     #[test]
     fn every_global_and_metrics_key_needs_a_restart() {
         let old = config(vec![route("a", &["127.0.0.1:1"])]);
-        let edits: [(&str, Edit<FileConfig>); 10] = [
+        let edits: [(&str, Edit<FileConfig>); 11] = [
             ("global.drain_timeout", |c| c.global.drain_timeout += Duration::from_secs(1)),
             ("global.max_connections", |c| c.global.max_connections += 1),
             ("global.threads", |c| c.global.threads = Some(3)),
@@ -282,6 +284,7 @@ mod tests {
             ("global.pipe_size", |c| c.global.pipe_size = 0),
             ("global.user", |c| c.global.user = Some("nobody".into())),
             ("global.group", |c| c.global.group = Some("nogroup".into())),
+            ("global.sockmap_allow_affected_kernel", |c| c.global.sockmap_allow_affected_kernel = true),
             ("metrics.listen", |c| c.metrics.listen = Some("127.0.0.1:9100".parse().unwrap())),
         ];
         let mut all = old.clone();

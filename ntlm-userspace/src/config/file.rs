@@ -124,6 +124,9 @@ pub struct Global {
     pub user: Option<String>,
     /// The group to switch to with `user`; `None`: the user's primary group.
     pub group: Option<String>,
+    /// sockmap engine: run it even on a kernel with a known sockmap defect that the engine
+    /// meets (`engine::sockmap::kernels`), e.g. where a distribution backported the fix.
+    pub sockmap_allow_affected_kernel: bool,
 }
 
 /// One route (`[[route]]`): the listeners it owns, its backend pool and its options.
@@ -243,6 +246,7 @@ impl Default for Global {
             pipe_size: DEFAULT_PIPE_SIZE,
             user: None,
             group: None,
+            sockmap_allow_affected_kernel: false,
         }
     }
 }
@@ -405,6 +409,7 @@ struct RawGlobal {
     pipe_size: Option<Spanned<SizeText>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    sockmap_allow_affected_kernel: Option<bool>,
 }
 
 /// `[defaults]` as written; the same keys as the options part of [`RawRoute`].
@@ -874,6 +879,9 @@ impl Checker<'_> {
         if let (Some(v), None) = (&g.group, &g.user) {
             let m = "group needs user: set `user` too (the group alone does not switch anything)".to_string();
             self.report(&v.span(), s, "group", m);
+        }
+        if let Some(v) = g.sockmap_allow_affected_kernel {
+            out.sockmap_allow_affected_kernel = v;
         }
         out
     }
@@ -1458,6 +1466,7 @@ mod tests {
             pipe_size: 1 << 20,
             user: Some("ntlm-splice".into()),
             group: Some("ntlm-splice".into()),
+            sockmap_allow_affected_kernel: false,
         };
         assert_eq!(c.global, global);
         let defaults = RouteOptions {
@@ -1618,6 +1627,7 @@ mod tests {
     #[test]
     fn values_in_their_other_forms() {
         let mut v = vec!["[global]", "max_inflight = 131072", r#"max_inflight_total = "1 GiB""#, "sockmap_sndbuf = 0"];
+        v.extend(["sockmap_allow_affected_kernel = true"]);
         v.extend(["[[route]]", r#"name = "A-1.b_c""#, r#"listen = ["[::1]:0"]"#]);
         v.extend([r#"backends = ["[::1]:8", "127.0.0.1:9", "Host-1_x:65535"]"#]);
         v.extend([r#"sni = ["Intranet.Example.NET.", "*.x-1.example""#, "]"]);
@@ -1627,6 +1637,7 @@ mod tests {
             (c.global.max_inflight, c.global.max_inflight_total, c.global.sockmap_sndbuf),
             (128 << 10, 1 << 30, 0)
         );
+        assert!(c.global.sockmap_allow_affected_kernel);
         let r = &c.routes[0];
         assert_eq!(r.name, "A-1.b_c");
         assert_eq!(r.listen, vec!["[::1]:0".parse::<SocketAddr>().unwrap()]);
@@ -2361,6 +2372,7 @@ mod tests {
             if let Some(group) = &global.group {
                 t.push_str(&format!("group = {group:?}\n"));
             }
+            t.push_str(&format!("sockmap_allow_affected_kernel = {}\n", global.sockmap_allow_affected_kernel));
             t.push_str("\n[defaults]\n");
             defaults.render(&mut t);
             for (i, r) in routes.iter().enumerate() {
@@ -2427,6 +2439,7 @@ mod tests {
                 prop_oneof![Just(0u64), (1u64..=64).prop_map(|m| m << 20)],
                 // A user, and with one maybe a group.
                 proptest::option::of(("[a-z_][a-z0-9_.-]{0,15}", proptest::option::of("[a-z_][a-z0-9_-]{0,15}"))),
+                any::<bool>(),
             )
                 .prop_map(
                     |(
@@ -2438,6 +2451,7 @@ mod tests {
                         sockmap_sndbuf,
                         pipe_size,
                         account,
+                        sockmap_allow_affected_kernel,
                     )| {
                         let (user, group) = account.map_or((None, None), |(u, g)| (Some(u), g));
                         Global {
@@ -2451,6 +2465,7 @@ mod tests {
                             pipe_size,
                             user,
                             group,
+                            sockmap_allow_affected_kernel,
                         }
                     },
                 )

@@ -112,7 +112,8 @@ pub struct ProxyArgs {
     /// cannot be combined with it: put them in the file.
     #[arg(long = "config", value_name = "FILE", conflicts_with_all = [
         "listen", "backend", "engine", "balance", "connect_timeout", "idle_timeout", "drain_timeout",
-        "max_connections", "max_inflight", "max_inflight_total", "sockmap_sndbuf", "pipe_size",
+        "max_connections", "max_inflight", "max_inflight_total", "sockmap_sndbuf", "sockmap_allow_affected_kernel",
+        "pipe_size",
         "park_after", "threads", "source", "proxy_protocol", "accept_proxy_from", "accept_proxy_timeout",
         "metrics_listen",
     ])]
@@ -171,6 +172,13 @@ pub struct ProxyArgs {
     /// leaves the socket idle between refills. Memory is used only while bytes are queued.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SOCKMAP_SNDBUF, value_parser = parse_bytes)]
     pub sockmap_sndbuf: u64,
+
+    /// sockmap engine: run it even on a kernel with a known sockmap defect that the engine
+    /// meets (start-up refuses it otherwise, naming the defect and the release with the
+    /// fix; `ntlm-splice doctor` lists them). Only for a kernel that carries the fix without
+    /// its number saying so, e.g. a distribution backport.
+    #[arg(long)]
+    pub sockmap_allow_affected_kernel: bool,
 
     /// splice engine: capacity of the pipe each direction moves bytes through while a burst
     /// is in flight (e.g. 1MiB; 0 keeps the kernel's default, 64KiB). One splice(2) call moves
@@ -446,6 +454,7 @@ impl ProxyArgs {
             pipe_size: self.pipe_size,
             user: self.user,
             group: self.group,
+            sockmap_allow_affected_kernel: self.sockmap_allow_affected_kernel,
         };
         if let Some(m) = self.metrics_listen
             && m.port() != 0
@@ -666,6 +675,14 @@ mod tests {
         byte_flag_is_checked("--pipe-size", ["4KiB", "128MiB"], "64KiB to 64MiB", ok, DEFAULT_PIPE_SIZE, |c| {
             c.global.pipe_size
         });
+    }
+
+    #[test]
+    fn the_affected_kernel_switch_reaches_the_config() {
+        let base = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2"];
+        assert!(!config(&base).unwrap().global.sockmap_allow_affected_kernel);
+        let c = config(&[&base[..], &["--sockmap-allow-affected-kernel"]].concat()).unwrap();
+        assert!(c.global.sockmap_allow_affected_kernel);
     }
 
     #[test]

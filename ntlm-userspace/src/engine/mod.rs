@@ -18,6 +18,7 @@ use std::{
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
+use self::sockmap::kernels;
 use crate::{
     config::{EngineChoice, file::Global},
     lifecycle::{EngineKind, Outcome, Progress, RelayCtl, Relayed},
@@ -38,16 +39,28 @@ pub enum Engine {
 pub const AUTO_REASON: &str = "auto: splice(2); the sockmap engine is opt-in (--engine sockmap) in this release: \
      docs/sockmap.md (\"Status: opt-in, and why\") has the measurements behind this choice";
 
+/// [`AUTO_REASON`] with the kernel's verdict on the known sockmap defects.
+pub fn auto_reason(kernel: &kernels::Assessment) -> String {
+    format!("{AUTO_REASON}; {}", kernel.summary())
+}
+
 /// An engine choice that cannot be honoured.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the sockmap engine was requested (--engine sockmap, or engine = \"sockmap\") but the eBPF engine is \
-     unavailable: {reason}. Run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with sockmap support, \
-     check the host with `ntlm-splice doctor`, or use the splice engine"
-)]
-pub struct Unavailable {
-    /// Why sockmap cannot be used here.
-    pub reason: String,
+pub enum Unavailable {
+    /// The eBPF programs did not load, or the self-test failed.
+    #[error(
+        "the sockmap engine was requested (--engine sockmap, or engine = \"sockmap\") but the eBPF engine is \
+         unavailable: {reason}. Run as root (or with CAP_BPF and CAP_NET_ADMIN) on a kernel with sockmap support, \
+         check the host with `ntlm-splice doctor`, or use the splice engine"
+    )]
+    Load {
+        /// Why sockmap cannot be used here.
+        reason: String,
+    },
+    /// The kernel has a known sockmap defect that the engine meets. The refusal is the
+    /// message, not a source: a chain printed with `{:#}` would repeat it.
+    #[error("the sockmap engine was requested (--engine sockmap, or engine = \"sockmap\") but {0}")]
+    Kernel(Box<kernels::Refusal>),
 }
 
 /// The engines of a running server, made when a route first asks for one: every route
@@ -63,18 +76,28 @@ pub struct Engines {
     sealed: std::sync::OnceLock<String>,
     /// Where fallbacks are counted and the sockmap engine's counters exported.
     metrics: Arc<Metrics>,
+    /// The running kernel's verdict on the known sockmap defects (read once: the kernel
+    /// does not change under a running process).
+    kernel: kernels::Assessment,
 }
 
 impl Engines {
     /// The splice engine, ready; the sockmap engine is loaded when a route asks for it.
     pub fn new(global: &Global, metrics: &Arc<Metrics>) -> Engines {
+        Self::with_host(global, metrics, &kernels::Host::read())
+    }
+
+    /// [`Engines::new`] judging the kernel described by `host`.
+    pub(crate) fn with_host(global: &Global, metrics: &Arc<Metrics>, host: &kernels::Host) -> Engines {
         let splice = Arc::new(Engine::Splice(splice::SpliceEngine::new(global.pipe_size)));
+        let kernel = kernels::assess(host);
         Engines {
             global: global.clone(),
             splice,
             sockmap: Mutex::new(None),
             sealed: std::sync::OnceLock::new(),
             metrics: metrics.clone(),
+            kernel,
         }
     }
 
@@ -97,28 +120,49 @@ impl Engines {
         }
     }
 
+    /// Refuses the sockmap engine on a kernel with a known defect that it meets, unless
+    /// `sockmap_allow_affected_kernel` is set; logs what is not known.
+    fn check_kernel(&self) -> Result<(), Unavailable> {
+        let parser = sockmap::parser_requested();
+        if let Some(r) = self.kernel.refusal(parser) {
+            if !self.global.sockmap_allow_affected_kernel {
+                return Err(Unavailable::Kernel(Box::new(r)));
+            }
+            log::warn!(
+                "sockmap: running on a kernel with a known defect because sockmap_allow_affected_kernel is set: {r}"
+            );
+        }
+        for w in self.kernel.unknowns(parser) {
+            log::warn!("{w}; the engine runs (`ntlm-splice doctor` lists every verdict)");
+        }
+        Ok(())
+    }
+
     /// The engine for `choice`, with the reason for the log line.
     pub fn get(&self, choice: EngineChoice) -> Result<(Arc<Engine>, String), Unavailable> {
         match choice {
             EngineChoice::Splice => Ok((self.splice.clone(), "requested with engine splice".into())),
             EngineChoice::Auto => {
                 self.metrics.fell_back(Fallback::AutoOptIn);
-                Ok((self.splice.clone(), AUTO_REASON.into()))
+                Ok((self.splice.clone(), auto_reason(&self.kernel)))
             }
             EngineChoice::Sockmap => {
                 let mut loaded = self.sockmap.lock().unwrap_or_else(|e| e.into_inner());
+                let reason = format!("requested with engine sockmap; self-test passed; {}", self.kernel.summary());
                 if let Some(e) = &*loaded {
-                    return Ok((e.clone(), "requested with engine sockmap; self-test passed".into()));
+                    return Ok((e.clone(), reason));
                 }
                 if let Some(why) = self.sealed.get() {
-                    return Err(Unavailable { reason: why.clone() });
+                    return Err(Unavailable::Load { reason: why.clone() });
                 }
-                let e = sockmap::SockmapEngine::load(&self.global).map_err(|e| Unavailable { reason: format!("{e:#}") })?;
+                self.check_kernel()?;
+                let e = sockmap::SockmapEngine::load(&self.global)
+                    .map_err(|e| Unavailable::Load { reason: format!("{e:#}") })?;
                 let e = Arc::new(e);
                 self.metrics.sockmap_loaded(&e);
                 let e = Arc::new(Engine::Sockmap(e));
                 *loaded = Some(e.clone());
-                Ok((e, "requested with engine sockmap; self-test passed".into()))
+                Ok((e, reason))
             }
         }
     }
@@ -175,4 +219,45 @@ pub(crate) async fn run_session<S: driver::Session>(s: &S, ctl: &RelayCtl, engin
     let (end, fault) = driver::drive(s, ctl).await;
     let (bytes_up, bytes_down) = s.bytes();
     Outcome { bytes_up, bytes_down, end, fault, engine }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engines(release: &str, allow: bool) -> Engines {
+        let global = Global { sockmap_allow_affected_kernel: allow, ..Global::default() };
+        let host = kernels::Host { release: release.into(), ..kernels::Host::default() };
+        Engines::with_host(&global, &Arc::new(Metrics::new()), &host)
+    }
+
+    /// On a kernel with the duplicate-transmission bug the sockmap engine is refused before
+    /// anything is loaded, with the defect, the releases with the fix and the switch named.
+    #[test]
+    fn an_affected_kernel_refuses_the_sockmap_engine_unless_forced() {
+        let Err(e) = engines("6.8.12", false).get(EngineChoice::Sockmap) else { panic!("6.8.12 was not refused") };
+        assert!(matches!(e, Unavailable::Kernel(_)), "{e}");
+        let text = e.to_string();
+        for part in ["--engine sockmap", "6.8.12", "dup_tx", "3b4f14b79428", "6.16+", "sockmap_allow_affected_kernel"] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+        // Forced, the kernel check passes: what is left is loading (refused here without root
+        // or without the eBPF object, accepted with both).
+        match engines("6.8.12", true).get(EngineChoice::Sockmap) {
+            Err(Unavailable::Kernel(r)) => panic!("forced, still refused: {r}"),
+            Err(Unavailable::Load { .. }) | Ok(_) => {}
+        }
+        // A fixed kernel is not refused for its kernel; splice never is.
+        assert!(!matches!(engines("6.12.34", false).get(EngineChoice::Sockmap), Err(Unavailable::Kernel(_))));
+        assert!(engines("6.8.12", false).get(EngineChoice::Splice).is_ok());
+    }
+
+    #[test]
+    fn auto_states_the_kernel_verdict() {
+        let (e, why) = engines("6.8.12", false).get(EngineChoice::Auto).unwrap();
+        assert_eq!(e.kind(), EngineKind::Splice);
+        assert!(why.starts_with(AUTO_REASON), "{why}");
+        let verdict = "kernel 6.8.12: known sockmap defects: dup_tx affected, copied_seq affected, fionread not_affected";
+        assert!(why.ends_with(verdict), "{why}");
+    }
 }

@@ -47,6 +47,7 @@ mod duplicates;
 mod entries;
 mod flow;
 mod kernel;
+pub mod kernels;
 mod lane;
 mod selftest;
 mod session;
@@ -57,6 +58,7 @@ mod tests;
 pub(crate) use counters::Counters;
 pub use counters::{COUNTERS, KINDS, Kind, Snapshot};
 pub use kernel::ERROR_NAMES;
+pub use selftest::FionreadProbe;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -79,6 +81,12 @@ pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
 /// Environment variable: `1` also attaches the stream parser program (measurement only; see
 /// `flow` for why the engine runs without one).
 pub const PARSER_ENV: &str = "NTLM_SPLICE_SOCKMAP_PARSER";
+
+/// Whether [`PARSER_ENV`] asks for the stream parser (which meets kernel defects the
+/// engine alone does not: [`kernels::Use::WithParser`]).
+pub fn parser_requested() -> bool {
+    std::env::var(PARSER_ENV).is_ok_and(|v| v == "1")
+}
 
 /// Trap fixes that [`BREAK_ENV`] can switch off.
 #[derive(Clone, Copy, Debug, Default)]
@@ -147,6 +155,8 @@ pub(crate) struct Inner {
 /// The sockmap engine: the loaded programs, their maps and the event thread.
 pub struct SockmapEngine {
     inner: Arc<Inner>,
+    /// The FIONREAD probe run at load, or why it could not run.
+    fionread: Result<FionreadProbe, String>,
 }
 
 impl SockmapEngine {
@@ -169,7 +179,17 @@ impl SockmapEngine {
                  already forwarded makes the engine reset that connection instead of forwarding it once"
             );
         }
-        Ok(SockmapEngine { inner })
+        // The engine reads FIONREAD only before a socket enters a map, so a broken FIONREAD
+        // is reported, never a reason to fail.
+        let fionread = selftest::fionread_probe(&inner).map_err(|e| format!("{e:#}"));
+        match &fionread {
+            Ok(p) if p.broken() => log::warn!(
+                "sockmap: kernel defect fionread present ({p}); the engine does not use FIONREAD on mapped sockets"
+            ),
+            Ok(p) => log::debug!("sockmap: FIONREAD probe {p}"),
+            Err(e) => log::warn!("sockmap: FIONREAD probe could not run: {e}"),
+        }
+        Ok(SockmapEngine { inner, fionread })
     }
 
     /// Loads, attaches and starts the event thread; no self-test.
@@ -179,7 +199,7 @@ impl SockmapEngine {
 
     /// [`Self::load_untested`] with the given trap fixes switched off.
     fn load_with(global: &Global, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
-        let with_parser = std::env::var(PARSER_ENV).is_ok_and(|v| v == "1");
+        let with_parser = parser_requested();
         let kernel::Loaded { kernel, events } =
             kernel::Kernel::load(with_parser, !breaks.no_overlap_guard, breaks.cut_fail_step)?;
         let registry = Arc::new(dispatch::Registry::default());
@@ -213,6 +233,12 @@ impl SockmapEngine {
     /// The splice engine it falls back to for connections the kernel cannot take.
     pub fn fallback(&self) -> &SpliceEngine {
         &self.inner.splice
+    }
+
+    /// The FIONREAD probe run at load (the `fionread` kernel defect, measured), or why it
+    /// could not run.
+    pub fn fionread_probe(&self) -> Result<FionreadProbe, &str> {
+        self.fionread.as_ref().copied().map_err(String::as_str)
     }
 
     /// The engine's maps and counters now.

@@ -4,6 +4,7 @@
 //! thread and runtime so that `load` works from any context.
 
 use std::{
+    os::fd::AsRawFd as _,
     sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
@@ -21,6 +22,77 @@ use crate::lifecycle::{End, EngineKind, RelayCtl};
 const BYTES: usize = 48 << 10;
 /// Of which sent before the relay starts (trap 4).
 const EARLY: usize = 4 << 10;
+
+/// Bytes the FIONREAD probe queues on its socket.
+const PROBE_BYTES: usize = 4 << 10;
+/// Longest the FIONREAD probe waits for its bytes to arrive (loopback: at once).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What FIONREAD said of a socket in the engine's PEER map (no verdict program attached)
+/// with [`PROBE_BYTES`] queued: the state of the `fionread` defect on this kernel
+/// (`kernels`), measured rather than read from the version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FionreadProbe {
+    /// Bytes queued on the socket (seen with a peek).
+    pub queued: u64,
+    /// What FIONREAD reported.
+    pub reported: u64,
+}
+
+impl FionreadProbe {
+    /// Whether FIONREAD misreported the queue: the kernel has the `fionread` defect.
+    pub fn broken(&self) -> bool {
+        self.reported != self.queued
+    }
+}
+
+impl std::fmt::Display for FionreadProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.broken() { "broken" } else { "ok" };
+        write!(
+            f,
+            "{what}: FIONREAD reported {} of {} queued bytes on a socket in a map without a verdict",
+            self.reported, self.queued
+        )
+    }
+}
+
+/// Probes the `fionread` defect: a loopback socket goes into PEER (which has no program
+/// attached, as for a paused source), gets [`PROBE_BYTES`], and FIONREAD must report them.
+/// Harmless to the engine: no verdict runs on PEER and the entry is removed at once.
+pub(super) fn fionread_probe(inner: &Inner) -> anyhow::Result<FionreadProbe> {
+    use std::{io::Write as _, os::fd::AsFd as _};
+
+    use crate::sys::sock::ioctl_int;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("FIONREAD probe: bind 127.0.0.1:0")?;
+    let reader = std::net::TcpStream::connect(listener.local_addr()?).context("FIONREAD probe: connect")?;
+    let (mut writer, _) = listener.accept().context("FIONREAD probe: accept")?;
+    let fd = reader.as_fd();
+    let cookie = super::sock::cookie(fd).context("FIONREAD probe: SO_COOKIE")?;
+    inner.kernel.peer.put_sock(cookie, fd).context("FIONREAD probe: insert into PEER")?;
+    let measured = (|| -> anyhow::Result<FionreadProbe> {
+        writer.write_all(&[0x5a; PROBE_BYTES]).context("FIONREAD probe: write")?;
+        reader.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        // FIONREAD is what is under test, so wait for the bytes with a peek of all of them.
+        let mut buf = vec![0u8; PROBE_BYTES];
+        // SAFETY: recv(2) writes at most buf.len() bytes into buf, which lives across the call.
+        let n = unsafe {
+            libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_WAITALL)
+        };
+        ensure!(n >= 0, "FIONREAD probe: peek: {}", std::io::Error::last_os_error());
+        ensure!(
+            n as usize == PROBE_BYTES,
+            "FIONREAD probe: only {n} of {PROBE_BYTES} bytes arrived within {PROBE_TIMEOUT:?}"
+        );
+        let reported = ioctl_int(fd, libc::FIONREAD).context("FIONREAD probe: ioctl(FIONREAD)")?;
+        Ok(FionreadProbe { queued: PROBE_BYTES as u64, reported })
+    })();
+    let removed = inner.kernel.peer.delete(cookie).context("FIONREAD probe: delete from PEER");
+    let probe = measured?;
+    ensure!(removed?, "FIONREAD probe: its PEER entry was gone before it was deleted");
+    Ok(probe)
+}
 
 /// Runs the self-test; returns how long it took.
 pub(super) fn run(inner: &Arc<Inner>) -> anyhow::Result<Duration> {
