@@ -166,6 +166,24 @@ impl Netns {
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
         })
     }
+
+    /// A listener on `ip` port 0 inside this namespace, served by tokio.
+    pub fn listen(&self, ip: IpAddr) -> tokio::net::TcpListener {
+        let l = self
+            .enter(|| std::net::TcpListener::bind(std::net::SocketAddr::new(ip, 0)))
+            .unwrap_or_else(|e| panic!("cannot listen on {ip} in {}: {e}", self.name));
+        l.set_nonblocking(true).expect("O_NONBLOCK");
+        tokio::net::TcpListener::from_std(l).expect("tokio listener")
+    }
+
+    /// A TCP socket of `family` made inside this namespace, to connect from.
+    pub fn tcp_socket(&self, family: Family) -> tokio::net::TcpSocket {
+        self.enter(|| match family {
+            Family::V4 => tokio::net::TcpSocket::new_v4(),
+            Family::V6 => tokio::net::TcpSocket::new_v6(),
+        })
+        .unwrap_or_else(|e| panic!("cannot make a socket in {}: {e}", self.name))
+    }
 }
 
 /// Client, splicer and backend namespaces, wired as the module documentation draws them.

@@ -28,14 +28,14 @@ use std::{
 };
 
 use ntlm_splice_tests::{
-    harness::{self, AccessLine, Proxy},
+    harness::{self, AccessLine, Proxy, within},
     netns::{Family, Lab, Netns, TRANSPARENT_ROUTING},
     ntlm::{DEFAULT_DOMAIN, NtlmServer, demo_users},
     servers,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpSocket},
+    net::TcpSocket,
     task::{JoinHandle, JoinSet},
 };
 
@@ -58,22 +58,6 @@ const CURL_MARK: &str = "@@identity ";
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
-
-/// A listener on `ip` port 0 inside `ns`, served by tokio.
-fn listen_in(ns: &Netns, ip: IpAddr) -> TcpListener {
-    let l = ns
-        .enter(|| std::net::TcpListener::bind(SocketAddr::new(ip, 0)))
-        .unwrap_or_else(|e| panic!("cannot listen on {ip} in {}: {e}", ns.name()));
-    l.set_nonblocking(true).expect("O_NONBLOCK");
-    TcpListener::from_std(l).expect("tokio listener")
-}
-
 /// The recording backend: for every connection it remembers the peer address, writes it as
 /// one line (`ADDR\n`), then echoes every byte until the client's EOF and closes.
 struct PeerBackend {
@@ -91,7 +75,7 @@ impl Drop for PeerBackend {
 impl PeerBackend {
     /// Listens on `ip` port 0 in the lab's backend namespace.
     fn start(lab: &Lab, ip: IpAddr) -> PeerBackend {
-        let l = listen_in(&lab.backend, ip);
+        let l = lab.backend.listen(ip);
         let addr = l.local_addr().expect("local_addr");
         let peers = Arc::new(Mutex::new(Vec::new()));
         let seen = peers.clone();
@@ -161,13 +145,7 @@ struct Exchange {
 /// From the lab's client namespace: connects to `to`, sends [`ECHO_BYTES`] and half-closes,
 /// reads the backend's peer line and the echo to EOF, and checks the echo byte for byte.
 async fn exchange(lab: &Lab, family: Family, to: SocketAddr, what: &str) -> Exchange {
-    let socket = lab
-        .client
-        .enter(|| match family {
-            Family::V4 => TcpSocket::new_v4(),
-            Family::V6 => TcpSocket::new_v6(),
-        })
-        .expect("client socket");
+    let socket = lab.client.tcp_socket(family);
     let stream = within(
         QUICK,
         &format!("{what}: connect to {to}"),
@@ -549,7 +527,7 @@ async fn ntlm_logs_in_through_a_transparent_source() {
     };
     for (engine, family) in cases() {
         let what = format!("[{engine} {family:?} NTLM --source client]");
-        let listener = listen_in(&lab.backend, lab.addrs(family).backend);
+        let listener = lab.backend.listen(lab.addrs(family).backend);
         let backend = NtlmServer::from_listener(listener, DEFAULT_DOMAIN, demo_users())
             .unwrap_or_else(|e| panic!("cannot start the NTLM backend: {e}"));
         let proxy = proxy(

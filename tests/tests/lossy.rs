@@ -22,15 +22,11 @@ use std::{
 };
 
 use ntlm_splice_tests::{
-    harness::{self, Proxy},
+    harness::{self, Proxy, within},
     netns::{Family, Lab, Netns},
     servers,
 };
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpSocket},
-    task::JoinSet,
-};
+use tokio::{io::AsyncWriteExt, task::JoinSet};
 
 /// Connections at once, per engine and family.
 const CONNECTIONS: u64 = 4;
@@ -44,13 +40,6 @@ const DUP_PER_MILLE: u32 = 10;
 const ECHO_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound for a connect or a log line.
 const QUICK: Duration = Duration::from_secs(10);
-
-async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
 
 /// The nft family keyword of `family`.
 fn nft_family(family: Family) -> &'static str {
@@ -112,12 +101,7 @@ fn make_lossy(lab: &Lab, family: Family) {
 
 /// An echo server on `ip` port 0 in the lab's backend namespace.
 fn echo_backend(lab: &Lab, ip: IpAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = lab
-        .backend
-        .enter(|| std::net::TcpListener::bind(SocketAddr::new(ip, 0)))
-        .unwrap_or_else(|e| panic!("cannot listen on {ip} in the backend namespace: {e}"));
-    l.set_nonblocking(true).expect("O_NONBLOCK");
-    let l = TcpListener::from_std(l).expect("tokio listener");
+    let l = lab.backend.listen(ip);
     let addr = l.local_addr().expect("local_addr");
     let task = tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
@@ -135,13 +119,7 @@ fn echo_backend(lab: &Lab, ip: IpAddr) -> (SocketAddr, tokio::task::JoinHandle<(
 /// From the client namespace: sends [`BYTES`] of pattern `seed` to `to` and half-closes,
 /// while reading the echo to EOF and checking every byte.
 async fn echo(lab: Arc<Lab>, family: Family, to: SocketAddr, seed: u64, what: String) {
-    let socket = lab
-        .client
-        .enter(|| match family {
-            Family::V4 => TcpSocket::new_v4(),
-            Family::V6 => TcpSocket::new_v6(),
-        })
-        .expect("client socket");
+    let socket = lab.client.tcp_socket(family);
     let stream = within(QUICK, &format!("{what}: connect"), socket.connect(to))
         .await
         .unwrap_or_else(|e| panic!("{what}: connect to {to}: {e}"));
