@@ -93,6 +93,7 @@ pub struct Server {
     listeners: HashMap<SocketAddr, Listener>,
     /// Stops the health checks of the current table.
     health_stop: CancellationToken,
+    /// One permit per open connection, parked ones included (`max_connections` in all).
     slots: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
     stop_accept: CancellationToken,
@@ -383,16 +384,18 @@ impl Server {
         }
         let conns = &self.lc.tracker;
         let drain_timeout = self.config.global.drain_timeout;
+        // Connections, not tasks: a connection that has just parked can still have its
+        // returning task in the tracker beside its parked token.
+        let live = || self.config.global.max_connections - self.slots.available_permits();
         log::info!(
             "shutdown: stopped accepting; draining live={} connections (parked={}) for up to {}",
-            conns.len(),
+            live(),
             self.lc.parker.as_ref().map_or(0, Parker::len),
             humantime::format_duration(drain_timeout)
         );
         conns.close();
         if tokio::time::timeout(drain_timeout, conns.wait()).await.is_err() {
-            let live = conns.len();
-            log::warn!("shutdown: drain timeout reached; closing live={live} connections");
+            log::warn!("shutdown: drain timeout reached; closing live={} connections", live());
             self.lc.force_close.cancel();
             if tokio::time::timeout(FORCE_CLOSE_GRACE, conns.wait()).await.is_err() {
                 log::error!("shutdown: connections did not close within {FORCE_CLOSE_GRACE:?}; exiting anyway");
