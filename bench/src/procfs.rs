@@ -19,7 +19,11 @@ pub fn host_cpu() -> io::Result<HostCpu> {
         .lines()
         .find(|l| l.starts_with("cpu "))
         .ok_or_else(|| io::Error::other("/proc/stat has no aggregate cpu line"))?;
-    let v: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
     let at = |i: usize| v.get(i).copied().unwrap_or(0);
     Ok(HostCpu {
         user: at(0),
@@ -75,7 +79,10 @@ pub fn kern_mem() -> io::Result<KernMem> {
         .find(|l| l.starts_with("TCP:"))
         .and_then(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok())
+            f.iter()
+                .position(|w| *w == "mem")
+                .and_then(|i| f.get(i + 1))
+                .and_then(|v| v.parse::<u64>().ok())
         })
         .unwrap_or(0);
     Ok(KernMem {
@@ -91,8 +98,14 @@ pub fn kern_mem() -> io::Result<KernMem> {
 /// Slab caches with one object (or one per epoll registration) per TCP socket: the socket,
 /// its inode, and epoll's items. dentry and filp also grow per socket but are churned by
 /// every process on the host, so they are left to the meminfo total.
-pub const SOCKET_CACHES: &[&str] =
-    &["TCP", "TCPv6", "sock_inode_cache", "eventpoll_epi", "eventpoll_pwq", "request_sock_TCP"];
+pub const SOCKET_CACHES: &[&str] = &[
+    "TCP",
+    "TCPv6",
+    "sock_inode_cache",
+    "eventpoll_epi",
+    "eventpoll_pwq",
+    "request_sock_TCP",
+];
 
 /// Bytes in use (active objects x object size) in [`SOCKET_CACHES`]; `None` without
 /// read access to /proc/slabinfo (root only).
@@ -135,7 +148,10 @@ pub fn descendants(pid: u32) -> Vec<u32> {
             let Ok(kids) = fs::read_to_string(t.path().join("children")) else {
                 continue;
             };
-            for k in kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()) {
+            for k in kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok())
+            {
                 if !out.contains(&k) {
                     out.push(k);
                     todo.push(k);
@@ -149,13 +165,19 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 /// Raises the soft open-files limit to the hard limit; returns the limit now in force.
 #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
 pub fn raise_nofile() -> u64 {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
         return 1024;
     }
     if l.rlim_cur < l.rlim_max {
-        let raised = libc::rlimit { rlim_cur: l.rlim_max, rlim_max: l.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: l.rlim_max,
+            rlim_max: l.rlim_max,
+        };
         // SAFETY: valid pointer to an initialised rlimit.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             return l.rlim_max as u64;
