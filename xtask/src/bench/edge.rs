@@ -225,8 +225,11 @@ impl Lab {
     /// One line for the results: names, addresses, link type.
     pub fn describe(&self) -> String {
         format!(
-            "namespaces {} ({CLIENT}), {} ({SPLICER_FRONT} | {SPLICER_BACK}, ip_forward=1), {} ({BACKEND}), joined by veth pairs (MTU 1500); tcp_tw_reuse=1 and ports 1024-65535 in each",
-            self.client.name, self.splicer.name, self.backend.name
+            "namespaces {} ({CLIENT}), {} ({SPLICER_FRONT} | {SPLICER_BACK}, ip_forward=1), {} ({BACKEND}), joined by veth pairs (MTU 1500); tcp_tw_reuse=1 and ports 1024-65535 in each; congestion control {}",
+            self.client.name,
+            self.splicer.name,
+            self.backend.name,
+            congestion_control(&self.client.name)
         )
     }
 }
@@ -259,14 +262,32 @@ fn remove_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(pid) = name.strip_prefix(&format!("{PREFIX}-")).and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if let Some(pid) = owner(name)
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
             println!("bench: deleting network namespace {name} left by an earlier run (PID {pid} is gone)");
             delete(&[name.to_string()]);
         }
     }
+}
+
+/// The PID of the run that made namespace `name`, if this bench made it.
+fn owner(name: &str) -> Option<u32> {
+    let (pid, role) = name.strip_prefix(PREFIX)?.strip_prefix('-')?.split_once('-')?;
+    ["client", "splicer", "backend"].contains(&role).then_some(())?;
+    pid.parse().ok()
+}
+
+/// `net.ipv4.tcp_congestion_control` inside namespace `ns` (pacing depends on it only in
+/// that BBR paces by itself; `SO_MAX_PACING_RATE` caps any of them).
+fn congestion_control(ns: &str) -> String {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-n", "net.ipv4.tcp_congestion_control"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Runs `ip ARGS...`; fails with its output.
@@ -293,4 +314,78 @@ fn sysctl(ns: &str, kv: &str) -> anyhow::Result<()> {
         bail!("`sysctl -w {kv}` in {ns} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_benchs_namespaces_are_owned() {
+        assert_eq!(owner("nsbench-4242-client"), Some(4242));
+        assert_eq!(owner("nsbench-7-backend"), Some(7));
+        // The tests' labs, other prefixes, other roles and malformed names are not ours.
+        assert_eq!(owner("nsplice-4242-0-client"), None);
+        assert_eq!(owner("nsbench-4242-router"), None);
+        assert_eq!(owner("nsbenchx-4242-client"), None);
+        assert_eq!(owner("nsbench-abc-client"), None);
+        assert_eq!(owner("nsbench"), None);
+    }
+
+    fn args(smoke: bool, quick: bool, workloads: &[&str]) -> BenchArgs {
+        BenchArgs {
+            edge: true,
+            quick,
+            smoke,
+            rounds: None,
+            only: Vec::new(),
+            workloads: workloads.iter().map(|w| w.to_string()).collect(),
+            bulk_mib: None,
+            verify: false,
+            no_install: true,
+            out: None,
+            baseline: None,
+        }
+    }
+
+    #[test]
+    fn the_plan_has_the_three_workloads_and_bounds_them() {
+        for (smoke, quick) in [(false, false), (false, true), (true, false)] {
+            let p = plan(&args(smoke, quick, &[]), 1 << 16).unwrap();
+            assert!(p.edge);
+            let labels: Vec<&str> = p.workloads.iter().map(|w| w.label.as_str()).collect();
+            assert_eq!(labels, ["paced", "rr", "churn"]);
+            for w in &p.workloads {
+                assert!(w.deadline_secs > 0.0 && w.deadline_secs < 120.0, "{} unbounded", w.label);
+                // Every run is bounded in time by the client (--secs), and paced says its rate.
+                assert!(w.args.iter().any(|a| a == "--secs"), "{}: {:?}", w.label, w.args);
+            }
+            let paced = &p.workloads[0].args;
+            assert_eq!(paced[0], "paced");
+            assert!(paced.windows(2).any(|x| x[0] == "--pace-mbit" && x[1] == PACE_MBIT.to_string()));
+            // The smoke run checks bytes one by one.
+            assert_eq!(p.verify, smoke);
+        }
+        let p = plan(&args(false, false, &["rr"]), 1 << 16).unwrap();
+        assert_eq!(p.workloads.len(), 1);
+        let e = plan(&args(false, false, &["up"]), 1 << 16).err().unwrap();
+        assert!(format!("{e}").contains("known with --edge: paced, rr, churn"), "{e}");
+    }
+
+    #[test]
+    fn subjects_are_the_floor_both_engines_and_the_peers() {
+        let names: Vec<String> = subjects(false).iter().map(Subject::name).collect();
+        assert_eq!(
+            names,
+            [
+                "routed",
+                "ntlm-splice",
+                "ntlm-sockmap",
+                "nginx-auto",
+                "haproxy-splice-auto",
+                "haproxy-splice-auto-pipe1m"
+            ]
+        );
+        assert_eq!(subjects(true).iter().map(Subject::name).collect::<Vec<_>>(), ["routed", "ntlm-splice"]);
+    }
 }

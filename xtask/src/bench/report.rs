@@ -883,4 +883,85 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&mut []), None);
     }
+
+    fn cpu(busy_ticks: u64, proxy_ticks: u64) -> Option<ntlm_bench::report::CpuDelta> {
+        Some(ntlm_bench::report::CpuDelta {
+            hz: 100,
+            host: ntlm_bench::report::HostCpu {
+                user: busy_ticks / 2,
+                system: busy_ticks / 2,
+                steal: 1000,
+                ..Default::default()
+            },
+            proxy_ticks: Some(proxy_ticks),
+        })
+    }
+
+    fn value(kind: WKind, key: &str, r: &Report) -> Option<f64> {
+        (metrics(kind).into_iter().find(|m| m.key == key).expect("metric").get)(r)
+    }
+
+    #[test]
+    fn edge_costs_are_per_gb_per_1000_requests_and_per_1000_connections() {
+        // 0.5 host CPU-seconds (steal not counted), 0.1 in the proxy.
+        let paced = Report { bytes: 2_000_000_000, secs: 8.0, cpu: cpu(50, 10), ..Default::default() };
+        assert_eq!(value(WKind::Paced, "host_cpu", &paced), Some(0.25));
+        assert_eq!(value(WKind::Paced, "proxy_cpu", &paced), Some(0.05));
+        assert_eq!(value(WKind::Paced, "throughput", &paced), Some(250.0));
+        let rr = Report { requests: 100_000, conns: 64, secs: 2.0, cpu: cpu(50, 10), ..Default::default() };
+        assert_eq!(value(WKind::Rr, "host_cpu", &rr), Some(5.0));
+        assert_eq!(value(WKind::Rr, "proxy_cpu", &rr), Some(1.0));
+        assert_eq!(value(WKind::Rr, "rate", &rr), Some(50_000.0));
+        let churn = Report { conns: 10_000, secs: 2.0, cpu: cpu(50, 10), ..Default::default() };
+        assert_eq!(value(WKind::Churn, "host_cpu", &churn), Some(50.0));
+        assert_eq!(value(WKind::Churn, "proxy_cpu", &churn), Some(10.0));
+        assert_eq!(value(WKind::Churn, "rate", &churn), Some(5000.0));
+    }
+
+    fn paced_run(min_mbit: f64, max_mbit: f64) -> RunRecord {
+        RunRecord {
+            round: 0,
+            subject: "ntlm-splice".into(),
+            workload: "paced".into(),
+            ok: true,
+            error: None,
+            wall_secs: 1.0,
+            report: Some(Report {
+                paced: Some(ntlm_bench::report::Paced {
+                    target_bps: 40_000_000,
+                    conns: 64,
+                    min_bps: min_mbit * 1e6,
+                    median_bps: (min_mbit + max_mbit) / 2.0 * 1e6,
+                    max_bps: max_mbit * 1e6,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn pacing_notes_warn_when_pacing_did_not_hold() {
+        let a = super::super::BenchArgs {
+            edge: true,
+            quick: true,
+            smoke: false,
+            rounds: None,
+            only: Vec::new(),
+            workloads: Vec::new(),
+            bulk_mib: None,
+            verify: false,
+            no_install: true,
+            out: None,
+            baseline: None,
+        };
+        let plan = super::super::edge::plan(&a, 1 << 16).unwrap();
+        let held = pacing_notes(&plan, &[paced_run(39.8, 41.0), paced_run(40.0, 42.0)]);
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(held[0].contains("39.8-42.0 Mbit/s") && held[0].contains("against 40 Mbit/s"), "{held:?}");
+        let fast = pacing_notes(&plan, &[paced_run(39.8, 41.0), paced_run(40.0, 60.0)]);
+        assert!(fast.iter().any(|n| n.starts_with("WARNING pacing did not hold")), "{fast:?}");
+        let slow = pacing_notes(&plan, &[paced_run(20.0, 41.0)]);
+        assert!(slow.iter().any(|n| n.contains("fell below 90%")), "{slow:?}");
+        assert!(pacing_notes(&plan, &[]).is_empty());
+    }
 }
