@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Request and response size of rate, lat and rr, bytes.
     #[arg(long, default_value_t = 64)]
     pub size: u32,
+    /// The backend's process ID, whose CPU time counts in the stack's CPU.
+    #[arg(long)]
+    pub backend_pid: Option<u32>,
     /// Proxy process IDs whose CPU time and memory to measure (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub pids: Vec<u32>,
@@ -138,21 +141,40 @@ struct Sampler {
     host: HostCpu,
     proxy: Option<u64>,
     pids: Vec<u32>,
+    client: Option<u64>,
+    backend_pid: Option<u32>,
+    backend: Option<u64>,
+    kthreads: Vec<(u32, u64)>,
 }
 
 impl Sampler {
-    fn start(pids: &[u32]) -> Result<Sampler, String> {
+    /// Reads every counter, /proc/stat last, so the scan of the kernel threads falls before
+    /// the host's measured interval.
+    fn start(a: &RunArgs) -> Result<Sampler, String> {
+        let kthreads = procfs::kernel_threads();
+        let client = procfs::process_ticks(std::process::id()).ok();
+        let backend = a.backend_pid.and_then(|p| procfs::process_ticks(p).ok());
+        let proxy = proxy_ticks(&a.pids);
         let host = procfs::host_cpu().map_err(|e| format!("/proc/stat: {e}"))?;
-        Ok(Sampler { host, proxy: proxy_ticks(pids), pids: pids.to_vec() })
+        Ok(Sampler { host, proxy, pids: a.pids.clone(), client, backend_pid: a.backend_pid, backend, kthreads })
     }
 
+    /// The growth of every counter; /proc/stat first, for the same reason.
     fn finish(&self) -> Result<CpuDelta, String> {
         let host = procfs::host_cpu().map_err(|e| format!("/proc/stat: {e}"))?.since(&self.host);
-        let proxy = match (self.proxy, proxy_ticks(&self.pids)) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
-            _ => None,
-        };
-        Ok(CpuDelta { hz: procfs::clock_ticks(), host, proxy_ticks: proxy })
+        let since = |before: Option<u64>, after: Option<u64>| Some(after?.saturating_sub(before?));
+        let proxy = since(self.proxy, proxy_ticks(&self.pids));
+        let client = since(self.client, procfs::process_ticks(std::process::id()).ok());
+        let backend = since(self.backend, self.backend_pid.and_then(|p| procfs::process_ticks(p).ok()));
+        let kthreads = procfs::kernel_thread_ticks_since(&self.kthreads, &procfs::kernel_threads());
+        Ok(CpuDelta {
+            hz: procfs::clock_ticks(),
+            host,
+            proxy_ticks: proxy,
+            client_ticks: client,
+            backend_ticks: backend,
+            kthread_ticks: (!self.kthreads.is_empty()).then_some(kthreads),
+        })
     }
 }
 
@@ -249,7 +271,7 @@ fn download(
 fn single(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
     r.expected_bytes = a.bytes;
     let mut s = connect(a.target)?;
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     let moved = if a.workload == Workload::Up {
         upload(&mut s, a.bytes, a.verify, pat, deadline)
@@ -290,7 +312,7 @@ fn par(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(),
             })
         })
         .collect();
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     barrier.wait();
     let mut first_err = None;
@@ -346,7 +368,7 @@ fn rate(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<()
     let want = Arc::new(pat[..size as usize].to_vec());
     let threads = a.threads.clamp(1, 64);
     let first_err: Arc<Mutex<Option<String>>> = Arc::default();
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     let stop_at = (t0 + Duration::from_secs_f64(a.secs.max(0.01))).min(deadline);
     let handles: Vec<_> = (0..threads)
@@ -417,7 +439,7 @@ fn lat(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(),
     }
     let max = a.max_iters.clamp(1, 10_000_000);
     let mut samples: Vec<u64> = Vec::with_capacity(max.min(1 << 20) as usize);
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     let stop_at = (t0 + Duration::from_secs_f64(a.secs.max(0.01))).min(deadline);
     while (samples.len() as u64) < max {
@@ -570,7 +592,7 @@ fn paced(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(
             })
         })
         .collect();
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     barrier.wait();
     let (done, first_err) = join_all(handles, r);
@@ -635,7 +657,7 @@ fn rr(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), 
             })
         })
         .collect();
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     barrier.wait();
     let (done, first_err) = join_all(handles, r);

@@ -60,6 +60,15 @@ pub struct CpuDelta {
     pub host: HostCpu,
     /// utime + stime of the proxy's processes (all threads), if there is a proxy.
     pub proxy_ticks: Option<u64>,
+    /// utime + stime of the client process itself (all its threads).
+    #[serde(default)]
+    pub client_ticks: Option<u64>,
+    /// utime + stime of the backend process, if its PID was given.
+    #[serde(default)]
+    pub backend_ticks: Option<u64>,
+    /// utime + stime of every kernel thread (softirq threads, work-queue workers ...).
+    #[serde(default)]
+    pub kthread_ticks: Option<u64>,
 }
 
 impl CpuDelta {
@@ -71,6 +80,15 @@ impl CpuDelta {
     /// Proxy CPU-seconds.
     pub fn proxy_secs(&self) -> Option<f64> {
         self.proxy_ticks.map(|t| t as f64 / self.hz as f64)
+    }
+
+    /// CPU-seconds of the benchmark's own stack: client, backend, proxy (none when there is
+    /// none) and every kernel thread. Unlike the host figure, work other processes on the
+    /// host do is left out, so it stays readable on a busy box; softirq work runs mostly in
+    /// the context of the process that sent the packet, so it is counted with that process.
+    pub fn stack_secs(&self) -> Option<f64> {
+        let t = self.client_ticks? + self.backend_ticks? + self.kthread_ticks? + self.proxy_ticks.unwrap_or(0);
+        Some(t as f64 / self.hz as f64)
     }
 
     /// Share of all CPU time the hypervisor stole, 0..1.

@@ -221,7 +221,8 @@ pub fn edge_svg(res: &Results) -> String {
     let group = 2.0 * BAR + GAP;
     let width = (LEFT + RIGHT + group * subjects.len().max(1) as f64).max(640.0);
     let panel_h = PANEL_H * 0.8;
-    let height = TITLE_H + panels.len().max(1) as f64 * (panel_h + LABEL_H) + 10.0;
+    let head = TITLE_H + 14.0;
+    let height = head + panels.len().max(1) as f64 * (panel_h + LABEL_H) + 10.0;
     let mut o = String::new();
     let _ = writeln!(o, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
     let _ = writeln!(
@@ -246,10 +247,14 @@ pub fn edge_svg(res: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        r##"<text x="{LEFT}" y="50" fill="#555">grey: routed (no proxy, the floor); blue: ntlm-splice; orange: nginx / HAProxy; dark inset: the proxy process's own CPU</text>"##
+        r##"<text x="{LEFT}" y="50" fill="#555">grey: routed (no proxy, the floor); blue: ntlm-splice; orange: nginx / HAProxy; dark inset: the proxy process's own CPU;</text>"##
+    );
+    let _ = writeln!(
+        o,
+        r##"<text x="{LEFT}" y="64" fill="#555">red line: the run's own stack (client, backend, proxy, kernel threads), without other work on the host</text>"##
     );
     for (pi, (label, metric, title, overlay)) in panels.iter().enumerate() {
-        let top = TITLE_H + pi as f64 * (panel_h + LABEL_H) + 18.0;
+        let top = head + pi as f64 * (panel_h + LABEL_H) + 18.0;
         let bottom = top + panel_h - 18.0;
         let plot_h = bottom - top;
         let vmax = subjects
@@ -308,6 +313,16 @@ pub fn edge_svg(res: &Results) -> String {
                             scale(lo),
                             cx - 3.0,
                             scale(hi)
+                        );
+                    }
+                    if *overlay && let Some(st) = get(res, s, label, "stack_cpu").and_then(|p| p.median) {
+                        let sy = scale(st);
+                        let _ = writeln!(
+                            o,
+                            r##"<line x1="{:.1}" x2="{:.1}" y1="{sy:.1}" y2="{sy:.1}" stroke="#d62728" stroke-width="3"><title>{s} {label}: stack (client, backend, proxy, kernel threads) {st:.3} {}</title></line>"##,
+                            x - 2.0,
+                            x + w + 2.0,
+                            esc(&sm.unit)
                         );
                     }
                     if *overlay && let Some(p) = get(res, s, label, "proxy_cpu").and_then(|p| p.median) {

@@ -456,6 +456,7 @@ fn run_in(
         root,
         dir,
         backend: backend_addr,
+        backend_pid: Some(backend.pid()),
         max_conns,
         nofile: plan.nofile,
         tools: &tools,
@@ -665,6 +666,9 @@ fn client(
         ns.enter_on_spawn(&mut cmd);
     }
     cmd.arg("run").args(args).args(["--target", &target.to_string(), "--deadline-secs", &format!("{deadline}")]);
+    if let Some(p) = env.backend_pid {
+        cmd.args(["--backend-pid", &p.to_string()]);
+    }
     if !pids.is_empty() {
         cmd.arg("--pids").arg(pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","));
     }

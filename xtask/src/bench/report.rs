@@ -264,6 +264,13 @@ fn metrics(kind: WKind) -> Vec<MetricDef> {
                 ratios: true,
                 get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s / gb(r)),
             },
+            MetricDef {
+                key: "stack_cpu",
+                unit: "s/GB",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.stack_secs()).map(|s| s / gb(r)),
+            },
             steal,
         ],
         WKind::Rr => vec![
@@ -288,6 +295,13 @@ fn metrics(kind: WKind) -> Vec<MetricDef> {
                 higher: false,
                 ratios: true,
                 get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s * 1e6 / r.requests.max(1) as f64),
+            },
+            MetricDef {
+                key: "stack_cpu",
+                unit: "ms/1000 req",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.stack_secs()).map(|s| s * 1e6 / r.requests.max(1) as f64),
             },
             MetricDef {
                 key: "p50",
@@ -326,6 +340,13 @@ fn metrics(kind: WKind) -> Vec<MetricDef> {
                 higher: false,
                 ratios: true,
                 get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s * 1e6 / r.conns.max(1) as f64),
+            },
+            MetricDef {
+                key: "stack_cpu",
+                unit: "ms/1000 conn",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.stack_secs()).map(|s| s * 1e6 / r.conns.max(1) as f64),
             },
             steal,
         ],
@@ -605,6 +626,11 @@ pub fn table(res: &Results) -> String {
             t,
             "the proxy's namespace only forwards). Paced: per conn = each connection's own rate (bytes ÷ its own time)."
         );
+        let _ = writeln!(
+            t,
+            "Stack CPU: client + backend + proxy processes + every kernel thread (softirq, work queues), in host CPU's unit:"
+        );
+        let _ = writeln!(t, "what the run itself cost, without other work on the host (which host CPU includes).");
     }
     for s in &res.subjects {
         let _ = match &s.skipped {
@@ -765,13 +791,13 @@ fn edge_rows<'a>(
     };
     let mut headers = vec!["subject", "ok", main, "×peer", "×direct"];
     headers.extend(extra.iter().filter(|(h, _)| !h.is_empty()).map(|(h, _)| *h));
-    headers.extend([cpu[0], "×peer", "×direct", cpu[1], "×peer", "steal %"]);
+    headers.extend([cpu[0], "×peer", "×direct", cpu[1], "×peer", "stack CPU", "×peer", "×direct", "steal %"]);
     let metric = "rate";
     let rows = live
         .iter()
         .map(|s| {
             let m = g(&s.name, if kind == WKind::Paced { "throughput" } else { metric });
-            let (hc, pc) = (g(&s.name, "host_cpu"), g(&s.name, "proxy_cpu"));
+            let (hc, pc, sc) = (g(&s.name, "host_cpu"), g(&s.name, "proxy_cpu"), g(&s.name, "stack_cpu"));
             let mut row = vec![
                 s.name.clone(),
                 ok(&s.name),
@@ -786,6 +812,9 @@ fn edge_rows<'a>(
                 ratio(hc.and_then(|x| x.vs_direct)),
                 spread(pc),
                 ratio(pc.and_then(|x| x.vs_best_peer)),
+                spread(sc),
+                ratio(sc.and_then(|x| x.vs_best_peer)),
+                ratio(sc.and_then(|x| x.vs_direct)),
                 g(&s.name, "steal").and_then(|x| x.median).map_or("-".into(), |v| format!("{v:.0}")),
             ]);
             row
@@ -894,6 +923,7 @@ mod tests {
                 ..Default::default()
             },
             proxy_ticks: Some(proxy_ticks),
+            ..Default::default()
         })
     }
 
@@ -916,6 +946,18 @@ mod tests {
         assert_eq!(value(WKind::Churn, "host_cpu", &churn), Some(50.0));
         assert_eq!(value(WKind::Churn, "proxy_cpu", &churn), Some(10.0));
         assert_eq!(value(WKind::Churn, "rate", &churn), Some(5000.0));
+        // Stack: client 0.2 + backend 0.1 + kernel threads 0.1 + proxy 0.1 CPU-seconds.
+        let mut c = cpu(50, 10).unwrap();
+        (c.client_ticks, c.backend_ticks, c.kthread_ticks) = (Some(20), Some(10), Some(10));
+        let rr = Report { requests: 100_000, cpu: Some(c), ..Default::default() };
+        assert_eq!(value(WKind::Rr, "stack_cpu", &rr), Some(5.0));
+        // Without a proxy (routed) the rest still counts; without the backend's PID nothing does.
+        c.proxy_ticks = None;
+        let churn = Report { conns: 10_000, cpu: Some(c), ..Default::default() };
+        assert_eq!(value(WKind::Churn, "stack_cpu", &churn), Some(40.0));
+        c.backend_ticks = None;
+        let churn = Report { conns: 10_000, cpu: Some(c), ..Default::default() };
+        assert_eq!(value(WKind::Churn, "stack_cpu", &churn), None);
     }
 
     fn paced_run(min_mbit: f64, max_mbit: f64) -> RunRecord {

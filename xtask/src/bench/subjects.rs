@@ -306,8 +306,10 @@ pub struct Env<'a> {
     pub root: &'a Path,
     /// Temp dir for configs and logs.
     pub dir: &'a Path,
-    /// The loopback backend.
+    /// The backend (on loopback, or in the edge bench's backend namespace).
     pub backend: SocketAddr,
+    /// The backend's PID, whose CPU counts in the stack's CPU.
+    pub backend_pid: Option<u32>,
     /// Connections each proxy must be able to hold (the largest idle run).
     pub max_conns: u64,
     /// Our open-files limit (inherited by the proxies).
