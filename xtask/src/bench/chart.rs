@@ -174,6 +174,11 @@ pub fn svg(res: &Results) -> String {
     o
 }
 
+/// Width of the edge chart at least (its header lines fit).
+const EDGE_MIN_WIDTH: f64 = 720.0;
+/// Room under each edge panel for the rotated subject names.
+const EDGE_LABEL_H: f64 = 105.0;
+
 /// Colour of a subject's bar in the edge chart: the floor grey, ours blue, peers orange.
 fn kind_color(kind: Kind) -> &'static str {
     match kind {
@@ -219,10 +224,11 @@ pub fn edge_svg(res: &Results) -> String {
         ));
     }
     let group = 2.0 * BAR + GAP;
-    let width = (LEFT + RIGHT + group * subjects.len().max(1) as f64).max(640.0);
+    let width = (LEFT + RIGHT + group * subjects.len().max(1) as f64).max(EDGE_MIN_WIDTH);
     let panel_h = PANEL_H * 0.8;
+    let label_h = EDGE_LABEL_H;
     let head = TITLE_H + 14.0;
-    let height = head + panels.len().max(1) as f64 * (panel_h + LABEL_H) + 10.0;
+    let height = head + panels.len().max(1) as f64 * (panel_h + label_h) + 10.0;
     let mut o = String::new();
     let _ = writeln!(o, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
     let _ = writeln!(
@@ -237,24 +243,23 @@ pub fn edge_svg(res: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        r##"<text x="{LEFT}" y="34" fill="#555">{} UTC, {} mode, {} rounds; kernel {}, {} x {}; bars: median, whiskers: min–max</text>"##,
+        r##"<text x="{LEFT}" y="34" fill="#555">{} UTC, {} mode, {} rounds; kernel {}, {} CPUs; bars: median, whiskers: min–max</text>"##,
         esc(&m.started.get(..16).unwrap_or(&m.started).replace('T', " ")),
         res.plan.mode,
         res.rounds_run,
         esc(&m.kernel),
         m.cpus,
-        esc(&m.cpu)
     );
     let _ = writeln!(
         o,
-        r##"<text x="{LEFT}" y="50" fill="#555">grey: routed (no proxy, the floor); blue: ntlm-splice; orange: nginx / HAProxy; dark inset: the proxy process's own CPU;</text>"##
+        r##"<text x="{LEFT}" y="50" fill="#555">grey: routed (no proxy, the floor); blue: ntlm-splice; orange: nginx / HAProxy; dark inset: the proxy's own CPU</text>"##
     );
     let _ = writeln!(
         o,
         r##"<text x="{LEFT}" y="64" fill="#555">red line: the run's own stack (client, backend, proxy, kernel threads), without other work on the host</text>"##
     );
     for (pi, (label, metric, title, overlay)) in panels.iter().enumerate() {
-        let top = head + pi as f64 * (panel_h + LABEL_H) + 18.0;
+        let top = head + pi as f64 * (panel_h + label_h) + 18.0;
         let bottom = top + panel_h - 18.0;
         let plot_h = bottom - top;
         let vmax = subjects
@@ -264,9 +269,9 @@ pub fn edge_svg(res: &Results) -> String {
             .fold(0.0, f64::max);
         let ymax = nice_max(vmax);
         let _ = writeln!(o, r#"<text x="{LEFT}" y="{}" font-weight="bold">{}</text>"#, top - 6.0, esc(title));
-        for i in 0..=4 {
-            let v = ymax * f64::from(i) / 4.0;
-            let y = bottom - plot_h * f64::from(i) / 4.0;
+        for i in 0..=5 {
+            let v = ymax * f64::from(i) / 5.0;
+            let y = bottom - plot_h * f64::from(i) / 5.0;
             let _ =
                 writeln!(o, r##"<line x1="{LEFT}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/>"##, width - RIGHT);
             let text = if ymax >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") };
