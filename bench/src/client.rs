@@ -16,7 +16,7 @@ use std::{
 use ntlm_bench::{
     procfs,
     proto::{self, ACK_LEN, CHUNK, FLAG_VERIFY, Header, Mode, NO_MISMATCH},
-    report::{CpuDelta, HostCpu, Idle, Latency, Report},
+    report::{CpuDelta, HostCpu, Idle, Latency, Paced, Report},
 };
 
 /// Time allowed for one TCP connect.
@@ -31,6 +31,10 @@ const RATE_MAX_PER_THREAD: u64 = 5_000_000;
 const RATE_ERROR_PAUSE: Duration = Duration::from_millis(1);
 /// Bytes moved each way by the probe.
 const PROBE_BYTES: u64 = 1 << 20;
+/// Most connections of a paced or request/response run.
+const MAX_CONNS: usize = 1024;
+/// Round-trip samples one request/response connection keeps (the count goes on past it).
+const RR_MAX_SAMPLES: usize = 200_000;
 
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -49,6 +53,12 @@ pub enum Workload {
     Idle,
     /// A small verified upload, download and a few round trips: is the path working?
     Probe,
+    /// `--conns` connections, half uploading, half downloading, each sender held to
+    /// `--pace-mbit` by `SO_MAX_PACING_RATE`, each moving what that rate moves in `--secs`.
+    Paced,
+    /// `--conns` kept-alive connections, each sending `--size`-byte requests and reading
+    /// `--size`-byte responses in a loop for `--secs` (like wrk with that many connections).
+    Rr,
 }
 
 /// Arguments of `ntlm-bench run`.
@@ -63,21 +73,28 @@ pub struct RunArgs {
     /// Payload bytes for up, down and par (par: in total).
     #[arg(long, default_value_t = 64 << 20)]
     pub bytes: u64,
-    /// Connections for par and idle.
+    /// Connections for par, idle, paced and rr.
     #[arg(long, default_value_t = 8)]
     pub conns: usize,
+    /// Pacing rate of each paced sender, Mbit/s.
+    #[arg(long, default_value_t = 40)]
+    pub pace_mbit: u16,
     /// Concurrent connecting threads for rate.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
-    /// Duration of rate and lat, seconds.
+    /// Duration of rate, lat and rr, seconds; paced: what each connection moves, in
+    /// seconds at its pacing rate.
     #[arg(long, default_value_t = 1.0)]
     pub secs: f64,
     /// Most round trips measured by lat.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_iters: u64,
-    /// Request and response size of rate and lat, bytes.
+    /// Request and response size of rate, lat and rr, bytes.
     #[arg(long, default_value_t = 64)]
     pub size: u32,
+    /// The backend's process ID, whose CPU time counts in the stack's CPU.
+    #[arg(long)]
+    pub backend_pid: Option<u32>,
     /// Proxy process IDs whose CPU time and memory to measure (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub pids: Vec<u32>,
@@ -97,11 +114,8 @@ pub fn run(a: &RunArgs) -> Report {
     procfs::raise_nofile();
     let deadline = Instant::now() + Duration::from_secs_f64(a.deadline_secs.max(1.0));
     let pat = proto::pattern_buf();
-    let mut r = Report {
-        workload: format!("{:?}", a.workload).to_lowercase(),
-        verified: a.verify,
-        ..Report::default()
-    };
+    let mut r =
+        Report { workload: format!("{:?}", a.workload).to_lowercase(), verified: a.verify, ..Report::default() };
     let res = match a.workload {
         Workload::Up | Workload::Down => single(a, &pat, deadline, &mut r),
         Workload::Par => par(a, &pat, deadline, &mut r),
@@ -109,15 +123,14 @@ pub fn run(a: &RunArgs) -> Report {
         Workload::Lat => lat(a, &pat, deadline, &mut r),
         Workload::Idle => idle(a, &pat, deadline, &mut r),
         Workload::Probe => probe(a, &pat, deadline, &mut r),
+        Workload::Paced => paced(a, &pat, deadline, &mut r),
+        Workload::Rr => rr(a, &pat, deadline, &mut r),
     };
     if let Err(e) = res {
         r.error = Some(e);
     }
     if r.error.is_none() && r.bytes != r.expected_bytes {
-        r.error = Some(format!(
-            "moved {} bytes, expected {}",
-            r.bytes, r.expected_bytes
-        ));
+        r.error = Some(format!("moved {} bytes, expected {}", r.bytes, r.expected_bytes));
     }
     r.ok = r.error.is_none() && r.conn_errors == 0;
     r
@@ -128,30 +141,39 @@ struct Sampler {
     host: HostCpu,
     proxy: Option<u64>,
     pids: Vec<u32>,
+    client: Option<u64>,
+    backend_pid: Option<u32>,
+    backend: Option<u64>,
+    kthreads: Vec<(u32, u64)>,
 }
 
 impl Sampler {
-    fn start(pids: &[u32]) -> Result<Sampler, String> {
+    /// Reads every counter, /proc/stat last, so the scan of the kernel threads falls before
+    /// the host's measured interval.
+    fn start(a: &RunArgs) -> Result<Sampler, String> {
+        let kthreads = procfs::kernel_threads();
+        let client = procfs::process_ticks(std::process::id()).ok();
+        let backend = a.backend_pid.and_then(|p| procfs::process_ticks(p).ok());
+        let proxy = proxy_ticks(&a.pids);
         let host = procfs::host_cpu().map_err(|e| format!("/proc/stat: {e}"))?;
-        Ok(Sampler {
-            host,
-            proxy: proxy_ticks(pids),
-            pids: pids.to_vec(),
-        })
+        Ok(Sampler { host, proxy, pids: a.pids.clone(), client, backend_pid: a.backend_pid, backend, kthreads })
     }
 
+    /// The growth of every counter; /proc/stat first, for the same reason.
     fn finish(&self) -> Result<CpuDelta, String> {
-        let host = procfs::host_cpu()
-            .map_err(|e| format!("/proc/stat: {e}"))?
-            .since(&self.host);
-        let proxy = match (self.proxy, proxy_ticks(&self.pids)) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
-            _ => None,
-        };
+        let host = procfs::host_cpu().map_err(|e| format!("/proc/stat: {e}"))?.since(&self.host);
+        let since = |before: Option<u64>, after: Option<u64>| Some(after?.saturating_sub(before?));
+        let proxy = since(self.proxy, proxy_ticks(&self.pids));
+        let client = since(self.client, procfs::process_ticks(std::process::id()).ok());
+        let backend = since(self.backend, self.backend_pid.and_then(|p| procfs::process_ticks(p).ok()));
+        let kthreads = procfs::kernel_thread_ticks_since(&self.kthreads, &procfs::kernel_threads());
         Ok(CpuDelta {
             hz: procfs::clock_ticks(),
             host,
             proxy_ticks: proxy,
+            client_ticks: client,
+            backend_ticks: backend,
+            kthread_ticks: (!self.kthreads.is_empty()).then_some(kthreads),
         })
     }
 }
@@ -171,14 +193,10 @@ fn proxy_rss(pids: &[u32]) -> Option<u64> {
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_nodelay(true)
-        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_nodelay(true).map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
     Ok(s)
 }
 
@@ -191,47 +209,23 @@ fn flags(verify: bool) -> u8 {
 }
 
 fn check_deadline(deadline: Instant, what: &str) -> Result<(), String> {
-    if Instant::now() > deadline {
-        Err(format!("{what}: deadline passed"))
-    } else {
-        Ok(())
-    }
+    if Instant::now() > deadline { Err(format!("{what}: deadline passed")) } else { Ok(()) }
 }
 
 /// Sends `n` pattern bytes to a sink on `s` and checks its acknowledgement.
-fn upload(
-    s: &mut TcpStream,
-    n: u64,
-    verify: bool,
-    pat: &[u8],
-    deadline: Instant,
-) -> Result<u64, String> {
-    s.write_all(
-        &Header {
-            mode: Mode::Sink,
-            flags: flags(verify),
-            n: 0,
-        }
-        .encode(),
-    )
-    .map_err(|e| io_err("header", e))?;
+fn upload(s: &mut TcpStream, n: u64, verify: bool, pat: &[u8], deadline: Instant) -> Result<u64, String> {
+    s.write_all(&Header { mode: Mode::Sink, flags: flags(verify), n: 0, pace_mbit: 0 }.encode())
+        .map_err(|e| io_err("header", e))?;
     let mut sent = 0u64;
     while sent < n {
         let len = (n - sent).min(CHUNK as u64) as usize;
-        s.write_all(proto::pattern_at(pat, sent, len))
-            .map_err(|e| io_err(&format!("upload at byte {sent}"), e))?;
+        s.write_all(proto::pattern_at(pat, sent, len)).map_err(|e| io_err(&format!("upload at byte {sent}"), e))?;
         sent += len as u64;
         check_deadline(deadline, "upload")?;
     }
-    s.shutdown(Shutdown::Write)
-        .map_err(|e| io_err("shutdown(write)", e))?;
+    s.shutdown(Shutdown::Write).map_err(|e| io_err("shutdown(write)", e))?;
     let mut ack = [0u8; ACK_LEN];
-    s.read_exact(&mut ack).map_err(|e| {
-        io_err(
-            "reading the sink's acknowledgement (did EOF reach the backend?)",
-            e,
-        )
-    })?;
+    s.read_exact(&mut ack).map_err(|e| io_err("reading the sink's acknowledgement (did EOF reach the backend?)", e))?;
     let got = u64::from_le_bytes(ack[..8].try_into().expect("8 bytes"));
     let bad = u64::from_le_bytes(ack[8..].try_into().expect("8 bytes"));
     if got != n {
@@ -243,29 +237,22 @@ fn upload(
     Ok(got)
 }
 
-/// Reads `n` pattern bytes from a source on `s`, up to its EOF.
+/// Reads `n` pattern bytes from a source on `s`, up to its EOF; the source paces its sends
+/// at `pace_mbit` Mbit/s (0: not paced).
 fn download(
     s: &mut TcpStream,
     n: u64,
+    pace_mbit: u16,
     verify: bool,
     pat: &[u8],
     deadline: Instant,
 ) -> Result<u64, String> {
-    s.write_all(
-        &Header {
-            mode: Mode::Source,
-            flags: flags(verify),
-            n,
-        }
-        .encode(),
-    )
-    .map_err(|e| io_err("header", e))?;
+    s.write_all(&Header { mode: Mode::Source, flags: flags(verify), n, pace_mbit }.encode())
+        .map_err(|e| io_err("header", e))?;
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     loop {
-        let r = s
-            .read(&mut buf)
-            .map_err(|e| io_err(&format!("download at byte {got}"), e))?;
+        let r = s.read(&mut buf).map_err(|e| io_err(&format!("download at byte {got}"), e))?;
         if r == 0 {
             break;
         }
@@ -284,12 +271,12 @@ fn download(
 fn single(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
     r.expected_bytes = a.bytes;
     let mut s = connect(a.target)?;
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     let moved = if a.workload == Workload::Up {
         upload(&mut s, a.bytes, a.verify, pat, deadline)
     } else {
-        download(&mut s, a.bytes, a.verify, pat, deadline)
+        download(&mut s, a.bytes, 0, a.verify, pat, deadline)
     };
     r.secs = t0.elapsed().as_secs_f64();
     r.cpu = Some(sampler.finish()?);
@@ -314,22 +301,18 @@ fn par(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(),
         .enumerate()
         .map(|(i, mut s)| {
             let (barrier, pat, verify) = (barrier.clone(), pat.clone(), a.verify);
-            let n = if i == 0 {
-                per + a.bytes % conns as u64
-            } else {
-                per
-            };
+            let n = if i == 0 { per + a.bytes % conns as u64 } else { per };
             thread::spawn(move || {
                 barrier.wait();
                 if i % 2 == 0 {
                     upload(&mut s, n, verify, &pat, deadline)
                 } else {
-                    download(&mut s, n, verify, &pat, deadline)
+                    download(&mut s, n, 0, verify, &pat, deadline)
                 }
             })
         })
         .collect();
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     barrier.wait();
     let mut first_err = None;
@@ -367,7 +350,7 @@ fn one_exchange(addr: SocketAddr, req: &[u8], want: &[u8], resp: &mut [u8]) -> R
 
 /// The header of one echo exchange of `size` bytes each way.
 fn echo_header(size: u32) -> [u8; proto::HEADER_LEN] {
-    Header { mode: Mode::Echo { req: size, resp: size }, flags: 0, n: 0 }.encode()
+    Header { mode: Mode::Echo { req: size, resp: size }, flags: 0, n: 0, pace_mbit: 0 }.encode()
 }
 
 fn echo_request(size: u32, pat: &[u8], with_header: bool) -> Vec<u8> {
@@ -385,13 +368,12 @@ fn rate(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<()
     let want = Arc::new(pat[..size as usize].to_vec());
     let threads = a.threads.clamp(1, 64);
     let first_err: Arc<Mutex<Option<String>>> = Arc::default();
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     let stop_at = (t0 + Duration::from_secs_f64(a.secs.max(0.01))).min(deadline);
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (req, want, first_err, addr) =
-                (req.clone(), want.clone(), first_err.clone(), a.target);
+            let (req, want, first_err, addr) = (req.clone(), want.clone(), first_err.clone(), a.target);
             thread::spawn(move || {
                 let (mut ok, mut bad) = (0u64, 0u64);
                 let mut resp = vec![0u8; want.len()];
@@ -400,10 +382,7 @@ fn rate(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<()
                         Ok(()) => ok += 1,
                         Err(e) => {
                             bad += 1;
-                            first_err
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
+                            first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                             thread::sleep(RATE_ERROR_PAUSE);
                         }
                     }
@@ -427,11 +406,7 @@ fn rate(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<()
         return Err(err.unwrap_or_else(|| "no connection completed".to_string()));
     }
     match err {
-        Some(e) => Err(format!(
-            "{} of {} connections failed; first: {e}",
-            r.conn_errors,
-            r.conn_errors + r.conns
-        )),
+        Some(e) => Err(format!("{} of {} connections failed; first: {e}", r.conn_errors, r.conn_errors + r.conns)),
         None => Ok(()),
     }
 }
@@ -447,8 +422,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 fn lat(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
     let size = a.size.clamp(1, CHUNK as u32);
     let mut s = connect(a.target)?;
-    s.write_all(&echo_header(size))
-    .map_err(|e| io_err("header", e))?;
+    s.write_all(&echo_header(size)).map_err(|e| io_err("header", e))?;
     let req = echo_request(size, pat, false);
     let want = &pat[..size as usize];
     let mut resp = vec![0u8; size as usize];
@@ -465,7 +439,7 @@ fn lat(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(),
     }
     let max = a.max_iters.clamp(1, 10_000_000);
     let mut samples: Vec<u64> = Vec::with_capacity(max.min(1 << 20) as usize);
-    let sampler = Sampler::start(&a.pids)?;
+    let sampler = Sampler::start(a)?;
     let t0 = Instant::now();
     let stop_at = (t0 + Duration::from_secs_f64(a.secs.max(0.01))).min(deadline);
     while (samples.len() as u64) < max {
@@ -492,22 +466,12 @@ fn lat(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(),
         max_ns: samples.last().copied().unwrap_or(0),
         mean_ns: samples.iter().sum::<u64>().checked_div(n).unwrap_or(0),
     });
-    if n == 0 {
-        Err("no round trip measured".to_string())
-    } else {
-        Ok(())
-    }
+    if n == 0 { Err("no round trip measured".to_string()) } else { Ok(()) }
 }
 
 fn idle(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
     let n = a.conns.clamp(1, 1_000_000);
-    let mut req = Header {
-        mode: Mode::Echo { req: 1, resp: 1 },
-        flags: 0,
-        n: 0,
-    }
-    .encode()
-    .to_vec();
+    let mut req = Header { mode: Mode::Echo { req: 1, resp: 1 }, flags: 0, n: 0, pace_mbit: 0 }.encode().to_vec();
     req.push(pat[0]);
     let kern_before = procfs::kern_mem().map_err(|e| format!("/proc/meminfo: {e}"))?;
     let rss_before = proxy_rss(&a.pids);
@@ -517,10 +481,8 @@ fn idle(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<()
     for i in 0..n {
         check_deadline(deadline, &format!("idle: opening connection {i} of {n}"))?;
         let mut s = connect(a.target).map_err(|e| format!("connection {i} of {n}: {e}"))?;
-        s.write_all(&req)
-            .map_err(|e| io_err(&format!("connection {i} of {n}: request"), e))?;
-        s.read_exact(&mut one)
-            .map_err(|e| io_err(&format!("connection {i} of {n}: response"), e))?;
+        s.write_all(&req).map_err(|e| io_err(&format!("connection {i} of {n}: request"), e))?;
+        s.read_exact(&mut one).map_err(|e| io_err(&format!("connection {i} of {n}: response"), e))?;
         if one[0] != pat[0] {
             return Err(format!("connection {i} of {n}: wrong response byte"));
         }
@@ -550,17 +512,10 @@ fn probe(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(
     let t0 = Instant::now();
     r.expected_bytes = 2 * PROBE_BYTES + 2 * 10 * 64;
     r.bytes += upload(&mut connect(a.target)?, PROBE_BYTES, true, pat, deadline)?;
-    r.bytes += download(&mut connect(a.target)?, PROBE_BYTES, true, pat, deadline)?;
+    r.bytes += download(&mut connect(a.target)?, PROBE_BYTES, 0, true, pat, deadline)?;
     let mut s = connect(a.target)?;
-    s.write_all(
-        &Header {
-            mode: Mode::Echo { req: 64, resp: 64 },
-            flags: 0,
-            n: 0,
-        }
-        .encode(),
-    )
-    .map_err(|e| io_err("header", e))?;
+    s.write_all(&Header { mode: Mode::Echo { req: 64, resp: 64 }, flags: 0, n: 0, pace_mbit: 0 }.encode())
+        .map_err(|e| io_err("header", e))?;
     let mut resp = [0u8; 64];
     for _ in 0..10 {
         s.write_all(&pat[..64]).map_err(|e| io_err("request", e))?;
@@ -573,5 +528,161 @@ fn probe(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(
     r.conns = 3;
     r.secs = t0.elapsed().as_secs_f64();
     r.verified = true;
+    Ok(())
+}
+
+/// Collects the threads of a paced or request/response run: the first error, the counts.
+fn join_all<T>(handles: Vec<thread::JoinHandle<Result<T, String>>>, r: &mut Report) -> (Vec<T>, Option<String>) {
+    let mut first_err = None;
+    let mut done = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.join() {
+            Ok(Ok(v)) => {
+                done.push(v);
+                r.conns += 1;
+            }
+            Ok(Err(e)) => {
+                r.conn_errors += 1;
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                r.conn_errors += 1;
+                first_err.get_or_insert_with(|| "a connection thread panicked".to_string());
+            }
+        }
+    }
+    (done, first_err)
+}
+
+/// Many paced streams each way: even connections upload (the client's socket paced), odd
+/// ones download (the backend's socket paced, asked for in the header). Every connection
+/// moves `pace × secs` bytes, so the run lasts about `--secs` if pacing holds and the path
+/// keeps up; each connection's own rate is reported to show whether it did.
+fn paced(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
+    let conns = a.conns.clamp(1, MAX_CONNS);
+    let mbit = a.pace_mbit.max(1);
+    let per = (ntlm_bench::pace::bytes_per_sec(mbit) as f64 * a.secs.max(0.01)) as u64;
+    r.expected_bytes = per * conns as u64;
+    let mut streams = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let s = connect(a.target).map_err(|e| format!("connection {i} of {conns}: {e}"))?;
+        if i % 2 == 0 {
+            use std::os::fd::AsRawFd as _;
+            ntlm_bench::pace::set_max_pacing_rate(s.as_raw_fd(), mbit)
+                .map_err(|e| io_err("SO_MAX_PACING_RATE on the client's socket", e))?;
+        }
+        streams.push(s);
+    }
+    let barrier = Arc::new(Barrier::new(conns + 1));
+    let pat = Arc::new(pat.to_vec());
+    let handles: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            let (barrier, pat, verify) = (barrier.clone(), pat.clone(), a.verify);
+            thread::spawn(move || {
+                barrier.wait();
+                let t = Instant::now();
+                let n = if i % 2 == 0 {
+                    upload(&mut s, per, verify, &pat, deadline)?
+                } else {
+                    download(&mut s, per, mbit, verify, &pat, deadline)?
+                };
+                Ok((n, t.elapsed().as_secs_f64()))
+            })
+        })
+        .collect();
+    let sampler = Sampler::start(a)?;
+    let t0 = Instant::now();
+    barrier.wait();
+    let (done, first_err) = join_all(handles, r);
+    r.secs = t0.elapsed().as_secs_f64();
+    r.cpu = Some(sampler.finish()?);
+    r.bytes = done.iter().map(|(n, _)| n).sum();
+    let mut rates: Vec<f64> = done.iter().map(|(n, secs)| *n as f64 * 8.0 / secs.max(1e-9)).collect();
+    rates.sort_by(|x, y| x.total_cmp(y));
+    if !rates.is_empty() {
+        r.paced = Some(Paced {
+            target_bps: ntlm_bench::pace::bytes_per_sec(mbit) * 8,
+            conns: rates.len() as u64,
+            min_bps: rates[0],
+            median_bps: rates[rates.len() / 2],
+            max_bps: rates[rates.len() - 1],
+        });
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Many kept-alive request/response connections, each in its own thread: `--size` bytes
+/// each way per request, as fast as the answers come, for `--secs`.
+fn rr(a: &RunArgs, pat: &[u8], deadline: Instant, r: &mut Report) -> Result<(), String> {
+    let conns = a.conns.clamp(1, MAX_CONNS);
+    let size = a.size.clamp(1, CHUNK as u32);
+    let mut streams = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let mut s = connect(a.target).map_err(|e| format!("connection {i} of {conns}: {e}"))?;
+        s.write_all(&echo_header(size)).map_err(|e| io_err("header", e))?;
+        streams.push(s);
+    }
+    let barrier = Arc::new(Barrier::new(conns + 1));
+    let req = Arc::new(echo_request(size, pat, false));
+    let want = Arc::new(pat[..size as usize].to_vec());
+    let secs = a.secs.max(0.01);
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            let (barrier, req, want) = (barrier.clone(), req.clone(), want.clone());
+            thread::spawn(move || {
+                let mut resp = vec![0u8; want.len()];
+                let mut samples = Vec::with_capacity(RR_MAX_SAMPLES.min(1 << 14));
+                let mut count = 0u64;
+                barrier.wait();
+                let stop_at = (Instant::now() + Duration::from_secs_f64(secs)).min(deadline);
+                loop {
+                    let t = Instant::now();
+                    if t >= stop_at {
+                        break;
+                    }
+                    s.write_all(&req).map_err(|e| io_err(&format!("request {count}"), e))?;
+                    s.read_exact(&mut resp).map_err(|e| io_err(&format!("response {count}"), e))?;
+                    if resp != *want {
+                        return Err(format!("wrong response bytes in response {count}"));
+                    }
+                    count += 1;
+                    if samples.len() < RR_MAX_SAMPLES {
+                        samples.push(t.elapsed().as_nanos() as u64);
+                    }
+                }
+                Ok((count, samples))
+            })
+        })
+        .collect();
+    let sampler = Sampler::start(a)?;
+    let t0 = Instant::now();
+    barrier.wait();
+    let (done, first_err) = join_all(handles, r);
+    r.secs = t0.elapsed().as_secs_f64();
+    r.cpu = Some(sampler.finish()?);
+    r.requests = done.iter().map(|(c, _)| c).sum();
+    r.bytes = r.requests * 2 * u64::from(size);
+    r.expected_bytes = r.bytes;
+    let mut samples: Vec<u64> = done.into_iter().flat_map(|(_, s)| s).collect();
+    samples.sort_unstable();
+    let n = samples.len() as u64;
+    r.latency = Some(Latency {
+        samples: n,
+        p50_ns: percentile(&samples, 0.50),
+        p90_ns: percentile(&samples, 0.90),
+        p99_ns: percentile(&samples, 0.99),
+        p999_ns: percentile(&samples, 0.999),
+        max_ns: samples.last().copied().unwrap_or(0),
+        mean_ns: samples.iter().sum::<u64>().checked_div(n).unwrap_or(0),
+    });
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if r.requests == 0 {
+        return Err("no request was answered".to_string());
+    }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! Readers of /proc: host CPU time, a process's CPU time and resident memory, kernel
-//! memory, and a process's descendants.
+//! Readers of /proc: host CPU time, a process's and the kernel threads' CPU time, resident
+//! memory, kernel memory, and a process's descendants.
 
 use std::{fs, io};
 
@@ -47,6 +47,39 @@ pub fn process_ticks(pid: u32) -> io::Result<u64> {
     let utime: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
     let stime: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok(utime + stime)
+}
+
+/// Every kernel thread (kthreadd, PID 2, and its children: softirq threads, the work-queue
+/// workers that run sockmap's psock work, ...) with its utime + stime in clock ticks.
+pub fn kernel_threads() -> Vec<(u32, u64)> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After ')': ppid (field 4) is at 1, utime and stime at 11 and 12.
+        let ppid: u32 = f.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if pid == 2 || ppid == 2 {
+            let t = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            out.push((pid, t(11) + t(12)));
+        }
+    }
+    out
+}
+
+/// CPU ticks kernel threads spent between two [`kernel_threads`] snapshots. A thread that
+/// started in between counts from zero; one that ended in between is lost (its last
+/// ticks cannot be read any more).
+pub fn kernel_thread_ticks_since(before: &[(u32, u64)], after: &[(u32, u64)]) -> u64 {
+    after
+        .iter()
+        .map(|(pid, t)| {
+            let b = before.iter().find(|(p, _)| p == pid).map_or(0, |(_, b)| *b);
+            t.saturating_sub(b)
+        })
+        .sum()
 }
 
 /// Resident memory of one process in bytes (VmRSS).
@@ -184,4 +217,24 @@ pub fn raise_nofile() -> u64 {
         }
     }
     l.rlim_cur as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_thread_time_counts_new_threads_whole_and_ended_ones_not_at_all() {
+        let before = [(2, 5), (10, 100), (11, 40)];
+        // 10 grew by 7, 11 ended, 12 started and ran 3.
+        let after = [(2, 5), (10, 107), (12, 3)];
+        assert_eq!(kernel_thread_ticks_since(&before, &after), 10);
+    }
+
+    #[test]
+    fn kernel_threads_include_kthreadd_and_not_this_process() {
+        let k = kernel_threads();
+        assert!(k.iter().any(|(p, _)| *p == 2), "kthreadd (PID 2) not found among {} threads", k.len());
+        assert!(!k.iter().any(|(p, _)| *p == std::process::id()));
+    }
 }

@@ -46,6 +46,9 @@ pub struct Header {
     pub flags: u8,
     /// Byte count for [`Mode::Source`]; 0 otherwise.
     pub n: u64,
+    /// Pacing rate of a source's sends in Mbit/s (`SO_MAX_PACING_RATE` on the backend's
+    /// socket), or 0 for none. Bytes 6-7 of the header, little-endian.
+    pub pace_mbit: u16,
 }
 
 impl Header {
@@ -60,6 +63,7 @@ impl Header {
         h[..4].copy_from_slice(&MAGIC);
         h[4] = mode;
         h[5] = self.flags;
+        h[6..8].copy_from_slice(&self.pace_mbit.to_le_bytes());
         h[8..].copy_from_slice(&arg.to_le_bytes());
         h
     }
@@ -83,11 +87,8 @@ impl Header {
             m => return Err(format!("unknown mode {m}")),
         };
         let n = if mode == Mode::Source { arg } else { 0 };
-        Ok(Header {
-            mode,
-            flags: h[5],
-            n,
-        })
+        let pace_mbit = u16::from_le_bytes([h[6], h[7]]);
+        Ok(Header { mode, flags: h[5], n, pace_mbit })
     }
 }
 
@@ -126,30 +127,13 @@ mod tests {
     #[test]
     fn header_round_trips() {
         for h in [
-            Header {
-                mode: Mode::Sink,
-                flags: FLAG_VERIFY,
-                n: 0,
-            },
-            Header {
-                mode: Mode::Source,
-                flags: 0,
-                n: 1 << 40,
-            },
-            Header {
-                mode: Mode::Echo { req: 64, resp: 1 },
-                flags: 0,
-                n: 0,
-            },
+            Header { mode: Mode::Sink, flags: FLAG_VERIFY, n: 0, pace_mbit: 0 },
+            Header { mode: Mode::Source, flags: 0, n: 1 << 40, pace_mbit: 40 },
+            Header { mode: Mode::Echo { req: 64, resp: 1 }, flags: 0, n: 0, pace_mbit: 0 },
         ] {
             assert_eq!(Header::decode(&h.encode()), Ok(h));
         }
-        let mut bad = Header {
-            mode: Mode::Sink,
-            flags: 0,
-            n: 0,
-        }
-        .encode();
+        let mut bad = Header { mode: Mode::Sink, flags: 0, n: 0, pace_mbit: 0 }.encode();
         bad[0] = b'X';
         assert!(Header::decode(&bad).is_err());
     }
@@ -160,18 +144,12 @@ mod tests {
         let stream: Vec<u8> = (0..3 * CHUNK).map(pattern_byte).collect();
         for offset in [0usize, 1, 250, 251, 65_483, CHUNK, 2 * CHUNK - 7] {
             let len = CHUNK.min(stream.len() - offset);
-            assert_eq!(
-                pattern_at(&buf, offset as u64, len),
-                &stream[offset..offset + len]
-            );
+            assert_eq!(pattern_at(&buf, offset as u64, len), &stream[offset..offset + len]);
         }
         // A duplicated loopback MSS is caught where it starts.
         let mut dup = stream[..65_483].to_vec();
         dup.extend_from_slice(&stream[..1000]);
-        assert_eq!(
-            first_mismatch(&buf, 0, &dup[..CHUNK.min(dup.len())]),
-            Some(65_483)
-        );
+        assert_eq!(first_mismatch(&buf, 0, &dup[..CHUNK.min(dup.len())]), Some(65_483));
         assert_eq!(first_mismatch(&buf, 7, &stream[7..1007]), None);
     }
 }

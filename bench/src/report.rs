@@ -60,6 +60,15 @@ pub struct CpuDelta {
     pub host: HostCpu,
     /// utime + stime of the proxy's processes (all threads), if there is a proxy.
     pub proxy_ticks: Option<u64>,
+    /// utime + stime of the client process itself (all its threads).
+    #[serde(default)]
+    pub client_ticks: Option<u64>,
+    /// utime + stime of the backend process, if its PID was given.
+    #[serde(default)]
+    pub backend_ticks: Option<u64>,
+    /// utime + stime of every kernel thread (softirq threads, work-queue workers ...).
+    #[serde(default)]
+    pub kthread_ticks: Option<u64>,
 }
 
 impl CpuDelta {
@@ -73,14 +82,19 @@ impl CpuDelta {
         self.proxy_ticks.map(|t| t as f64 / self.hz as f64)
     }
 
+    /// CPU-seconds of the benchmark's own stack: client, backend, proxy (none when there is
+    /// none) and every kernel thread. Unlike the host figure, work other processes on the
+    /// host do is left out, so it stays readable on a busy box; softirq work runs mostly in
+    /// the context of the process that sent the packet, so it is counted with that process.
+    pub fn stack_secs(&self) -> Option<f64> {
+        let t = self.client_ticks? + self.backend_ticks? + self.kthread_ticks? + self.proxy_ticks.unwrap_or(0);
+        Some(t as f64 / self.hz as f64)
+    }
+
     /// Share of all CPU time the hypervisor stole, 0..1.
     pub fn steal_share(&self) -> f64 {
         let total = self.host.total();
-        if total == 0 {
-            0.0
-        } else {
-            self.host.steal as f64 / total as f64
-        }
+        if total == 0 { 0.0 } else { self.host.steal as f64 / total as f64 }
     }
 }
 
@@ -155,9 +169,7 @@ impl Idle {
 
     /// Host kernel memory growth per connection, bytes.
     pub fn kern_per_conn(&self) -> Option<f64> {
-        (self.conns > 0).then(|| {
-            (self.kern_after.total() as f64 - self.kern_before.total() as f64) / self.conns as f64
-        })
+        (self.conns > 0).then(|| (self.kern_after.total() as f64 - self.kern_before.total() as f64) / self.conns as f64)
     }
 
     /// Growth of the socket slab caches per connection, bytes.
@@ -169,10 +181,26 @@ impl Idle {
     }
 }
 
+/// How well pacing held in a paced run: each connection's own rate (its bytes over its own
+/// duration, from its first byte sent or asked for to its last byte acknowledged or received).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Paced {
+    /// The rate each sender was held to, bits per second (`SO_MAX_PACING_RATE`).
+    pub target_bps: u64,
+    /// Connections measured.
+    pub conns: u64,
+    /// Slowest connection, bits per second.
+    pub min_bps: f64,
+    /// Median connection, bits per second.
+    pub median_bps: f64,
+    /// Fastest connection, bits per second.
+    pub max_bps: f64,
+}
+
 /// One client run of one workload.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
-    /// Workload name (`up`, `down`, `par8`, `rate`, `lat`, `idle`, `probe`).
+    /// Workload name (`up`, `down`, `par`, `rate`, `lat`, `idle`, `probe`, `paced`, `rr`).
     pub workload: String,
     /// The run completed and every byte count matched.
     pub ok: bool,
@@ -196,4 +224,10 @@ pub struct Report {
     pub latency: Option<Latency>,
     /// Idle-connection memory (`idle`).
     pub idle: Option<Idle>,
+    /// Requests answered (`rr`: request/response exchanges over kept-alive connections).
+    #[serde(default)]
+    pub requests: u64,
+    /// Per-connection rates of a paced run (`paced`).
+    #[serde(default)]
+    pub paced: Option<Paced>,
 }

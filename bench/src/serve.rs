@@ -1,4 +1,5 @@
-//! The loopback backend: one task per connection, the header says sink, source or echo.
+//! The backend (on loopback, or in the edge bench's backend namespace): one task per
+//! connection, the header says sink, source (paced if it asks) or echo.
 
 use std::{
     net::SocketAddr,
@@ -39,9 +40,7 @@ pub fn serve(listen: SocketAddr, max: Duration) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot bind {listen}"))?;
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot bind {listen}"))?;
         println!("listening addr={}", listener.local_addr()?);
         let deadline = tokio::time::sleep(max);
         tokio::pin!(deadline);
@@ -82,7 +81,14 @@ async fn handle(mut s: TcpStream) -> anyhow::Result<()> {
     let h = Header::decode(&h).map_err(anyhow::Error::msg)?;
     match h.mode {
         Mode::Sink => sink(s, h.flags & FLAG_VERIFY != 0).await,
-        Mode::Source => source(s, h.n).await,
+        Mode::Source => {
+            if h.pace_mbit > 0 {
+                use std::os::fd::AsRawFd as _;
+                ntlm_bench::pace::set_max_pacing_rate(s.as_raw_fd(), h.pace_mbit)
+                    .context("SO_MAX_PACING_RATE on a paced source")?;
+            }
+            source(s, h.n).await
+        }
         Mode::Echo { req, resp } => echo(s, req as usize, resp as usize).await,
     }
 }
@@ -117,9 +123,7 @@ async fn source(mut s: TcpStream, n: u64) -> anyhow::Result<()> {
     let mut sent = 0u64;
     while sent < n {
         let len = (n - sent).min(CHUNK as u64) as usize;
-        s.write_all(proto::pattern_at(pat, sent, len))
-            .await
-            .context("source write")?;
+        s.write_all(proto::pattern_at(pat, sent, len)).await.context("source write")?;
         sent += len as u64;
     }
     s.shutdown().await.context("source shutdown")?;

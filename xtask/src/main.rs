@@ -88,7 +88,10 @@ fn check(status: std::io::Result<ExitStatus>, what: &str) -> anyhow::Result<()> 
 }
 
 fn build_release() -> anyhow::Result<()> {
-    check(cargo().args(["build", "--release", "--workspace", "--exclude", "ntlm-ebpf"]).status(), "cargo build --release")
+    check(
+        cargo().args(["build", "--release", "--workspace", "--exclude", "ntlm-ebpf"]).status(),
+        "cargo build --release",
+    )
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -121,9 +124,7 @@ fn run(args: Vec<String>) -> anyhow::Result<()> {
     println!("  curl -i http://{DEMO_LISTEN}/whoami        # no credentials: 401");
     println!("Ctrl-C stops both.");
     println!();
-    let status = Command::new(bin("ntlm-splice"))
-        .args(["--listen", DEMO_LISTEN, "--backend", DEMO_BACKEND])
-        .status();
+    let status = Command::new(bin("ntlm-splice")).args(["--listen", DEMO_LISTEN, "--backend", DEMO_BACKEND]).status();
     check(status, "ntlm-splice")
 }
 
@@ -175,9 +176,8 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     if Command::new("openssl").arg("version").output().is_err() {
         apt_install(&["openssl"])?;
     }
-    let py = |code: &str| {
-        Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status()
-    };
+    let py =
+        |code: &str| Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     if !py("import sys").map(|s| s.success()).unwrap_or(false) {
         apt_install(&["python3", "python3-pip"])?;
     }
@@ -205,7 +205,11 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     println!("xtask: apt-get install {}", pkgs.join(" "));
     check(Command::new("apt-get").args(["update", "-qq"]).status(), "apt-get update")?;
     check(
-        Command::new("apt-get").args(["install", "-y", "-qq"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive").status(),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status(),
         "apt-get install",
     )
 }
@@ -220,7 +224,9 @@ fn sockmap_available() -> anyhow::Result<bool> {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         bail!("CI=true but the sockmap engine is unavailable here, and in CI its tests must run:\n{text}");
     }
-    println!("xtask: SKIPPING the sockmap engine tests: it is unavailable on this host (run as root on a kernel with sockmap). `ntlm-splice doctor` says:\n{text}");
+    println!(
+        "xtask: SKIPPING the sockmap engine tests: it is unavailable on this host (run as root on a kernel with sockmap). `ntlm-splice doctor` says:\n{text}"
+    );
     Ok(false)
 }
 
@@ -280,19 +286,28 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
     // The benchmark's regression guard: every workload runs end to end and moves exactly the
     // bytes it should (timings are not checked: CI machines are noisy).
     println!("xtask: benchmark smoke run");
-    bench::run(
-        &root(),
-        bench::BenchArgs {
-            quick: false,
-            smoke: true,
-            rounds: None,
-            only: Vec::new(),
-            workloads: Vec::new(),
-            bulk_mib: None,
-            verify: false,
-            no_install: true,
-            out: None,
-            baseline: None,
-        },
-    )
+    let smoke = |edge: bool| bench::BenchArgs {
+        edge,
+        quick: false,
+        smoke: true,
+        rounds: None,
+        only: Vec::new(),
+        workloads: Vec::new(),
+        bulk_mib: None,
+        verify: false,
+        no_install: true,
+        out: None,
+        baseline: None,
+    };
+    bench::run(&root(), smoke(false))?;
+    // The edge workload builds network namespaces, which needs root (as the identity suite).
+    if !is_root() {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            bail!("CI=true but the edge benchmark smoke run cannot run: it needs root (network namespaces)");
+        }
+        println!("xtask: SKIPPING the edge benchmark smoke run: it needs root (network namespaces)");
+        return Ok(());
+    }
+    println!("xtask: edge benchmark smoke run");
+    bench::run(&root(), smoke(true))
 }

@@ -6,15 +6,19 @@
 //! per measured run (`ntlm-bench run`), which samples /proc/stat and the proxy's
 //! /proc/PID/stat itself at the edges of its measured interval and prints a JSON report.
 //! Every child is stopped by PID on every exit path (see [`procs`]).
+//!
+//! `--edge` runs the edge workload instead (see [`edge`]): client, proxy and backend in
+//! three network namespaces over veth, paced streams, kept-alive request/response, churn.
 
 mod chart;
+mod edge;
 mod procs;
 mod report;
 mod subjects;
 
 use std::{
     fs,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
@@ -30,6 +34,11 @@ use subjects::{Env, Kind, Subject};
 /// Benchmark options.
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct BenchArgs {
+    /// The edge workload instead of the loopback one (root): client, proxy and backend in
+    /// three network namespaces joined by veth; subjects routed (the floor), both engines,
+    /// nginx, HAProxy splicing (64 KiB and 1 MiB pipes); workloads paced, rr, churn.
+    #[arg(long)]
+    pub edge: bool,
     /// A short run (under 3 minutes): 3 rounds, 256 MiB transfers, 0.5 s timed runs, the
     /// idle runs once.
     #[arg(long, conflicts_with = "smoke")]
@@ -44,10 +53,12 @@ pub struct BenchArgs {
     pub rounds: Option<u32>,
     /// Only these subjects, comma separated: direct, ntlm-sockmap, ntlm-splice,
     /// ntlm-splice-1t, nginx-1w, nginx-auto, haproxy-1t, haproxy-auto, haproxy-splice-1t,
-    /// haproxy-splice-auto, haproxy-splice-auto-pipe1m.
+    /// haproxy-splice-auto, haproxy-splice-auto-pipe1m (--edge: routed, ntlm-splice,
+    /// ntlm-sockmap, nginx-auto, haproxy-splice-auto, haproxy-splice-auto-pipe1m).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub only: Vec<String>,
-    /// Only these workloads, comma separated: up, down, par8, lat, idle-1k, idle-10k, rate.
+    /// Only these workloads, comma separated: up, down, par8, lat, idle-1k, idle-10k, rate
+    /// (--edge: paced, rr, churn).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub workloads: Vec<String>,
     /// Bytes per bulk run, in MiB (default 1024, --quick 256, --smoke 4).
@@ -92,6 +103,12 @@ pub enum WKind {
     Lat,
     /// Memory per idle connection.
     Idle,
+    /// Paced streams (edge): throughput, each connection's achieved rate, CPU per GB.
+    Paced,
+    /// Kept-alive request/response (edge): requests per second, CPU per 1000 requests.
+    Rr,
+    /// Connection churn (edge): connections per second, CPU per 1000 connections.
+    Churn,
 }
 
 /// One workload of the plan.
@@ -116,6 +133,8 @@ pub struct Workload {
 pub struct Plan {
     /// default, quick or smoke.
     pub mode: &'static str,
+    /// The edge workload (`--edge`), not the loopback one.
+    pub edge: bool,
     /// Rounds.
     pub rounds: u32,
     /// Workloads, in the order they run within a subject's turn.
@@ -130,6 +149,9 @@ pub struct Plan {
 
 impl Plan {
     fn new(a: &BenchArgs, nofile: u64) -> anyhow::Result<Plan> {
+        if a.edge {
+            return edge::plan(a, nofile);
+        }
         let (mode, rounds, bulk_mib, secs, idle_small, budget) = if a.smoke {
             ("smoke", 1, 4, 0.2, 100, 25)
         } else if a.quick {
@@ -171,10 +193,7 @@ impl Plan {
             },
             Workload {
                 label: "par8".into(),
-                title: format!(
-                    "bulk over 8 parallel connections (4 up, 4 down), {} MiB in all per run",
-                    bulk >> 20
-                ),
+                title: format!("bulk over 8 parallel connections (4 up, 4 down), {} MiB in all per run", bulk >> 20),
                 kind: WKind::Bulk,
                 args: v(&["par", "--bytes", &b, "--conns", "8"]),
                 rounds,
@@ -182,9 +201,7 @@ impl Plan {
             },
             Workload {
                 label: "lat".into(),
-                title: format!(
-                    "round trip of 64-byte request/response on one kept-alive connection, {secs} s per run"
-                ),
+                title: format!("round trip of 64-byte request/response on one kept-alive connection, {secs} s per run"),
                 kind: WKind::Lat,
                 args: v(&["lat", "--secs", &s, "--size", "64"]),
                 rounds,
@@ -221,30 +238,29 @@ impl Plan {
                 deadline_secs: 30.0 + high as f64 / 200.0,
             });
         }
-        w.push(Workload { label: "rate".into(), title: format!("new connections per second, one 64-byte request/response each, 4 at a time, {secs} s per run"), kind: WKind::Rate, args: v(&["rate", "--secs", &s, "--threads", "4", "--size", "64"]), rounds, deadline_secs: secs + 30.0 });
+        w.push(Workload {
+            label: "rate".into(),
+            title: format!(
+                "new connections per second, one 64-byte request/response each, 4 at a time, {secs} s per run"
+            ),
+            kind: WKind::Rate,
+            args: v(&["rate", "--secs", &s, "--threads", "4", "--size", "64"]),
+            rounds,
+            deadline_secs: secs + 30.0,
+        });
         if !a.workloads.is_empty() {
             for name in &a.workloads {
                 if !w.iter().any(|x| &x.label == name) {
                     bail!(
                         "--workloads: unknown workload `{name}`; known: {}",
-                        w.iter()
-                            .map(|x| x.label.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        w.iter().map(|x| x.label.as_str()).collect::<Vec<_>>().join(", ")
                     );
                 }
             }
             w.retain(|x| a.workloads.contains(&x.label));
         }
         w.retain(|x| x.rounds > 0);
-        Ok(Plan {
-            mode,
-            rounds,
-            workloads: w,
-            verify,
-            budget_secs: budget,
-            nofile,
-        })
+        Ok(Plan { mode, edge: false, rounds, workloads: w, verify, budget_secs: budget, nofile })
     }
 }
 
@@ -259,11 +275,7 @@ fn idle_read() -> String {
 }
 
 fn idle_label(n: u64) -> String {
-    if n.is_multiple_of(1000) {
-        format!("idle-{}k", n / 1000)
-    } else {
-        format!("idle-{n}")
-    }
+    if n.is_multiple_of(1000) { format!("idle-{}k", n / 1000) } else { format!("idle-{n}") }
 }
 
 /// One client run, as recorded in the JSON.
@@ -342,20 +354,18 @@ pub struct Results {
 pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     procs::install_signal_handlers();
     let started = SystemTime::now();
-    let t0 = Instant::now();
     let nofile = procfs::raise_nofile();
     let plan = Plan::new(&args, nofile)?;
     let bench_bin = root.join("target/release/ntlm-bench");
     for b in [&bench_bin, &root.join("target/release/ntlm-splice")] {
         if !b.is_file() {
-            bail!(
-                "{} is missing: run `cargo build --release` (cargo xtask bench does)",
-                b.display()
-            );
+            bail!("{} is missing: run `cargo build --release` (cargo xtask bench does)", b.display());
         }
     }
     let mut tmp = procs::TempDir::new()?;
-    match run_in(root, &args, &plan, &bench_bin, &tmp.path, started, t0) {
+    // Declared before the run's processes, so dropped after they are stopped.
+    let lab = if args.edge { Some(edge::Lab::new()?) } else { None };
+    match run_in(root, &args, &plan, &bench_bin, &tmp.path, lab.as_ref(), started) {
         Ok(true) => Ok(()),
         Ok(false) => {
             // Keep the proxies' and clients' logs of a failed run.
@@ -376,102 +386,85 @@ fn run_in(
     plan: &Plan,
     bench_bin: &Path,
     dir: &Path,
+    lab: Option<&edge::Lab>,
     started: SystemTime,
-    t0: Instant,
 ) -> anyhow::Result<bool> {
-    let all = if args.smoke {
+    // The time budget counts from here (the lab, if any, is built by then).
+    let t0 = Instant::now();
+    let all = if args.edge {
+        edge::subjects(args.smoke)
+    } else if args.smoke {
         vec![Subject::Direct, Subject::Ntlm { engine: "splice", threads: None }]
     } else {
         Subject::all()
     };
-    let known: Vec<String> = Subject::all().iter().map(Subject::name).collect();
+    let known: Vec<String> =
+        if args.edge { edge::subjects(false) } else { Subject::all() }.iter().map(Subject::name).collect();
     for o in &args.only {
         if !known.contains(o) {
             bail!("--only: unknown subject `{o}`; known: {}", known.join(", "));
         }
     }
-    let mut chosen: Vec<Subject> = all
-        .into_iter()
-        .filter(|s| args.only.is_empty() || args.only.contains(&s.name()))
-        .collect();
+    let mut chosen: Vec<Subject> =
+        all.into_iter().filter(|s| args.only.is_empty() || args.only.contains(&s.name())).collect();
     if let Some(bin) = &args.baseline {
         if !bin.is_file() {
-            bail!(
-                "--baseline {}: no such file; give the path of another ntlm-splice binary",
-                bin.display()
-            );
+            bail!("--baseline {}: no such file; give the path of another ntlm-splice binary", bin.display());
         }
-        let at = chosen
-            .iter()
-            .position(|s| s.kind() != Kind::Direct)
-            .unwrap_or(chosen.len());
+        let at = chosen.iter().position(|s| s.kind() != Kind::Direct).unwrap_or(chosen.len());
         chosen.insert(at, Subject::Baseline { bin: bin.clone() });
     }
     println!(
         "bench: {} mode, {} round(s), subjects: {}",
         plan.mode,
         plan.rounds,
-        chosen
-            .iter()
-            .map(Subject::name)
-            .collect::<Vec<_>>()
-            .join(" ")
+        chosen.iter().map(Subject::name).collect::<Vec<_>>().join(" ")
     );
 
     let needs_peers = chosen.iter().any(|s| s.kind() == Kind::Peer);
-    let tools = if needs_peers {
-        subjects::find_tools(!args.no_install)
-    } else {
-        subjects::Tools::default()
-    };
+    let tools = if needs_peers { subjects::find_tools(!args.no_install) } else { subjects::Tools::default() };
 
     // The backend lives for the whole run.
     let backend_log = dir.join("backend.out");
+    let backend_listen = if lab.is_some() { edge::BACKEND } else { Ipv4Addr::LOCALHOST.into() };
     let mut cmd = Command::new(bench_bin);
+    if let Some(lab) = lab {
+        lab.backend.enter_on_spawn(&mut cmd);
+    }
     cmd.args([
         "serve",
         "--listen",
-        "127.0.0.1:0",
+        &SocketAddr::new(backend_listen, 0).to_string(),
         "--max-secs",
         &(plan.budget_secs + 900).to_string(),
     ])
     .stdin(Stdio::null())
     .stdout(fs::File::create(&backend_log)?)
     .stderr(fs::File::create(dir.join("backend.err"))?);
-    let mut backend = Proc::spawn(
-        "backend",
-        &mut cmd,
-        libc::SIGKILL,
-        libc::SIGTERM,
-        Duration::from_secs(2),
-    )?;
+    let mut backend = Proc::spawn("backend", &mut cmd, libc::SIGKILL, libc::SIGTERM, Duration::from_secs(2))?;
     let line = procs::wait_log_line(&mut backend, &backend_log, "listening addr=", BACKEND_START)?;
-    let backend_addr: SocketAddr = line
-        .trim()
-        .trim_start_matches("listening addr=")
-        .parse()
-        .context("backend address")?;
+    let backend_addr: SocketAddr =
+        line.trim().trim_start_matches("listening addr=").parse().context("backend address")?;
     let max_conns = plan
         .workloads
         .iter()
         .filter(|w| w.kind == WKind::Idle)
-        .filter_map(|w| {
-            w.args
-                .iter()
-                .skip_while(|a| *a != "--conns")
-                .nth(1)
-                .and_then(|n| n.parse::<u64>().ok())
-        })
+        .filter_map(|w| w.args.iter().skip_while(|a| *a != "--conns").nth(1).and_then(|n| n.parse::<u64>().ok()))
         .max()
         .unwrap_or(1000);
     let env = Env {
         root,
         dir,
         backend: backend_addr,
+        backend_pid: Some(backend.pid()),
         max_conns,
         nofile: plan.nofile,
         tools: &tools,
+        listen_ip: if lab.is_some() { edge::SPLICER_FRONT } else { Ipv4Addr::LOCALHOST.into() },
+        proxy_ns: lab.map(|l| &l.splicer),
+        client_ns: lab.map(|l| &l.client),
     };
+    let load_before = procfs_loadavg();
 
     // Which subjects run: each must start and pass a verified probe first.
     let mut infos = Vec::new();
@@ -479,8 +472,7 @@ fn run_in(
         let mut skip = match s {
             Subject::Nginx { .. } => tools.nginx_skip.clone(),
             Subject::Haproxy { splice, .. } => tools.haproxy_skip.clone().or_else(|| {
-                (*splice && !tools.haproxy_splice)
-                    .then(|| "this HAProxy was built without LINUX_SPLICE".to_string())
+                (*splice && !tools.haproxy_splice).then(|| "this HAProxy was built without LINUX_SPLICE".to_string())
             }),
             Subject::Ntlm { engine: "sockmap", .. } if !crate::is_root() => {
                 Some("the sockmap engine needs root (eBPF); run as root to include it".to_string())
@@ -491,16 +483,10 @@ fn run_in(
             && let Err(e) = probe_subject(s, &env, bench_bin)
         {
             procs::check_interrupt()?;
-            skip = Some(format!(
-                "it did not start or failed a verified 1 MiB probe: {e:#}"
-            ));
+            skip = Some(format!("it did not start or failed a verified 1 MiB probe: {e:#}"));
         }
         if let Some(why) = &skip {
-            println!(
-                "bench: SKIPPING {}: {}",
-                s.name(),
-                report::one_line(why, 400)
-            );
+            println!("bench: SKIPPING {}: {}", s.name(), report::one_line(why, 400));
         }
         infos.push(SubjectInfo {
             name: s.name(),
@@ -510,11 +496,7 @@ fn run_in(
             subject: Some(s.clone()),
         });
     }
-    let live: Vec<Subject> = infos
-        .iter()
-        .filter(|i| i.skipped.is_none())
-        .filter_map(|i| i.subject.clone())
-        .collect();
+    let live: Vec<Subject> = infos.iter().filter(|i| i.skipped.is_none()).filter_map(|i| i.subject.clone()).collect();
     if live.is_empty() {
         bail!("no subject could run");
     }
@@ -546,11 +528,7 @@ fn run_in(
             "bench: round {}/{}: {}",
             r + 1,
             plan.rounds,
-            order
-                .iter()
-                .map(Subject::name)
-                .collect::<Vec<_>>()
-                .join(" ")
+            order.iter().map(Subject::name).collect::<Vec<_>>().join(" ")
         );
         let round_started = Instant::now();
         let runs_before = runs.len();
@@ -575,10 +553,7 @@ fn run_in(
             runs.append(&mut rr);
             splices.extend(sp);
             if let Some(st) = backend.exited() {
-                bail!(
-                    "the backend exited ({st}):\n{}",
-                    procs::file_tail(&dir.join("backend.err"), 10)
-                );
+                bail!("the backend exited ({st}):\n{}", procs::file_tail(&dir.join("backend.err"), 10));
             }
         }
         rounds_run = r + 1;
@@ -592,6 +567,12 @@ fn run_in(
     drop(backend);
 
     notes.extend(report::splice_notes(&splices));
+    if let Some(lab) = lab {
+        notes.push(lab.describe());
+        notes
+            .push(format!("load average (1, 5, 15 min) at the start: {load_before}; at the end: {}", procfs_loadavg()));
+        notes.extend(report::pacing_notes(plan, &runs));
+    }
     let summary = report::summarize(&infos, plan, &runs);
     let results = Results {
         meta: report::Meta::collect(root, started, &tools),
@@ -606,13 +587,10 @@ fn run_in(
     };
     let table = report::table(&results);
     println!("\n{table}");
-    let out_dir = args.out.clone().unwrap_or_else(|| {
-        if args.smoke {
-            root.join("target/bench-smoke")
-        } else {
-            root.join("bench-results")
-        }
-    });
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| if args.smoke { root.join("target/bench-smoke") } else { root.join("bench-results") });
     let paths = report::write(&out_dir, &results, &table)?;
     if args.smoke {
         report::check_written(&paths, &results)?;
@@ -638,16 +616,18 @@ fn run_in(
     Ok(true)
 }
 
+/// The first three fields of /proc/loadavg.
+fn procfs_loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unreadable ({e})"))
+}
+
 /// Whether a client error means something stalled rather than failed fast.
 fn is_hang(e: &str) -> bool {
-    [
-        "deadline passed",
-        "did not finish within",
-        "timed out",
-        "Resource temporarily unavailable",
-    ]
-    .iter()
-    .any(|k| e.contains(k))
+    ["deadline passed", "did not finish within", "timed out", "Resource temporarily unavailable"]
+        .iter()
+        .any(|k| e.contains(k))
 }
 
 /// Starts `s`, runs the verified probe, stops it.
@@ -655,7 +635,7 @@ fn probe_subject(s: &Subject, env: &Env, bench_bin: &Path) -> anyhow::Result<()>
     let running = subjects::start(s, env, &format!("{}-probe", s.name()))?;
     let rec = client(
         bench_bin,
-        env.dir,
+        env,
         &format!("{}-probe", s.name()),
         &["probe".to_string()],
         60.0,
@@ -663,11 +643,7 @@ fn probe_subject(s: &Subject, env: &Env, bench_bin: &Path) -> anyhow::Result<()>
         &running.pids,
     )?;
     if let Some(e) = rec.1 {
-        let log = running
-            .log
-            .as_deref()
-            .map(|l| procs::file_tail(l, 6))
-            .unwrap_or_default();
+        let log = running.log.as_deref().map(|l| procs::file_tail(l, 6)).unwrap_or_default();
         bail!("{e}{}{log}", if log.is_empty() { "" } else { "\n" });
     }
     drop(running);
@@ -675,9 +651,10 @@ fn probe_subject(s: &Subject, env: &Env, bench_bin: &Path) -> anyhow::Result<()>
 }
 
 /// Runs one client; returns its report (if it printed one) and an error, if any.
+/// It runs in the namespace clients connect from, and writes its output into `env.dir`.
 fn client(
     bench_bin: &Path,
-    dir: &Path,
+    env: &Env,
     name: &str,
     args: &[String],
     deadline: f64,
@@ -685,27 +662,18 @@ fn client(
     pids: &[u32],
 ) -> anyhow::Result<(Option<Report>, Option<String>, f64)> {
     let mut cmd = Command::new(bench_bin);
-    cmd.arg("run").args(args).args([
-        "--target",
-        &target.to_string(),
-        "--deadline-secs",
-        &format!("{deadline}"),
-    ]);
+    if let Some(ns) = env.client_ns {
+        ns.enter_on_spawn(&mut cmd);
+    }
+    cmd.arg("run").args(args).args(["--target", &target.to_string(), "--deadline-secs", &format!("{deadline}")]);
+    if let Some(p) = env.backend_pid {
+        cmd.args(["--backend-pid", &p.to_string()]);
+    }
     if !pids.is_empty() {
-        cmd.arg("--pids").arg(
-            pids.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
+        cmd.arg("--pids").arg(pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","));
     }
     let t = Instant::now();
-    let out = match procs::run_to_end(
-        name,
-        &mut cmd,
-        dir,
-        Duration::from_secs_f64(deadline + CLIENT_GRACE),
-    ) {
+    let out = match procs::run_to_end(name, &mut cmd, env.dir, Duration::from_secs_f64(deadline + CLIENT_GRACE)) {
         Ok(o) => o,
         Err(e) => {
             procs::check_interrupt()?;
@@ -714,23 +682,11 @@ fn client(
     };
     procs::check_interrupt()?;
     let wall = t.elapsed().as_secs_f64();
-    let report: Option<Report> = out
-        .stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok());
+    let report: Option<Report> = out.stdout.lines().rev().find_map(|l| serde_json::from_str(l).ok());
     let err = match &report {
         Some(r) if r.ok => None,
-        Some(r) => Some(
-            r.error
-                .clone()
-                .unwrap_or_else(|| format!("{} connection(s) failed", r.conn_errors)),
-        ),
-        None => Some(format!(
-            "the client printed no report ({}): {}",
-            out.status,
-            procs::tail(&out.stderr, 6)
-        )),
+        Some(r) => Some(r.error.clone().unwrap_or_else(|| format!("{} connection(s) failed", r.conn_errors))),
+        None => Some(format!("the client printed no report ({}): {}", out.status, procs::tail(&out.stderr, 6))),
     };
     Ok((report, err, wall))
 }
@@ -767,15 +723,8 @@ fn run_turn(
         }
     };
     // A verified warm-up: the first connections through a fresh proxy are not measured.
-    let (_, err, _) = client(
-        bench_bin,
-        env.dir,
-        &format!("{tag}-probe"),
-        &["probe".to_string()],
-        60.0,
-        &running.addr,
-        &running.pids,
-    )?;
+    let (_, err, _) =
+        client(bench_bin, env, &format!("{tag}-probe"), &["probe".to_string()], 60.0, &running.addr, &running.pids)?;
     if let Some(e) = err {
         return Ok((fail_all(format!("warm-up probe failed: {e}")), None));
     }
@@ -787,7 +736,7 @@ fn run_turn(
         }
         let (report, mut error, wall) = client(
             bench_bin,
-            env.dir,
+            env,
             &format!("{tag}-{}", w.label),
             &args,
             w.deadline_secs,
@@ -797,15 +746,9 @@ fn run_turn(
         if let Some(p) = running.proc.as_mut()
             && let Some(st) = p.exited()
         {
-            let log = running
-                .log
-                .as_deref()
-                .map(|l| procs::file_tail(l, 8))
-                .unwrap_or_default();
-            error = Some(format!(
-                "{}; the proxy exited ({st}):\n{log}",
-                error.unwrap_or_else(|| "run finished".into())
-            ));
+            let log = running.log.as_deref().map(|l| procs::file_tail(l, 8)).unwrap_or_default();
+            error =
+                Some(format!("{}; the proxy exited ({st}):\n{log}", error.unwrap_or_else(|| "run finished".into())));
         }
         let dead = running.proc.as_mut().is_some_and(|p| p.exited().is_some());
         // A hang (deadline, socket timeout) would likely repeat in every later workload and
@@ -824,18 +767,9 @@ fn run_turn(
             procs::sleep(AFTER_IDLE)?;
         }
         if dead || hung {
-            let why = if dead {
-                "not run: the proxy had exited"
-            } else {
-                "not run: an earlier workload of this turn hung"
-            };
-            for rest in plan
-                .workloads
-                .iter()
-                .filter(|x| round < x.rounds)
-                .skip_while(|x| x.label != w.label)
-                .skip(1)
-            {
+            let why =
+                if dead { "not run: the proxy had exited" } else { "not run: an earlier workload of this turn hung" };
+            for rest in plan.workloads.iter().filter(|x| round < x.rounds).skip_while(|x| x.label != w.label).skip(1) {
                 out.push(RunRecord {
                     round,
                     subject: name.clone(),

@@ -4,7 +4,7 @@
 use std::{
     fs,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt as _,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -84,29 +84,14 @@ impl Proc {
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    death_signal as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            stop_signal,
-            grace,
-            stopped: None,
-        })
+        let child = cmd.spawn().with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc { name: name.to_string(), child, stop_signal, grace, stopped: None })
     }
 
     /// The child's PID.
@@ -143,10 +128,8 @@ impl Proc {
             return;
         }
         let pid = self.pid();
-        let family: Vec<(u32, Option<u64>)> = ntlm_bench::procfs::descendants(pid)
-            .into_iter()
-            .map(|d| (d, ntlm_bench::procfs::start_time(d)))
-            .collect();
+        let family: Vec<(u32, Option<u64>)> =
+            ntlm_bench::procfs::descendants(pid).into_iter().map(|d| (d, ntlm_bench::procfs::start_time(d))).collect();
         signal(pid, self.stop_signal);
         let end = Instant::now() + self.grace;
         // Not interruptible: this is the clean-up the interrupt is waiting for.
@@ -154,10 +137,7 @@ impl Proc {
             thread::sleep(POLL);
         }
         if self.exited().is_none() {
-            eprintln!(
-                "bench: {} (pid {pid}) did not stop in {:?}; killing it",
-                self.name, self.grace
-            );
+            eprintln!("bench: {} (pid {pid}) did not stop in {:?}; killing it", self.name, self.grace);
             signal(pid, libc::SIGKILL);
         }
         for (d, started) in family {
@@ -184,6 +164,64 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// A network namespace to start children in and to connect from (the edge bench's client,
+/// splicer and backend namespaces), held open by a descriptor of `/run/netns/NAME`.
+pub struct NetnsFd {
+    /// Its name, for messages.
+    pub name: String,
+    file: fs::File,
+}
+
+impl NetnsFd {
+    /// Opens the named namespace `/run/netns/NAME` (made by `ip netns add NAME`).
+    pub fn open(name: &str) -> anyhow::Result<NetnsFd> {
+        let path = format!("/run/netns/{name}");
+        let file = fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        Ok(NetnsFd { name: name.to_string(), file })
+    }
+
+    /// Makes `cmd` start in this namespace: the child joins it between fork and exec.
+    pub fn enter_on_spawn(&self, cmd: &mut Command) {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the descriptor stays open in the child until
+        // exec (it is close-on-exec), which is after this runs.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (a socket it makes stays in it).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        let fd = self.file.as_raw_fd();
+        thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a descriptor we hold open; it moves only this thread, which
+                // ends right after `f`.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns into {}: {}", self.name, std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+}
+
+/// Connects to `addr` from namespace `ns` (ours when `None`).
+fn connect_from(ns: Option<&NetnsFd>, addr: SocketAddr) -> anyhow::Result<()> {
+    let connect = || TcpStream::connect_timeout(&addr, PORT_PROBE_TIMEOUT).map(drop);
+    match ns {
+        None => Ok(connect()?),
+        Some(ns) => Ok(ns.run_in(connect)??),
+    }
+}
+
 /// A fresh directory for configs, logs and client output; removed on drop unless kept.
 pub struct TempDir {
     /// Its path.
@@ -195,10 +233,8 @@ pub struct TempDir {
 impl TempDir {
     /// Creates the directory.
     pub fn new() -> anyhow::Result<TempDir> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let path = std::env::temp_dir().join(format!("ntlm-bench.{}.{nanos}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(TempDir { path, keep: false })
@@ -222,15 +258,21 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Waits until `addr` accepts connections while `proc` is alive.
-pub fn wait_listening(proc: &mut Proc, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until `addr` accepts connections, seen from namespace `ns` (ours when `None`),
+/// while `proc` is alive.
+pub fn wait_listening(
+    proc: &mut Proc,
+    addr: SocketAddr,
+    ns: Option<&NetnsFd>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let end = Instant::now() + timeout;
     loop {
         check_interrupt()?;
         if let Some(s) = proc.exited() {
             bail!("{} exited ({s}) before listening on {addr}", proc.name);
         }
-        if TcpStream::connect_timeout(&addr, PORT_PROBE_TIMEOUT).is_ok() {
+        if connect_from(ns, addr).is_ok() {
             return Ok(());
         }
         if Instant::now() >= end {
@@ -241,12 +283,7 @@ pub fn wait_listening(proc: &mut Proc, addr: SocketAddr, timeout: Duration) -> a
 }
 
 /// Waits until the file `log` has a line containing `needle`; returns that line.
-pub fn wait_log_line(
-    proc: &mut Proc,
-    log: &Path,
-    needle: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
+pub fn wait_log_line(proc: &mut Proc, log: &Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
     let end = Instant::now() + timeout;
     loop {
         check_interrupt()?;
@@ -255,18 +292,10 @@ pub fn wait_log_line(
             return Ok(line.to_string());
         }
         if let Some(s) = proc.exited() {
-            bail!(
-                "{} exited ({s}) before logging `{needle}`:\n{}",
-                proc.name,
-                tail(&text, 12)
-            );
+            bail!("{} exited ({s}) before logging `{needle}`:\n{}", proc.name, tail(&text, 12));
         }
         if Instant::now() >= end {
-            bail!(
-                "{} did not log `{needle}` within {timeout:?}:\n{}",
-                proc.name,
-                tail(&text, 12)
-            );
+            bail!("{} did not log `{needle}` within {timeout:?}:\n{}", proc.name, tail(&text, 12));
         }
         thread::sleep(POLL);
     }
@@ -295,24 +324,13 @@ pub struct ClientOutput {
 
 /// Runs `cmd` to completion (output to files in `dir`, so no pipe can fill up), killing it
 /// after `timeout`.
-pub fn run_to_end(
-    name: &str,
-    cmd: &mut Command,
-    dir: &Path,
-    timeout: Duration,
-) -> anyhow::Result<ClientOutput> {
+pub fn run_to_end(name: &str, cmd: &mut Command, dir: &Path, timeout: Duration) -> anyhow::Result<ClientOutput> {
     let out = dir.join(format!("{name}.out"));
     let err = dir.join(format!("{name}.err"));
     cmd.stdin(Stdio::null())
         .stdout(fs::File::create(&out).context("client stdout file")?)
         .stderr(fs::File::create(&err).context("client stderr file")?);
-    let mut p = Proc::spawn(
-        name,
-        cmd,
-        libc::SIGKILL,
-        libc::SIGKILL,
-        Duration::from_secs(2),
-    )?;
+    let mut p = Proc::spawn(name, cmd, libc::SIGKILL, libc::SIGKILL, Duration::from_secs(2))?;
     let status = match p.wait_timeout(timeout)? {
         Some(s) => s,
         None => {

@@ -50,10 +50,7 @@ impl Meta {
         let read = |p: &str| fs::read_to_string(p).unwrap_or_default().trim().to_string();
         let cpuinfo = read("/proc/cpuinfo");
         let meminfo = read("/proc/meminfo");
-        let secs = started
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let git = Command::new("git")
             .args(["describe", "--always", "--dirty"])
             .current_dir(root)
@@ -70,9 +67,7 @@ impl Meta {
             cpu: cpuinfo
                 .lines()
                 .find_map(|l| {
-                    l.strip_prefix("model name")
-                        .and_then(|r| r.split_once(':'))
-                        .map(|(_, v)| v.trim().to_string())
+                    l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())
                 })
                 .unwrap_or_default(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -205,21 +200,14 @@ fn metrics(kind: WKind) -> Vec<MetricDef> {
                 unit: "µs/conn",
                 higher: false,
                 ratios: true,
-                get: |r| {
-                    r.cpu
-                        .map(|c| c.host_busy_secs() * 1e6 / r.conns.max(1) as f64)
-                },
+                get: |r| r.cpu.map(|c| c.host_busy_secs() * 1e6 / r.conns.max(1) as f64),
             },
             MetricDef {
                 key: "proxy_cpu",
                 unit: "µs/conn",
                 higher: false,
                 ratios: true,
-                get: |r| {
-                    r.cpu
-                        .and_then(|c| c.proxy_secs())
-                        .map(|s| s * 1e6 / r.conns.max(1) as f64)
-                },
+                get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s * 1e6 / r.conns.max(1) as f64),
             },
             steal,
         ],
@@ -237,6 +225,128 @@ fn metrics(kind: WKind) -> Vec<MetricDef> {
                 higher: false,
                 ratios: true,
                 get: |r| r.latency.map(|l| l.p99_ns as f64 / 1e3),
+            },
+            steal,
+        ],
+        WKind::Paced => vec![
+            MetricDef {
+                key: "throughput",
+                unit: "MB/s",
+                higher: true,
+                ratios: true,
+                get: |r| (r.secs > 0.0).then(|| r.bytes as f64 / r.secs / 1e6),
+            },
+            MetricDef {
+                key: "pace",
+                unit: "Mbit/s",
+                higher: true,
+                ratios: false,
+                get: |r| r.paced.map(|p| p.median_bps / 1e6),
+            },
+            MetricDef {
+                key: "pace_min",
+                unit: "Mbit/s",
+                higher: true,
+                ratios: false,
+                get: |r| r.paced.map(|p| p.min_bps / 1e6),
+            },
+            MetricDef {
+                key: "host_cpu",
+                unit: "s/GB",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.map(|c| c.host_busy_secs() / gb(r)),
+            },
+            MetricDef {
+                key: "proxy_cpu",
+                unit: "s/GB",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s / gb(r)),
+            },
+            MetricDef {
+                key: "stack_cpu",
+                unit: "s/GB",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.stack_secs()).map(|s| s / gb(r)),
+            },
+            steal,
+        ],
+        WKind::Rr => vec![
+            MetricDef {
+                key: "rate",
+                unit: "req/s",
+                higher: true,
+                ratios: true,
+                get: |r| (r.secs > 0.0).then(|| r.requests as f64 / r.secs),
+            },
+            MetricDef {
+                key: "host_cpu",
+                unit: "ms/1000 req",
+                higher: false,
+                ratios: true,
+                // CPU-seconds per request × 1e6 = CPU-milliseconds per 1000 requests.
+                get: |r| r.cpu.map(|c| c.host_busy_secs() * 1e6 / r.requests.max(1) as f64),
+            },
+            MetricDef {
+                key: "proxy_cpu",
+                unit: "ms/1000 req",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s * 1e6 / r.requests.max(1) as f64),
+            },
+            MetricDef {
+                key: "stack_cpu",
+                unit: "ms/1000 req",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.stack_secs()).map(|s| s * 1e6 / r.requests.max(1) as f64),
+            },
+            MetricDef {
+                key: "p50",
+                unit: "µs",
+                higher: false,
+                ratios: true,
+                get: |r| r.latency.map(|l| l.p50_ns as f64 / 1e3),
+            },
+            MetricDef {
+                key: "p99",
+                unit: "µs",
+                higher: false,
+                ratios: true,
+                get: |r| r.latency.map(|l| l.p99_ns as f64 / 1e3),
+            },
+            steal,
+        ],
+        WKind::Churn => vec![
+            MetricDef {
+                key: "rate",
+                unit: "conn/s",
+                higher: true,
+                ratios: true,
+                get: |r| (r.secs > 0.0).then(|| r.conns as f64 / r.secs),
+            },
+            MetricDef {
+                key: "host_cpu",
+                unit: "ms/1000 conn",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.map(|c| c.host_busy_secs() * 1e6 / r.conns.max(1) as f64),
+            },
+            MetricDef {
+                key: "proxy_cpu",
+                unit: "ms/1000 conn",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.proxy_secs()).map(|s| s * 1e6 / r.conns.max(1) as f64),
+            },
+            MetricDef {
+                key: "stack_cpu",
+                unit: "ms/1000 conn",
+                higher: false,
+                ratios: true,
+                get: |r| r.cpu.and_then(|c| c.stack_secs()).map(|s| s * 1e6 / r.conns.max(1) as f64),
             },
             steal,
         ],
@@ -272,11 +382,7 @@ fn median(v: &mut [f64]) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 /// Medians, spreads and ratios of every figure.
@@ -286,20 +392,15 @@ pub fn summarize(subjects: &[SubjectInfo], plan: &Plan, runs: &[RunRecord]) -> V
         for m in metrics(w.kind) {
             let mut rows: Vec<Summary> = Vec::new();
             for s in subjects.iter().filter(|s| s.skipped.is_none()) {
-                let mine: Vec<&RunRecord> = runs
-                    .iter()
-                    .filter(|r| r.subject == s.name && r.workload == w.label)
-                    .collect();
+                let mine: Vec<&RunRecord> =
+                    runs.iter().filter(|r| r.subject == s.name && r.workload == w.label).collect();
                 let mut vals: Vec<f64> = mine
                     .iter()
                     .filter(|r| r.ok)
                     .filter_map(|r| r.report.as_ref().and_then(m.get))
                     .filter(|v| v.is_finite())
                     .collect();
-                let (min, max) = (
-                    vals.iter().copied().reduce(f64::min),
-                    vals.iter().copied().reduce(f64::max),
-                );
+                let (min, max) = (vals.iter().copied().reduce(f64::min), vals.iter().copied().reduce(f64::max));
                 rows.push(Summary {
                     subject: s.name.clone(),
                     kind: s.kind,
@@ -323,10 +424,7 @@ pub fn summarize(subjects: &[SubjectInfo], plan: &Plan, runs: &[RunRecord]) -> V
                     .filter(|r| r.kind == Kind::Peer)
                     .filter_map(|r| r.median.map(|v| (r.subject.clone(), v)))
                     .reduce(|a, b| if (b.1 > a.1) == m.higher { b } else { a });
-                let direct = rows
-                    .iter()
-                    .find(|r| r.kind == Kind::Direct)
-                    .and_then(|r| r.median);
+                let direct = rows.iter().find(|r| r.kind == Kind::Direct).and_then(|r| r.median);
                 let ratio = |v: f64, d: f64| (d != 0.0).then(|| v / d);
                 for r in &mut rows {
                     if let Some(v) = r.median {
@@ -356,9 +454,7 @@ pub fn splice_notes(checks: &[SpliceCheck]) -> Vec<String> {
         let configured = mine.iter().any(|c| c.splice_configured);
         let bytes: Vec<u64> = mine.iter().filter_map(|c| c.spliced_bytes).collect();
         if let Some(e) = mine.iter().find_map(|c| c.error.as_ref()) {
-            notes.push(format!(
-                "{name}: could not read HAProxy's splice counter: {e}"
-            ));
+            notes.push(format!("{name}: could not read HAProxy's splice counter: {e}"));
         } else if configured && bytes.iter().all(|&b| b > 0) {
             let lo = bytes.iter().min().copied().unwrap_or(0) as f64 / 1e9;
             let hi = bytes.iter().max().copied().unwrap_or(0) as f64 / 1e9;
@@ -366,9 +462,7 @@ pub fn splice_notes(checks: &[SpliceCheck]) -> Vec<String> {
         } else if configured {
             notes.push(format!("WARNING {name}: option splice-request/-response were set but HAProxy spliced 0 bytes in some turns: those figures are of a plain copy"));
         } else if bytes.iter().any(|&b| b > 0) {
-            notes.push(format!(
-                "{name}: spliced bytes without splice options ({bytes:?})"
-            ));
+            notes.push(format!("{name}: spliced bytes without splice options ({bytes:?})"));
         }
     }
     notes
@@ -386,22 +480,14 @@ pub fn one_line(text: &str, max: usize) -> String {
         })
         .collect::<Vec<_>>()
         .join(" | ");
-    if joined.chars().count() <= max {
-        joined
-    } else {
-        format!("{}…", joined.chars().take(max).collect::<String>())
-    }
+    if joined.chars().count() <= max { joined } else { format!("{}…", joined.chars().take(max).collect::<String>()) }
 }
 
 /// One line per turn for the progress log: the headline figure of each workload.
 pub fn headline(plan: &Plan, runs: &[RunRecord]) -> String {
     runs.iter()
         .map(|r| {
-            let kind = plan
-                .workloads
-                .iter()
-                .find(|w| w.label == r.workload)
-                .map(|w| w.kind);
+            let kind = plan.workloads.iter().find(|w| w.label == r.workload).map(|w| w.kind);
             let fig = match (&r.report, kind) {
                 (Some(rep), _) if !r.ok => format!("FAILED ({} bytes)", rep.bytes),
                 (None, _) => "FAILED".to_string(),
@@ -412,18 +498,23 @@ pub fn headline(plan: &Plan, runs: &[RunRecord]) -> String {
                     format!("{:.0}/s", rep.conns as f64 / rep.secs.max(1e-9))
                 }
                 (Some(rep), Some(WKind::Lat)) => rep.latency.map_or("-".into(), |l| {
-                    format!(
-                        "p50 {:.0} p99 {:.0} µs",
-                        l.p50_ns as f64 / 1e3,
-                        l.p99_ns as f64 / 1e3
-                    )
+                    format!("p50 {:.0} p99 {:.0} µs", l.p50_ns as f64 / 1e3, l.p99_ns as f64 / 1e3)
                 }),
                 (Some(rep), Some(WKind::Idle)) => rep.idle.map_or("-".into(), |i| {
-                    let rss = i
-                        .rss_per_conn()
-                        .map_or(String::new(), |v| format!("rss {v:.0} "));
+                    let rss = i.rss_per_conn().map_or(String::new(), |v| format!("rss {v:.0} "));
                     format!("{rss}kern {:.0} B/conn", i.kern_per_conn().unwrap_or(0.0))
                 }),
+                (Some(rep), Some(WKind::Paced)) => format!(
+                    "{:.0} MB/s, per conn {}",
+                    rep.bytes as f64 / rep.secs.max(1e-9) / 1e6,
+                    rep.paced.map_or("-".into(), |p| format!("{:.1}-{:.1} Mbit/s", p.min_bps / 1e6, p.max_bps / 1e6))
+                ),
+                (Some(rep), Some(WKind::Rr)) => {
+                    format!("{:.0} req/s", rep.requests as f64 / rep.secs.max(1e-9))
+                }
+                (Some(rep), Some(WKind::Churn)) => {
+                    format!("{:.0} conn/s", rep.conns as f64 / rep.secs.max(1e-9))
+                }
                 (Some(_), None) => "?".to_string(),
             };
             format!("{} {fig}", r.workload)
@@ -447,19 +538,14 @@ fn num(v: f64) -> String {
 }
 
 fn find<'a>(res: &'a Results, subject: &str, workload: &str, metric: &str) -> Option<&'a Summary> {
-    res.summary
-        .iter()
-        .find(|s| s.subject == subject && s.workload == workload && s.metric == metric)
+    res.summary.iter().find(|s| s.subject == subject && s.workload == workload && s.metric == metric)
 }
 
 fn spread(s: Option<&Summary>) -> String {
     match s {
-        Some(Summary {
-            median: Some(m),
-            min: Some(lo),
-            max: Some(hi),
-            ..
-        }) => format!("{} ({}–{})", num(*m), num(*lo), num(*hi)),
+        Some(Summary { median: Some(m), min: Some(lo), max: Some(hi), .. }) => {
+            format!("{} ({}–{})", num(*m), num(*lo), num(*hi))
+        }
         Some(s) if s.runs_ok == 0 && s.runs_failed > 0 => "FAILED".into(),
         _ => "-".into(),
     }
@@ -531,6 +617,21 @@ pub fn table(res: &Results) -> String {
         "Proxy CPU: the proxy's own processes (utime+stime). Interleaved: each round runs every subject in turn, reversed"
     );
     let _ = writeln!(t, "on odd rounds. ok: successful runs / runs.");
+    if res.plan.edge {
+        let _ = writeln!(
+            t,
+            "Edge: client, proxy and backend in three network namespaces over veth; ×routed: ÷ the routed floor (no proxy,"
+        );
+        let _ = writeln!(
+            t,
+            "the proxy's namespace only forwards). Paced: per conn = each connection's own rate (bytes ÷ its own time)."
+        );
+        let _ = writeln!(
+            t,
+            "Stack CPU: client + backend + proxy processes + every kernel thread (softirq, work queues), in host CPU's unit:"
+        );
+        let _ = writeln!(t, "what the run itself cost, without other work on the host (which host CPU includes).");
+    }
     for s in &res.subjects {
         let _ = match &s.skipped {
             Some(why) => writeln!(t, "  {:<20} SKIPPED: {}", s.name, one_line(why, 300)),
@@ -543,19 +644,11 @@ pub fn table(res: &Results) -> String {
     for n in &res.notes {
         let _ = writeln!(t, "  note: {n}");
     }
-    let live: Vec<&SubjectInfo> = res
-        .subjects
-        .iter()
-        .filter(|s| s.skipped.is_none())
-        .collect();
+    let live: Vec<&SubjectInfo> = res.subjects.iter().filter(|s| s.skipped.is_none()).collect();
     for w in &res.plan.workloads {
         let _ = writeln!(t, "\n{} [{}]", w.title, w.label);
         let ok = |s: &str| {
-            let runs: Vec<&RunRecord> = res
-                .runs
-                .iter()
-                .filter(|r| r.subject == s && r.workload == w.label)
-                .collect();
+            let runs: Vec<&RunRecord> = res.runs.iter().filter(|r| r.subject == s && r.workload == w.label).collect();
             format!("{}/{}", runs.iter().filter(|r| r.ok).count(), runs.len())
         };
         let g = |s: &str, metric: &str| find(res, s, &w.label, metric);
@@ -569,16 +662,12 @@ pub fn table(res: &Results) -> String {
                 };
                 (
                     vec![
-                        "subject", "ok", main, "×peer", "×direct", cpu[0], "×peer", "×direct", cpu[1],
-                        "×peer", "steal %",
+                        "subject", "ok", main, "×peer", "×direct", cpu[0], "×peer", "×direct", cpu[1], "×peer",
+                        "steal %",
                     ],
                     live.iter()
                         .map(|s| {
-                            let (m, hc, pc) = (
-                                g(&s.name, metric),
-                                g(&s.name, "host_cpu"),
-                                g(&s.name, "proxy_cpu"),
-                            );
+                            let (m, hc, pc) = (g(&s.name, metric), g(&s.name, "host_cpu"), g(&s.name, "proxy_cpu"));
                             vec![
                                 s.name.clone(),
                                 ok(&s.name),
@@ -590,19 +679,15 @@ pub fn table(res: &Results) -> String {
                                 ratio(hc.and_then(|x| x.vs_direct)),
                                 spread(pc),
                                 ratio(pc.and_then(|x| x.vs_best_peer)),
-                                g(&s.name, "steal")
-                                    .and_then(|x| x.median)
-                                    .map_or("-".into(), |v| format!("{v:.0}")),
+                                g(&s.name, "steal").and_then(|x| x.median).map_or("-".into(), |v| format!("{v:.0}")),
                             ]
                         })
                         .collect(),
                 )
             }
+            WKind::Paced | WKind::Rr | WKind::Churn => edge_rows(w.kind, &live, &g, &ok),
             WKind::Lat => (
-                vec![
-                    "subject", "ok", "p50 µs", "×peer", "×direct", "p99 µs", "×peer", "×direct",
-                    "steal %",
-                ],
+                vec!["subject", "ok", "p50 µs", "×peer", "×direct", "p99 µs", "×peer", "×direct", "steal %"],
                 live.iter()
                     .map(|s| {
                         let (a, b) = (g(&s.name, "p50"), g(&s.name, "p99"));
@@ -615,24 +700,16 @@ pub fn table(res: &Results) -> String {
                             spread(b),
                             ratio(b.and_then(|x| x.vs_best_peer)),
                             ratio(b.and_then(|x| x.vs_direct)),
-                            g(&s.name, "steal")
-                                .and_then(|x| x.median)
-                                .map_or("-".into(), |v| format!("{v:.0}")),
+                            g(&s.name, "steal").and_then(|x| x.median).map_or("-".into(), |v| format!("{v:.0}")),
                         ]
                     })
                     .collect(),
             ),
             WKind::Idle => {
                 let direct = |metric: &str| {
-                    live.iter()
-                        .find(|s| s.kind == Kind::Direct)
-                        .and_then(|s| g(&s.name, metric))
-                        .and_then(|x| x.median)
+                    live.iter().find(|s| s.kind == Kind::Direct).and_then(|s| g(&s.name, metric)).and_then(|x| x.median)
                 };
-                let over = |s: &SubjectInfo, x: Option<&Summary>, d: Option<f64>| match (
-                    x.and_then(|x| x.median),
-                    d,
-                ) {
+                let over = |s: &SubjectInfo, x: Option<&Summary>, d: Option<f64>| match (x.and_then(|x| x.median), d) {
                     (Some(v), Some(d)) if s.kind != Kind::Direct => format!("{:.0}", v - d),
                     _ => "-".into(),
                 };
@@ -652,11 +729,8 @@ pub fn table(res: &Results) -> String {
                     ],
                     live.iter()
                         .map(|s| {
-                            let (r, k, sl) = (
-                                g(&s.name, "proxy_rss"),
-                                g(&s.name, "kernel"),
-                                g(&s.name, "socket_slabs"),
-                            );
+                            let (r, k, sl) =
+                                (g(&s.name, "proxy_rss"), g(&s.name, "kernel"), g(&s.name, "socket_slabs"));
                             vec![
                                 s.name.clone(),
                                 ok(&s.name),
@@ -674,7 +748,9 @@ pub fn table(res: &Results) -> String {
                 )
             }
         };
-        let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+        let floor = if res.plan.edge { "×routed" } else { "×direct" };
+        let headers: Vec<String> =
+            headers.iter().map(|h| if *h == "×direct" { floor.to_string() } else { h.to_string() }).collect();
         t.push_str(&render(&headers, &rows));
     }
     let failed: Vec<&RunRecord> = res.runs.iter().filter(|r| !r.ok).collect();
@@ -694,6 +770,92 @@ pub fn table(res: &Results) -> String {
     t
 }
 
+/// The edge workloads' table: the main figure, how pacing held or the latency, then host and
+/// proxy CPU per unit of work.
+fn edge_rows<'a>(
+    kind: WKind,
+    live: &[&SubjectInfo],
+    g: &dyn Fn(&str, &str) -> Option<&'a Summary>,
+    ok: &dyn Fn(&str) -> String,
+) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let (main, extra, cpu): (&str, [(&str, &str); 2], [&str; 2]) = match kind {
+        WKind::Paced => (
+            "MB/s",
+            [("per conn Mbit/s", "pace"), ("slowest conn Mbit/s", "pace_min")],
+            ["host CPU s/GB", "proxy CPU s/GB"],
+        ),
+        WKind::Rr => {
+            ("req/s", [("p50 µs", "p50"), ("p99 µs", "p99")], ["host CPU ms/1000 req", "proxy CPU ms/1000 req"])
+        }
+        _ => ("conn/s", [("", ""), ("", "")], ["host CPU ms/1000 conn", "proxy CPU ms/1000 conn"]),
+    };
+    let mut headers = vec!["subject", "ok", main, "×peer", "×direct"];
+    headers.extend(extra.iter().filter(|(h, _)| !h.is_empty()).map(|(h, _)| *h));
+    headers.extend([cpu[0], "×peer", "×direct", cpu[1], "×peer", "stack CPU", "×peer", "×direct", "steal %"]);
+    let metric = "rate";
+    let rows = live
+        .iter()
+        .map(|s| {
+            let m = g(&s.name, if kind == WKind::Paced { "throughput" } else { metric });
+            let (hc, pc, sc) = (g(&s.name, "host_cpu"), g(&s.name, "proxy_cpu"), g(&s.name, "stack_cpu"));
+            let mut row = vec![
+                s.name.clone(),
+                ok(&s.name),
+                spread(m),
+                ratio(m.and_then(|x| x.vs_best_peer)),
+                ratio(m.and_then(|x| x.vs_direct)),
+            ];
+            row.extend(extra.iter().filter(|(h, _)| !h.is_empty()).map(|(_, k)| spread(g(&s.name, k))));
+            row.extend([
+                spread(hc),
+                ratio(hc.and_then(|x| x.vs_best_peer)),
+                ratio(hc.and_then(|x| x.vs_direct)),
+                spread(pc),
+                ratio(pc.and_then(|x| x.vs_best_peer)),
+                spread(sc),
+                ratio(sc.and_then(|x| x.vs_best_peer)),
+                ratio(sc.and_then(|x| x.vs_direct)),
+                g(&s.name, "steal").and_then(|x| x.median).map_or("-".into(), |v| format!("{v:.0}")),
+            ]);
+            row
+        })
+        .collect();
+    (headers, rows)
+}
+
+/// Whether pacing held in the paced runs: each connection's rate against the target.
+pub fn pacing_notes(plan: &Plan, runs: &[RunRecord]) -> Vec<String> {
+    let Some(w) = plan.workloads.iter().find(|w| w.kind == WKind::Paced) else { return Vec::new() };
+    let paced: Vec<_> =
+        runs.iter().filter(|r| r.ok && r.workload == w.label).filter_map(|r| r.report.as_ref()?.paced).collect();
+    let Some(target) = paced.first().map(|p| p.target_bps as f64) else { return Vec::new() };
+    let lo = paced.iter().map(|p| p.min_bps).fold(f64::INFINITY, f64::min);
+    let hi = paced.iter().map(|p| p.max_bps).fold(0.0, f64::max);
+    let mut v = vec![format!(
+        "pacing: each connection's own rate ran {:.1}-{:.1} Mbit/s over every paced run, against {:.0} Mbit/s set (SO_MAX_PACING_RATE)",
+        lo / 1e6,
+        hi / 1e6,
+        target / 1e6
+    )];
+    if hi > PACE_HELD_ABOVE * target {
+        v.push(format!("WARNING pacing did not hold: a connection ran at {:.1}× its rate", hi / target));
+    }
+    if lo < PACE_HELD_BELOW * target {
+        v.push(format!(
+            "WARNING a paced connection fell below {:.0}% of its rate ({:.1} Mbit/s): the path, not the pacing, set its speed",
+            PACE_HELD_BELOW * 100.0,
+            lo / 1e6
+        ));
+    }
+    v
+}
+
+/// A paced connection faster than this times its rate means pacing did not hold (the first
+/// round trips go out before pacing has a rate estimate, hence not 1.0).
+const PACE_HELD_ABOVE: f64 = 1.25;
+/// A paced connection slower than this times its rate was held back by the path.
+const PACE_HELD_BELOW: f64 = 0.9;
+
 /// Where the files went.
 pub struct Paths {
     /// Every raw run.
@@ -707,28 +869,22 @@ pub struct Paths {
 /// Writes `<stamp>.json`, `<stamp>.svg` and `<stamp>.txt` into `dir`.
 pub fn write(dir: &Path, res: &Results, table: &str) -> anyhow::Result<Paths> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let base = dir.join(&res.meta.stamp);
-    let p = Paths {
-        json: base.with_extension("json"),
-        svg: base.with_extension("svg"),
-        txt: base.with_extension("txt"),
-    };
+    let base = dir.join(if res.plan.edge { format!("edge-{}", res.meta.stamp) } else { res.meta.stamp.clone() });
+    let p =
+        Paths { json: base.with_extension("json"), svg: base.with_extension("svg"), txt: base.with_extension("txt") };
     fs::write(&p.json, serde_json::to_string_pretty(res)?)
         .with_context(|| format!("cannot write {}", p.json.display()))?;
-    fs::write(&p.svg, super::chart::svg(res))
-        .with_context(|| format!("cannot write {}", p.svg.display()))?;
+    let svg = if res.plan.edge { super::chart::edge_svg(res) } else { super::chart::svg(res) };
+    fs::write(&p.svg, svg).with_context(|| format!("cannot write {}", p.svg.display()))?;
     fs::write(&p.txt, table).with_context(|| format!("cannot write {}", p.txt.display()))?;
     Ok(p)
 }
 
 /// Reads the files back (smoke mode): the JSON parses and holds every run, the SVG is whole.
 pub fn check_written(p: &Paths, res: &Results) -> anyhow::Result<()> {
-    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p.json)?)
-        .context("the JSON written does not parse")?;
-    let runs = v
-        .get("runs")
-        .and_then(|r| r.as_array())
-        .map_or(0, |a| a.len());
+    let v: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&p.json)?).context("the JSON written does not parse")?;
+    let runs = v.get("runs").and_then(|r| r.as_array()).map_or(0, |a| a.len());
     if runs != res.runs.len() {
         bail!("the JSON holds {runs} runs, expected {}", res.runs.len());
     }
@@ -755,5 +911,99 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&mut []), None);
+    }
+
+    fn cpu(busy_ticks: u64, proxy_ticks: u64) -> Option<ntlm_bench::report::CpuDelta> {
+        Some(ntlm_bench::report::CpuDelta {
+            hz: 100,
+            host: ntlm_bench::report::HostCpu {
+                user: busy_ticks / 2,
+                system: busy_ticks / 2,
+                steal: 1000,
+                ..Default::default()
+            },
+            proxy_ticks: Some(proxy_ticks),
+            ..Default::default()
+        })
+    }
+
+    fn value(kind: WKind, key: &str, r: &Report) -> Option<f64> {
+        (metrics(kind).into_iter().find(|m| m.key == key).expect("metric").get)(r)
+    }
+
+    #[test]
+    fn edge_costs_are_per_gb_per_1000_requests_and_per_1000_connections() {
+        // 0.5 host CPU-seconds (steal not counted), 0.1 in the proxy.
+        let paced = Report { bytes: 2_000_000_000, secs: 8.0, cpu: cpu(50, 10), ..Default::default() };
+        assert_eq!(value(WKind::Paced, "host_cpu", &paced), Some(0.25));
+        assert_eq!(value(WKind::Paced, "proxy_cpu", &paced), Some(0.05));
+        assert_eq!(value(WKind::Paced, "throughput", &paced), Some(250.0));
+        let rr = Report { requests: 100_000, conns: 64, secs: 2.0, cpu: cpu(50, 10), ..Default::default() };
+        assert_eq!(value(WKind::Rr, "host_cpu", &rr), Some(5.0));
+        assert_eq!(value(WKind::Rr, "proxy_cpu", &rr), Some(1.0));
+        assert_eq!(value(WKind::Rr, "rate", &rr), Some(50_000.0));
+        let churn = Report { conns: 10_000, secs: 2.0, cpu: cpu(50, 10), ..Default::default() };
+        assert_eq!(value(WKind::Churn, "host_cpu", &churn), Some(50.0));
+        assert_eq!(value(WKind::Churn, "proxy_cpu", &churn), Some(10.0));
+        assert_eq!(value(WKind::Churn, "rate", &churn), Some(5000.0));
+        // Stack: client 0.2 + backend 0.1 + kernel threads 0.1 + proxy 0.1 CPU-seconds.
+        let mut c = cpu(50, 10).unwrap();
+        (c.client_ticks, c.backend_ticks, c.kthread_ticks) = (Some(20), Some(10), Some(10));
+        let rr = Report { requests: 100_000, cpu: Some(c), ..Default::default() };
+        assert_eq!(value(WKind::Rr, "stack_cpu", &rr), Some(5.0));
+        // Without a proxy (routed) the rest still counts; without the backend's PID nothing does.
+        c.proxy_ticks = None;
+        let churn = Report { conns: 10_000, cpu: Some(c), ..Default::default() };
+        assert_eq!(value(WKind::Churn, "stack_cpu", &churn), Some(40.0));
+        c.backend_ticks = None;
+        let churn = Report { conns: 10_000, cpu: Some(c), ..Default::default() };
+        assert_eq!(value(WKind::Churn, "stack_cpu", &churn), None);
+    }
+
+    fn paced_run(min_mbit: f64, max_mbit: f64) -> RunRecord {
+        RunRecord {
+            round: 0,
+            subject: "ntlm-splice".into(),
+            workload: "paced".into(),
+            ok: true,
+            error: None,
+            wall_secs: 1.0,
+            report: Some(Report {
+                paced: Some(ntlm_bench::report::Paced {
+                    target_bps: 40_000_000,
+                    conns: 64,
+                    min_bps: min_mbit * 1e6,
+                    median_bps: (min_mbit + max_mbit) / 2.0 * 1e6,
+                    max_bps: max_mbit * 1e6,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn pacing_notes_warn_when_pacing_did_not_hold() {
+        let a = super::super::BenchArgs {
+            edge: true,
+            quick: true,
+            smoke: false,
+            rounds: None,
+            only: Vec::new(),
+            workloads: Vec::new(),
+            bulk_mib: None,
+            verify: false,
+            no_install: true,
+            out: None,
+            baseline: None,
+        };
+        let plan = super::super::edge::plan(&a, 1 << 16).unwrap();
+        let held = pacing_notes(&plan, &[paced_run(39.8, 41.0), paced_run(40.0, 42.0)]);
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(held[0].contains("39.8-42.0 Mbit/s") && held[0].contains("against 40 Mbit/s"), "{held:?}");
+        let fast = pacing_notes(&plan, &[paced_run(39.8, 41.0), paced_run(40.0, 60.0)]);
+        assert!(fast.iter().any(|n| n.starts_with("WARNING pacing did not hold")), "{fast:?}");
+        let slow = pacing_notes(&plan, &[paced_run(20.0, 41.0)]);
+        assert!(slow.iter().any(|n| n.contains("fell below 90%")), "{slow:?}");
+        assert!(pacing_notes(&plan, &[]).is_empty());
     }
 }

@@ -1,11 +1,11 @@
-//! What sits between the client and the backend: nothing (direct), ntlm-splice with one of
-//! its engines, nginx `stream`, or HAProxy `mode tcp`. Peers are installed from Debian's
+//! What sits between the client and the backend: nothing (direct; at the edge, `routed`),
+//! ntlm-splice with one of its engines, nginx `stream`, or HAProxy `mode tcp`. Peers are installed from Debian's
 //! packages when missing, and run from configs written to a temp dir, never the system's.
 
 use std::{
     fmt::Write as _,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::procs::{self, Proc};
+use super::procs::{self, NetnsFd, Proc};
 
 /// Time a proxy gets to start listening (loading eBPF programs included).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +45,9 @@ pub enum Kind {
 pub enum Subject {
     /// Client straight to the backend.
     Direct,
+    /// The edge bench's floor: the splicer namespace only routes (`ip_forward` on), the
+    /// client connects to the backend's address through it. Counts as direct in ratios.
+    Routed,
     /// ntlm-splice `--engine <engine>`; `threads: None` is its default (one per CPU).
     Ntlm { engine: &'static str, threads: Option<u32> },
     /// ntlm-splice `--engine splice` from another build (`--baseline`), to compare two
@@ -80,6 +83,7 @@ impl Subject {
     pub fn name(&self) -> String {
         match self {
             Subject::Direct => "direct".into(),
+            Subject::Routed => "routed".into(),
             Subject::Ntlm { engine, threads: None } => format!("ntlm-{engine}"),
             Subject::Ntlm { engine, threads: Some(t) } => format!("ntlm-{engine}-{t}t"),
             Subject::Baseline { .. } => "ntlm-splice-baseline".into(),
@@ -97,7 +101,7 @@ impl Subject {
     /// Direct, ours or a peer.
     pub fn kind(&self) -> Kind {
         match self {
-            Subject::Direct => Kind::Direct,
+            Subject::Direct | Subject::Routed => Kind::Direct,
             Subject::Ntlm { .. } | Subject::Baseline { .. } => Kind::Ours,
             _ => Kind::Peer,
         }
@@ -118,6 +122,9 @@ impl Subject {
     pub fn describe(&self) -> String {
         match self {
             Subject::Direct => "no proxy: client connects to the backend (the ceiling)".into(),
+            Subject::Routed => {
+                "no proxy: the splicer namespace only forwards (ip_forward=1), the client connects to the backend's address (the floor)".into()
+            }
             Subject::Ntlm { engine, threads } => {
                 format!(
                     "ntlm-splice --engine {engine}{}, --max-connections raised for the idle runs, defaults otherwise (access log on, to a file)",
@@ -172,11 +179,7 @@ pub struct Tools {
 }
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
+    let o = Command::new(cmd).args(args).stdin(Stdio::null()).output().ok()?;
     let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&o.stderr));
     Some(s)
@@ -197,11 +200,8 @@ fn apt_install_quietly(pkgs: &[&str]) -> anyhow::Result<()> {
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let ours = !policy.exists();
     if ours && crate::is_root() {
-        fs::write(
-            policy,
-            "#!/bin/sh\n# written by cargo xtask bench while it installs packages\nexit 101\n",
-        )
-        .context("cannot write /usr/sbin/policy-rc.d")?;
+        fs::write(policy, "#!/bin/sh\n# written by cargo xtask bench while it installs packages\nexit 101\n")
+            .context("cannot write /usr/sbin/policy-rc.d")?;
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(policy, fs::Permissions::from_mode(0o755))?;
     }
@@ -246,12 +246,7 @@ fn nginx(install: bool) -> anyhow::Result<(PathBuf, Option<PathBuf>, String)> {
     };
     let b = bin.to_string_lossy().into_owned();
     let v = output(&b, &["-V"]).context("nginx -V failed")?;
-    let version = v
-        .lines()
-        .find(|l| l.starts_with("nginx version"))
-        .unwrap_or("nginx")
-        .trim()
-        .to_string();
+    let version = v.lines().find(|l| l.starts_with("nginx version")).unwrap_or("nginx").trim().to_string();
     let args: Vec<&str> = v.split_whitespace().collect();
     if args.contains(&"--with-stream") {
         return Ok((bin, None, version));
@@ -267,17 +262,11 @@ fn nginx(install: bool) -> anyhow::Result<(PathBuf, Option<PathBuf>, String)> {
     let module = dir.join("ngx_stream_module.so");
     if !module.is_file() {
         if !install {
-            bail!(
-                "nginx's stream module {} is missing (apt-get install libnginx-mod-stream)",
-                module.display()
-            );
+            bail!("nginx's stream module {} is missing (apt-get install libnginx-mod-stream)", module.display());
         }
         apt_install_quietly(&["libnginx-mod-stream"]).context("installing libnginx-mod-stream")?;
         if !module.is_file() {
-            bail!(
-                "{} still missing after apt-get install libnginx-mod-stream",
-                module.display()
-            );
+            bail!("{} still missing after apt-get install libnginx-mod-stream", module.display());
         }
     }
     Ok((bin, Some(module), version))
@@ -317,86 +306,67 @@ pub struct Env<'a> {
     pub root: &'a Path,
     /// Temp dir for configs and logs.
     pub dir: &'a Path,
-    /// The loopback backend.
+    /// The backend (on loopback, or in the edge bench's backend namespace).
     pub backend: SocketAddr,
+    /// The backend's PID, whose CPU counts in the stack's CPU.
+    pub backend_pid: Option<u32>,
     /// Connections each proxy must be able to hold (the largest idle run).
     pub max_conns: u64,
     /// Our open-files limit (inherited by the proxies).
     pub nofile: u64,
     /// Peers found.
     pub tools: &'a Tools,
+    /// The address proxies listen on (127.0.0.1; at the edge, the splicer's client side).
+    pub listen_ip: IpAddr,
+    /// The namespace proxies run in (`None`: ours).
+    pub proxy_ns: Option<&'a NetnsFd>,
+    /// The namespace clients connect from, also for readiness checks (`None`: ours).
+    pub client_ns: Option<&'a NetnsFd>,
 }
 
 /// Starts `s`; `tag` makes file names unique per start.
 pub fn start(s: &Subject, env: &Env, tag: &str) -> anyhow::Result<Running> {
     match s {
-        Subject::Direct => Ok(Running {
-            addr: env.backend,
-            pids: Vec::new(),
-            stats_socket: None,
-            log: None,
-            proc: None,
-        }),
-        Subject::Ntlm { engine, threads } => start_ntlm(
-            &env.root.join("target/release/ntlm-splice"),
-            engine,
-            *threads,
-            env,
-            tag,
-        ),
+        Subject::Direct | Subject::Routed => {
+            Ok(Running { addr: env.backend, pids: Vec::new(), stats_socket: None, log: None, proc: None })
+        }
+        Subject::Ntlm { engine, threads } => {
+            start_ntlm(&env.root.join("target/release/ntlm-splice"), engine, *threads, env, tag)
+        }
         Subject::Baseline { bin } => start_ntlm(bin, "splice", None, env, tag),
         Subject::Nginx { workers } => start_nginx(*workers, env, tag),
         Subject::Haproxy { threads, splice, big_pipes } => start_haproxy(*threads, *splice, *big_pipes, env, tag),
     }
 }
 
-fn start_ntlm(
-    bin: &Path,
-    engine: &str,
-    threads: Option<u32>,
-    env: &Env,
-    tag: &str,
-) -> anyhow::Result<Running> {
+fn start_ntlm(bin: &Path, engine: &str, threads: Option<u32>, env: &Env, tag: &str) -> anyhow::Result<Running> {
     let log = env.dir.join(format!("{tag}.log"));
     let mut cmd = Command::new(bin);
     cmd.args([
         "--listen",
-        "127.0.0.1:0",
+        &SocketAddr::new(env.listen_ip, 0).to_string(),
         "--backend",
         &env.backend.to_string(),
         "--engine",
         engine,
     ])
-    .args([
-        "--max-connections",
-        &(env.max_conns + 64).to_string(),
-        "--drain-timeout",
-        NTLM_DRAIN,
-    ])
+    .args(["--max-connections", &(env.max_conns + 64).to_string(), "--drain-timeout", NTLM_DRAIN])
     .args(threads.map(|t| ["--threads".to_string(), t.to_string()]).into_iter().flatten())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(fs::File::create(&log)?);
-    let mut p = Proc::spawn(
-        &format!("ntlm-splice --engine {engine}"),
-        &mut cmd,
-        libc::SIGTERM,
-        libc::SIGTERM,
-        STOP_GRACE,
-    )?;
+    if let Some(ns) = env.proxy_ns {
+        ns.enter_on_spawn(&mut cmd);
+    }
+    let mut p =
+        Proc::spawn(&format!("ntlm-splice --engine {engine}"), &mut cmd, libc::SIGTERM, libc::SIGTERM, STOP_GRACE)?;
     let line = procs::wait_log_line(&mut p, &log, "listening addr=", START_TIMEOUT)?;
     let addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("addr="))
         .and_then(|a| a.parse::<SocketAddr>().ok())
         .with_context(|| format!("cannot read the address from `{line}`"))?;
-    Ok(Running {
-        addr,
-        pids: vec![p.pid()],
-        stats_socket: None,
-        log: Some(log),
-        proc: Some(p),
-    })
+    Ok(Running { addr, pids: vec![p.pid()], stats_socket: None, log: Some(log), proc: Some(p) })
 }
 
 /// nginx's config: standalone (no include of /etc/nginx), everything in `dir`.
@@ -404,36 +374,23 @@ pub fn nginx_conf(
     workers: Option<u32>,
     module: Option<&Path>,
     dir: &Path,
-    port: u16,
+    listen: SocketAddr,
     backend: SocketAddr,
     nofile: u64,
 ) -> String {
     let mut c = String::new();
-    let _ = writeln!(
-        c,
-        "# Written by cargo xtask bench; a standalone config, nothing from /etc/nginx."
-    );
+    let _ = writeln!(c, "# Written by cargo xtask bench; a standalone config, nothing from /etc/nginx.");
     if let Some(m) = module {
         let _ = writeln!(c, "load_module {};", m.display());
     }
     let _ = writeln!(c, "daemon off;\nmaster_process on;");
-    let _ = writeln!(
-        c,
-        "worker_processes {};",
-        workers.map_or("auto".to_string(), |n| n.to_string())
-    );
+    let _ = writeln!(c, "worker_processes {};", workers.map_or("auto".to_string(), |n| n.to_string()));
     let _ = writeln!(c, "worker_rlimit_nofile {nofile};");
     let _ = writeln!(c, "pid {}/nginx.pid;", dir.display());
     let _ = writeln!(c, "error_log {}/error.log warn;", dir.display());
     let _ = writeln!(c, "events {{\n    worker_connections {nofile};\n}}");
-    let _ = writeln!(
-        c,
-        "stream {{\n    upstream backend {{\n        server {backend};\n    }}"
-    );
-    let _ = writeln!(
-        c,
-        "    server {{\n        listen 127.0.0.1:{port};\n        proxy_pass backend;"
-    );
+    let _ = writeln!(c, "stream {{\n    upstream backend {{\n        server {backend};\n    }}");
+    let _ = writeln!(c, "    server {{\n        listen {listen};\n        proxy_pass backend;");
     // Without it nginx closes both directions at the client's FIN, so an upload's EOF never
     // reaches the backend as EOF and the sink's byte count never comes back. It changes
     // nothing on the data path (NTLM over HTTP needs no half-close; nginx >= 1.21.4).
@@ -445,46 +402,27 @@ fn start_nginx(workers: Option<u32>, env: &Env, tag: &str) -> anyhow::Result<Run
     let bin = env.tools.nginx.as_ref().context("nginx is unavailable")?;
     let dir = env.dir.join(tag);
     fs::create_dir_all(&dir)?;
-    let port = procs::free_port()?;
+    let addr = SocketAddr::new(env.listen_ip, procs::free_port()?);
     let conf = dir.join("nginx.conf");
     fs::write(
         &conf,
-        nginx_conf(
-            workers,
-            env.tools.nginx_stream_module.as_deref(),
-            &dir,
-            port,
-            env.backend,
-            env.nofile,
-        ),
+        nginx_conf(workers, env.tools.nginx_stream_module.as_deref(), &dir, addr, env.backend, env.nofile),
     )?;
     let stderr = dir.join("stderr.log");
     let mut cmd = Command::new(bin);
-    cmd.arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf)
-        .arg("-e")
-        .arg(dir.join("error.log"));
+    cmd.arg("-p").arg(&dir).arg("-c").arg(&conf).arg("-e").arg(dir.join("error.log"));
     let out = fs::File::create(&stderr)?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
+    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    if let Some(ns) = env.proxy_ns {
+        ns.enter_on_spawn(&mut cmd);
+    }
     // SIGTERM is nginx's fast shutdown: the master stops its workers, then exits.
     let mut p = Proc::spawn("nginx", &mut cmd, libc::SIGTERM, libc::SIGTERM, STOP_GRACE)?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    procs::wait_listening(&mut p, addr, START_TIMEOUT).map_err(|e| {
-        anyhow::anyhow!(
-            "{e:#}\n{}\n{}",
-            procs::file_tail(&stderr, 8),
-            procs::file_tail(&dir.join("error.log"), 8)
-        )
+    procs::wait_listening(&mut p, addr, env.client_ns, START_TIMEOUT).map_err(|e| {
+        anyhow::anyhow!("{e:#}\n{}\n{}", procs::file_tail(&stderr, 8), procs::file_tail(&dir.join("error.log"), 8))
     })?;
     // Measure the master and every worker.
-    let want = workers.map_or_else(
-        || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        |n| n as usize,
-    );
+    let want = workers.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n as usize);
     let mut pids = Vec::new();
     for _ in 0..250 {
         pids = ntlm_bench::procfs::descendants(p.pid());
@@ -497,13 +435,7 @@ fn start_nginx(workers: Option<u32>, env: &Env, tag: &str) -> anyhow::Result<Run
         bail!("nginx listens but has no worker process");
     }
     pids.insert(0, p.pid());
-    Ok(Running {
-        addr,
-        pids,
-        stats_socket: None,
-        log: Some(dir.join("error.log")),
-        proc: Some(p),
-    })
+    Ok(Running { addr, pids, stats_socket: None, log: Some(dir.join("error.log")), proc: Some(p) })
 }
 
 /// When idle memory is read, after the last idle connection opened (see
@@ -523,15 +455,12 @@ pub fn haproxy_conf(
     splice: bool,
     big_pipes: bool,
     stats: &Path,
-    port: u16,
+    listen: SocketAddr,
     backend: SocketAddr,
     max_conns: u64,
 ) -> String {
     let mut c = String::new();
-    let _ = writeln!(
-        c,
-        "# Written by cargo xtask bench; a standalone config, nothing from /etc/haproxy."
-    );
+    let _ = writeln!(c, "# Written by cargo xtask bench; a standalone config, nothing from /etc/haproxy.");
     let _ = writeln!(c, "global");
     let _ = writeln!(c, "    maxconn {}", max_conns + 16);
     let _ = writeln!(c, "    maxpipes {HAPROXY_MAXPIPES}");
@@ -541,72 +470,37 @@ pub fn haproxy_conf(
     if big_pipes {
         let _ = writeln!(c, "    tune.pipesize {HAPROXY_BIG_PIPE}");
     }
-    let _ = writeln!(
-        c,
-        "    stats socket {} mode 600 level admin",
-        stats.display()
-    );
+    let _ = writeln!(c, "    stats socket {} mode 600 level admin", stats.display());
     let _ = writeln!(c, "defaults\n    mode tcp\n    maxconn {}", max_conns + 16);
-    let _ = writeln!(
-        c,
-        "    timeout connect 5s\n    timeout client 1h\n    timeout server 1h"
-    );
+    let _ = writeln!(c, "    timeout connect 5s\n    timeout client 1h\n    timeout server 1h");
     if splice {
         let _ = writeln!(c, "    option splice-request\n    option splice-response");
     }
-    let _ = writeln!(
-        c,
-        "frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be"
-    );
+    let _ = writeln!(c, "frontend fe\n    bind {listen}\n    default_backend be");
     let _ = writeln!(c, "backend be\n    server s1 {backend}");
     c
 }
 
-fn start_haproxy(
-    threads: Option<u32>,
-    splice: bool,
-    big_pipes: bool,
-    env: &Env,
-    tag: &str,
-) -> anyhow::Result<Running> {
-    let bin = env
-        .tools
-        .haproxy
-        .as_ref()
-        .context("haproxy is unavailable")?;
+fn start_haproxy(threads: Option<u32>, splice: bool, big_pipes: bool, env: &Env, tag: &str) -> anyhow::Result<Running> {
+    let bin = env.tools.haproxy.as_ref().context("haproxy is unavailable")?;
     let dir = env.dir.join(tag);
     fs::create_dir_all(&dir)?;
-    let port = procs::free_port()?;
+    let addr = SocketAddr::new(env.listen_ip, procs::free_port()?);
     let stats = dir.join("stats.sock");
     let conf = dir.join("haproxy.cfg");
-    fs::write(
-        &conf,
-        haproxy_conf(threads, splice, big_pipes, &stats, port, env.backend, env.max_conns),
-    )?;
+    fs::write(&conf, haproxy_conf(threads, splice, big_pipes, &stats, addr, env.backend, env.max_conns))?;
     let log = dir.join("stderr.log");
     let mut cmd = Command::new(bin);
     cmd.arg("-f").arg(&conf).arg("-db");
     let out = fs::File::create(&log)?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
-    let mut p = Proc::spawn(
-        "haproxy",
-        &mut cmd,
-        libc::SIGTERM,
-        libc::SIGTERM,
-        STOP_GRACE,
-    )?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    procs::wait_listening(&mut p, addr, START_TIMEOUT)
+    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    if let Some(ns) = env.proxy_ns {
+        ns.enter_on_spawn(&mut cmd);
+    }
+    let mut p = Proc::spawn("haproxy", &mut cmd, libc::SIGTERM, libc::SIGTERM, STOP_GRACE)?;
+    procs::wait_listening(&mut p, addr, env.client_ns, START_TIMEOUT)
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", procs::file_tail(&log, 8)))?;
-    Ok(Running {
-        addr,
-        pids: vec![p.pid()],
-        stats_socket: Some(stats),
-        log: Some(log),
-        proc: Some(p),
-    })
+    Ok(Running { addr, pids: vec![p.pid()], stats_socket: Some(stats), log: Some(log), proc: Some(p) })
 }
 
 /// HAProxy's own count of bytes it moved with splice(2) (`show info`, whose field is
