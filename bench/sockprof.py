@@ -236,10 +236,33 @@ def metrics():
         return {}
     out = {}
     for line in txt.splitlines():
-        if line.startswith("sockmap_") and not line.startswith("#"):
+        if "_sockmap_" in line and not line.startswith("#"):
             k, v = line.rsplit(" ", 1)
-            out[k] = float(v)
+            out[k.removeprefix("ntlm_splice_sockmap_").removesuffix("_total")] = float(v)
     return out
+
+
+def net(ns):
+    """TCP segment counters of namespace `ns` and packets/bytes of its veth ends (GSO
+    packets count once): how finely each leg's bytes are cut."""
+    snmp = sh(*nsx(ns, "cat", "/proc/net/snmp")).stdout.splitlines()
+    tcp = [line.split()[1:] for line in snmp if line.startswith("Tcp:")]
+    out = {k: int(v) for k, v in zip(*tcp) if k in ("InSegs", "OutSegs", "RetransSegs")}
+    for link in json.loads(sh("ip", "-n", NS[ns], "-s", "-j", "link", "show").stdout):
+        if link["ifname"] == "lo":
+            continue
+        st = link["stats64"]
+        for d in ("rx", "tx"):
+            out[f"{link['ifname']}_{d}_packets"] = st[d]["packets"]
+            out[f"{link['ifname']}_{d}_bytes"] = st[d]["bytes"]
+            out[f"{link['ifname']}_{d}_dropped"] = st[d]["dropped"]
+    return out
+
+
+def softnet_drops():
+    """Packets dropped because a CPU's input backlog was full (host-wide: veth delivers
+    through it)."""
+    return sum(int(line.split()[1], 16) for line in open("/proc/net/softnet_stat"))
 
 
 def diff(a, b):
@@ -313,8 +336,42 @@ def wait_port(ns, ip, port, timeout=10.0):
     raise RuntimeError(f"{ip}:{port} in {NS[ns]} did not accept within {timeout}s")
 
 
-def one_run(a, engine, backlog_addr):
+def nagle_toward_backend(pid):
+    """Experiment, no code change: turns TCP_NODELAY off on the proxy's sockets to the
+    backend (copies of its descriptors through pidfd_getfd), so the kernel's egress of
+    redirected bytes may coalesce them. Returns how many sockets it changed."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            mine = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd
+            if mine < 0:
+                continue
+            s = socket.socket(fileno=mine)
+            try:
+                if s.family == socket.AF_INET and s.getpeername()[1] == BACKEND_PORT:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+                    n += 1
+            except OSError:
+                pass
+            finally:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return n
+
+
+def one_run(a, engine, backlog_addr, tag=""):
     started = []
+    nagled = None
     base = baseline(a.baseline_secs)
     try:
         backend = subprocess.Popen(
@@ -324,7 +381,7 @@ def one_run(a, engine, backlog_addr):
         )
         started.append(backend)
         proxy_cmd = [
-            a.splice,
+            a.bins.get(tag, a.splice),
             "--listen",
             f"{PROXY_C_IP}:{PROXY_PORT}",
             "--backend",
@@ -349,6 +406,9 @@ def one_run(a, engine, backlog_addr):
         )
         started.append(client)
         assert client.stdout.readline().strip() == "started"
+        if tag == "nagle":
+            time.sleep(0.5)
+            nagled = nagle_toward_backend(proxy.pid)
         perf = None
         if backlog_addr and a.perf:
             flt = f"function == 0x{backlog_addr}"
@@ -365,9 +425,13 @@ def one_run(a, engine, backlog_addr):
         t0 = time.monotonic()
         h0, k0, p0, b0, m0 = host_cpu(), kthreads(), threads_of(ppid), bpf_progs(ppid), metrics()
         e0 = {"client": threads_of(client.pid), "backend": threads_of(backend.pid)}
+        n0 = {ns: net(ns) for ns in ("p", "b")}
+        sd0 = softnet_drops()
         time.sleep(a.secs * 0.999)
         h1, k1, p1, b1, m1 = host_cpu(), kthreads(), threads_of(ppid), bpf_progs(ppid), metrics()
         e1 = {"client": threads_of(client.pid), "backend": threads_of(backend.pid)}
+        n1 = {ns: net(ns) for ns in ("p", "b")}
+        sd1 = softnet_drops()
         wall = time.monotonic() - t0
         out, _ = client.communicate(timeout=a.secs + 60)
         res = json.loads(out.strip().splitlines()[-1])
@@ -425,6 +489,9 @@ def one_run(a, engine, backlog_addr):
         if psock
         else None,
         "other_sk_skb_holders": others,
+        "net": legs(diff(n0, n1), gb),
+        "softnet_drops_host": sd1 - sd0,
+        "nagle_sockets": nagled,
         "bpf": {
             k: {"runs_per_gb": round(v["run_cnt"] / gb), "ns_per_run": round(v["run_time_ns"] / max(1, v["run_cnt"])),
                 "s_per_gb": round(v["run_time_ns"] / 1e9 / gb, 4)}
@@ -433,6 +500,22 @@ def one_run(a, engine, backlog_addr):
         },
         "sockmap_window": {k: v for k, v in diff(m0, m1).items() if v},
         "sockmap_end": {k: v for k, v in m_end.items() if v},
+    }
+
+
+def legs(n, gb):
+    """Per GB: segments the proxy received and sent, retransmissions, and the mean size of
+    a packet on each veth leg (client to proxy, proxy to backend)."""
+    p, b = n["p"], n["b"]
+    size = lambda by, pk: round(by / pk) if pk else None  # noqa: E731
+    return {
+        "proxy_in_segs_per_gb": round(p["InSegs"] / gb),
+        "proxy_out_segs_per_gb": round(p["OutSegs"] / gb),
+        "proxy_retrans_per_gb": round(p["RetransSegs"] / gb),
+        "backend_in_segs_per_gb": round(b["InSegs"] / gb),
+        "bytes_per_pkt_client_to_proxy": size(p["spp0_rx_bytes"], p["spp0_rx_packets"]),
+        "bytes_per_pkt_proxy_to_backend": size(p["spp1_tx_bytes"], p["spp1_tx_packets"]),
+        "veth_drops": sum(v for k, v in {**p, **{"b_" + k: v for k, v in b.items()}}.items() if k.endswith("_dropped")),
     }
 
 
@@ -450,6 +533,13 @@ def main():
     ap.add_argument("--engines", default="splice,sockmap")
     ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", "target"))
     ap.add_argument("--proxy-arg", action="append", default=[], help="extra ntlm-splice argument (repeat)")
+    ap.add_argument(
+        "--bin",
+        action="append",
+        default=[],
+        metavar="TAG=PATH",
+        help="ntlm-splice binary for engines tagged TAG (`--engines sockmap:TAG`): before/after a change",
+    )
     ap.add_argument("--no-perf", dest="perf", action="store_false", help="skip the perf tracepoint count")
     ap.add_argument("--log", default="/dev/null", help="where the proxies' stderr goes")
     a = ap.parse_args()
@@ -457,6 +547,7 @@ def main():
         return client_main(a)
     a.splice = os.path.join(a.target_dir, "release", "ntlm-splice")
     a.bench = os.path.join(a.target_dir, "release", "ntlm-bench")
+    a.bins = dict(b.split("=", 1) for b in a.bin)
     stats = "/proc/sys/kernel/bpf_stats_enabled"
     old_stats = open(stats).read().strip()
     addr = psock_backlog_addr()
@@ -468,7 +559,7 @@ def main():
         for r in range(a.rounds):
             for engine in a.engines.split(","):
                 engine, _, tag = engine.partition(":")
-                res = one_run(a, engine, addr)
+                res = one_run(a, engine, addr, tag)
                 res["round"] = r
                 if tag:
                     res["tag"] = tag
