@@ -14,7 +14,8 @@ context switches and the engine's own counters (metrics `sockmap_*`).
 Run as root from the repository root after
 `cargo build --release -p ntlm-userspace -p ntlm-bench`:
 
-    python3 bench/sockprof.py --rounds 3 --secs 15 --streams 64 --mbit 40
+    python3 bench/sockprof.py --rounds 3 --secs 15 --streams 64 --mbit 40 > runs.jsonl
+    python3 bench/sockprof.py summary runs.jsonl
 
 Only namespaces named `sockprof-*` are made and deleted; only processes it started
 are stopped (by PID).
@@ -57,7 +58,13 @@ def nsx(ns, *cmd):
 
 
 def topology_up():
-    topology_down()
+    have = sh("ip", "netns", "list").stdout.split()
+    if any(n in have for n in NS.values()):
+        # Another run uses them (a second run would tear its topology down mid-measurement).
+        sys.exit(
+            f"the namespaces {', '.join(NS.values())} exist: another sockprof run is going on; "
+            "if it is not (a killed run left them), delete them with `ip netns del NAME`"
+        )
     for n in NS.values():
         sh("ip", "netns", "add", n)
         sh("ip", "-n", n, "link", "set", "lo", "up")
@@ -74,7 +81,7 @@ def topology_up():
 
 
 def topology_down():
-    have = sh("ip", "netns", "list").stdout
+    have = sh("ip", "netns", "list").stdout.split()
     for n in NS.values():
         if n in have:
             sh("ip", "netns", "del", n, check=False)
@@ -95,7 +102,8 @@ def client_main(a):
         sent, err = 0, None
         try:
             s = socket.create_connection((a.target, PROXY_PORT), timeout=10)
-            s.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, rate)
+            if rate:
+                s.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, min(rate, 0xFFFFFFFE))
             start.wait()
             end = time.monotonic() + a.secs
             s.sendall(SINK_HEADER)
@@ -519,14 +527,64 @@ def legs(n, gb):
     }
 
 
+def summary(path):
+    """Median and range per engine (and tag) of the figures docs/sockmap.md quotes, from the
+    JSON lines of earlier runs."""
+    rows = {}
+    for line in open(path):
+        r = json.loads(line)
+        if not r["ok"]:
+            print(f"skipped a failed run: {r['engine']} {r.get('tag', '')} {r['errors']}")
+            continue
+        proxy = sum(v["user"] + v["sys"] for v in r["proxy_s_per_gb"].values())
+        psock = r["psock_backlog"] or {}
+        bpf = list(r["bpf"].values())
+        win = r["sockmap_window"]
+        fig = {
+            "Mbit/s per stream": r["mbit_per_stream"],
+            "host busy s/GB": r["host_s_per_gb"]["busy"],
+            "host user s/GB": r["host_s_per_gb"]["user"],
+            "host system s/GB": r["host_s_per_gb"]["system"],
+            "host softirq s/GB": r["host_s_per_gb"]["softirq"],
+            "host minus others s/GB": r["host_s_per_gb_minus_baseline"],
+            "proxy s/GB": proxy,
+            "proxy cs/GB": sum(r["proxy_cs_per_gb"].values()),
+            "psock items/GB": psock.get("items_per_gb", 0),
+            "psock s/GB": psock.get("s_per_gb", 0),
+            "us/psock item": psock.get("us_per_item", 0),
+            "kworker s/GB": r["kthreads_s_per_gb"]["kworker"],
+            "ksoftirqd s/GB": r["kthreads_s_per_gb"]["ksoftirqd"],
+            "backend s/GB": r["ends_s_per_gb"]["backend"],
+            "verdict runs/GB": sum(b["runs_per_gb"] for b in bpf),
+            "ns/verdict run": bpf[0]["ns_per_run"] if bpf else 0,
+            "verdict s/GB": sum(b["s_per_gb"] for b in bpf),
+            "bytes/packet to backend": r["net"]["bytes_per_pkt_proxy_to_backend"],
+            "backend in-segs/GB": r["net"]["backend_in_segs_per_gb"],
+            "lane MB/GB": win.get("copied_bytes", 0) / 1e6 / r["gb"],
+            "pauses": win.get("pauses", 0),
+            "other sk_skb users": len(r["other_sk_skb_holders"]),
+            "box busy before run": r["baseline_busy_share"],
+            "steal": r["steal_share"],
+        }
+        rows.setdefault((r["engine"], r.get("tag", "")), []).append(fig)
+    for (engine, tag), runs in rows.items():
+        print(f"== {engine} {tag} ({len(runs)} runs)")
+        for k in runs[0]:
+            v = sorted(x[k] for x in runs)
+            med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+            print(f"  {k:26} median {med:>10.3f}   range {v[0]:.3f} .. {v[-1]:.3f}")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "summary":
+        return summary(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("client")
     c.add_argument("--target", required=True)
     for p in (ap, c):
         p.add_argument("--streams", type=int, default=64)
-        p.add_argument("--mbit", type=float, default=40.0, help="pace of each stream, Mbit/s")
+        p.add_argument("--mbit", type=float, default=40.0, help="pace of each stream, Mbit/s (0: unpaced)")
         p.add_argument("--secs", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline-secs", type=float, default=3.0, help="idle window before each run")
