@@ -57,8 +57,20 @@ pub const ERR_NO_PEER_UNTRACKED: u32 = 2;
 /// [`ERRORS_MAP`] index: a buffer started after [`SockStats::seq_next`] (a gap: bytes the
 /// verdict never saw). Not expected; counted so that a kernel change would show up.
 pub const ERR_SEQ_GAP: u32 = 3;
+/// [`ERRORS_MAP`] index: the verdict could not make a buffer linear before redirecting it
+/// (`bpf_skb_pull_data` failed, e.g. no memory for the head); it was redirected as it was.
+pub const ERR_LINEARIZE: u32 = 4;
 /// Number of [`ERRORS_MAP`] slots.
-pub const ERR_COUNT: u32 = 4;
+pub const ERR_COUNT: u32 = 5;
+
+/// Largest buffer the verdict makes linear before redirecting it (the loader patches the
+/// verdict's `LINEARIZE_MAX` with this, or with 0 to switch it off). The kernel's egress of
+/// a redirected buffer (`__skb_send_sock`) calls sendmsg once per page fragment, without
+/// MSG_MORE, so the destination's TCP sends one packet per fragment; a linear buffer goes
+/// out whole (docs/sockmap.md, "Where the CPU goes on paced streams"). 64 KiB covers a
+/// TSO/GRO buffer without BIG TCP; larger ones go as they are, which bounds the head the
+/// kernel allocates for the copy.
+pub const LINEARIZE_MAX: u32 = 64 << 10;
 
 /// Per-socket counters kept by the stream verdict program, keyed by the socket's cookie.
 ///
@@ -130,6 +142,9 @@ pub struct SockStats {
     pub cut_err: u64,
     /// Largest overlap the guard found in one buffer (bytes).
     pub overlap_max: u64,
+    /// Buffers made linear (`bpf_skb_pull_data`) before they were redirected: see
+    /// [`LINEARIZE_MAX`].
+    pub linearized: u64,
 }
 
 /// Flag added to [`SockStats::seq_next`] once it holds a sequence number.
@@ -193,7 +208,7 @@ pub struct WakeEvent {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockStats>() == 21 * 8);
+const _: () = assert!(core::mem::size_of::<SockStats>() == 22 * 8);
 const _: () = assert!(core::mem::size_of::<SeqGuard>() == 5 * 4);
 const _: () = assert!(core::mem::align_of::<SockStats>() == 8);
 const _: () = assert!(core::mem::size_of::<SockCtl>() == 4 * 8);

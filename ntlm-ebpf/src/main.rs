@@ -32,7 +32,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use ntlm_common::{
-    ERR_COUNT, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, ERR_SEQ_GAP, EVENTS_BYTES,
+    ERR_COUNT, ERR_LINEARIZE, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, ERR_SEQ_GAP, EVENTS_BYTES,
     MAX_SOCKETS, SEQ_KNOWN, SeqGuard, SockCtl, SockStats, WakeEvent,
 };
 
@@ -58,6 +58,11 @@ static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERR_COUNT, 0);
 /// whole strparser messages and counts the length the parser gave each one.
 #[unsafe(no_mangle)]
 static PARSER_ATTACHED: u8 = 0;
+
+/// Buffers up to this many bytes are made linear before they are redirected (0: never);
+/// patched by the loader with `ntlm_common::LINEARIZE_MAX`.
+#[unsafe(no_mangle)]
+static LINEARIZE_MAX: u32 = 0;
 
 /// Kernel struct offsets for the overlap guard, patched by the loader from the running
 /// kernel's BTF (`enabled` stays 0 when it has none: the guard is off).
@@ -191,6 +196,18 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Ok(SK_PASS);
     }
 
+    // The psock's egress sends a buffer with one sendmsg per page fragment (no MSG_MORE), so
+    // the destination sends one packet per fragment; made linear, the buffer leaves whole
+    // (three times fewer packets on paced streams over veth, see docs/sockmap.md). A failure
+    // costs only packets: the buffer is redirected as it is, and counted.
+    // SAFETY: a plain read of a constant the loader may have patched.
+    let linearize_max = unsafe { core::ptr::read_volatile(&raw const LINEARIZE_MAX) };
+    if !parser && ctx.len() <= linearize_max {
+        match ctx.pull_data(ctx.len()) {
+            Ok(()) => s.linearized += 1,
+            Err(_) => count_error(ERR_LINEARIZE),
+        }
+    }
     if PEER.redirect_skb(ctx, &mut cookie, 0) != i64::from(SK_PASS) {
         // The peer left PEER (closed): there is nowhere to deliver these bytes.
         s.drop_no_peer += 1;

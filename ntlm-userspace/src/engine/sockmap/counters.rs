@@ -117,6 +117,9 @@ counters! {
     cap_stops,
     /// Copy buffers allocated for passed bytes (one per direction that ever needed one).
     lane_bufs,
+    /// Buffers the verdict made linear before redirecting them, so that the destination
+    /// sends each as one packet rather than one per page fragment (finished connections).
+    linearized,
 }
 
 /// `values` (in [`COUNTERS`] order) with each counter's name and help.
@@ -147,6 +150,7 @@ mod tests {
             &c.overlap_bytes,
             &c.cap_stops,
             &c.lane_bufs,
+            &c.linearized,
         ];
         assert_eq!(fields.len(), COUNTERS.len());
         // Distinct values, so a counter read into the wrong field shows.
@@ -168,6 +172,7 @@ mod tests {
             ("overlap_bytes", s.overlap_bytes),
             ("cap_stops", s.cap_stops),
             ("lane_bufs", s.lane_bufs),
+            ("linearized", s.linearized),
         ];
         let listed: Vec<_> = s.counters().collect();
         let live: Vec<_> = named(c.values()).collect();

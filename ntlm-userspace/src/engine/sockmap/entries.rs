@@ -305,6 +305,7 @@ impl Entries<'_> {
                     c.empty_skbs.fetch_add(st.empty_skbs, Ordering::Relaxed);
                     c.overlap_skbs.fetch_add(st.overlap_skbs, Ordering::Relaxed);
                     c.cap_stops.fetch_add(st.cap_stops, Ordering::Relaxed);
+                    c.linearized.fetch_add(st.linearized, Ordering::Relaxed);
                     c.overlap_bytes
                         .fetch_add(st.overlap_bytes, Ordering::Relaxed);
                     if st.overlap_skbs != 0 {

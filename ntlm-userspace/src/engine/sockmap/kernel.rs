@@ -17,7 +17,7 @@ use aya::{
     programs::SkSkb,
 };
 use ntlm_common::{
-    CTL_MAP, ERR_COUNT, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, ERR_SEQ_GAP, ERRORS_MAP, EVENTS_MAP,
+    CTL_MAP, ERR_COUNT, ERR_LINEARIZE, ERR_NO_CTL, ERR_NO_PEER_UNTRACKED, ERR_NO_STATS, ERR_SEQ_GAP, ERRORS_MAP, EVENTS_MAP,
     FWD_MAP, PARSER_PROG, PEER_MAP, SEQ_GUARD_GLOBAL, STATS_MAP, SeqGuard, SockStats, VERDICT_PROG,
 };
 
@@ -34,6 +34,7 @@ pub const ERROR_NAMES: [&str; ERR_COUNT as usize] = {
     names[ERR_NO_CTL as usize] = "no_ctl";
     names[ERR_NO_PEER_UNTRACKED as usize] = "no_peer_untracked";
     names[ERR_SEQ_GAP as usize] = "seq_gap";
+    names[ERR_LINEARIZE as usize] = "linearize";
     names
 };
 
@@ -168,7 +169,14 @@ impl Kernel {
     /// `with_parser`, the stream parser) to FWD. `overlap_guard`: switch the verdict's
     /// retransmit overlap guard on where the kernel's BTF allows (false only in tests).
     /// `cut_fail_step`: 0, or a test's fault injection (`SeqGuard::test_cut_fail_step`).
-    pub(crate) fn load(with_parser: bool, overlap_guard: bool, cut_fail_step: u32) -> anyhow::Result<Loaded> {
+    /// `linearize_max`: the verdict makes buffers up to this size linear before redirecting
+    /// them (`ntlm_common::LINEARIZE_MAX`; 0 only in measurements and tests).
+    pub(crate) fn load(
+        with_parser: bool,
+        overlap_guard: bool,
+        cut_fail_step: u32,
+        linearize_max: u32,
+    ) -> anyhow::Result<Loaded> {
         if let Some(reason) = UNAVAILABLE {
             return Err(anyhow!("this binary was built without the eBPF object: {reason}"));
         }
@@ -184,7 +192,7 @@ impl Kernel {
                 Err(e) => (SeqGuard::default(), Some(e.to_string())),
             }
         };
-        match Self::load_with(with_parser, &guard, guard_off) {
+        match Self::load_with(with_parser, &guard, guard_off, linearize_max) {
             Err(e) if guard.enabled != 0 => {
                 // The guard reads kernel memory (bpf_probe_read_kernel), which the verifier
                 // allows only with CAP_PERFMON; with the guard off its code is dead and is not
@@ -196,16 +204,22 @@ impl Kernel {
                     "the verifier refused it (it reads kernel memory, which needs CAP_PERFMON or root; \
                      RUST_LOG=debug shows the verifier's output): {err}"
                 );
-                Self::load_with(with_parser, &SeqGuard::default(), Some(why))
+                Self::load_with(with_parser, &SeqGuard::default(), Some(why), linearize_max)
             }
             r => r,
         }
     }
 
-    fn load_with(with_parser: bool, guard: &SeqGuard, guard_off: Option<String>) -> anyhow::Result<Loaded> {
+    fn load_with(
+        with_parser: bool,
+        guard: &SeqGuard,
+        guard_off: Option<String>,
+        linearize_max: u32,
+    ) -> anyhow::Result<Loaded> {
         let attached = u8::from(with_parser);
         let mut ebpf = EbpfLoader::new()
             .override_global("PARSER_ATTACHED", &attached, true)
+            .override_global("LINEARIZE_MAX", &linearize_max, true)
             .override_global(SEQ_GUARD_GLOBAL, guard, true)
             .load(OBJECT)
             .context("loading the eBPF object (creating its maps) failed")?;

@@ -66,6 +66,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use ntlm_common::LINEARIZE_MAX;
 use tokio::net::TcpStream;
 
 use super::splice::SpliceEngine;
@@ -76,7 +77,9 @@ use crate::{
 
 /// Environment variable (test hook) naming trap fixes to switch off, comma separated, to
 /// prove that a test catches the trap: `kick`, `drain`, `fin`, `order`, `backpressure`,
-/// `cleanup`, `overlap`, `softpause`. Never set it in production: each one loses data, hangs or leaks.
+/// `cleanup`, `overlap`, `softpause`, and `linearize` (buffers are redirected as they are:
+/// more, smaller packets; for measurements). Never set it in production: each of the others
+/// loses data, hangs or leaks.
 pub const BREAK_ENV: &str = "NTLM_SPLICE_SOCKMAP_BREAK";
 /// Environment variable: `1` also attaches the stream parser program (measurement only; see
 /// `flow` for why the engine runs without one).
@@ -108,6 +111,9 @@ pub(crate) struct Breaks {
     pub(crate) no_cleanup: bool,
     /// Load the verdict with its retransmit overlap guard off.
     pub(crate) no_overlap_guard: bool,
+    /// Redirect buffers as they are, without making them linear first (a cost, not a trap:
+    /// the destination then sends one packet per page fragment).
+    pub(crate) no_linearize: bool,
     /// Fault injection, not a trap fix: step `n` (> 0) of every overlap cut fails as if the
     /// kernel could not allocate (`SeqGuard::test_cut_fail_step`).
     pub(crate) cut_fail_step: u32,
@@ -127,6 +133,7 @@ impl Breaks {
                 "softpause" => b.no_soft_pause = true,
                 "cleanup" => b.no_cleanup = true,
                 "overlap" => b.no_overlap_guard = true,
+                "linearize" => b.no_linearize = true,
                 other => log::warn!("{BREAK_ENV}: unknown name {other:?} ignored"),
             }
         }
@@ -200,8 +207,9 @@ impl SockmapEngine {
     /// [`Self::load_untested`] with the given trap fixes switched off.
     fn load_with(global: &Global, breaks: Breaks) -> anyhow::Result<Arc<Inner>> {
         let with_parser = parser_requested();
+        let linearize = if breaks.no_linearize { 0 } else { LINEARIZE_MAX };
         let kernel::Loaded { kernel, events } =
-            kernel::Kernel::load(with_parser, !breaks.no_overlap_guard, breaks.cut_fail_step)?;
+            kernel::Kernel::load(with_parser, !breaks.no_overlap_guard, breaks.cut_fail_step, linearize)?;
         let registry = Arc::new(dispatch::Registry::default());
         let dispatcher = dispatch::Dispatcher::start(events, Arc::clone(&registry))
             .context("cannot start the sockmap event thread")?;

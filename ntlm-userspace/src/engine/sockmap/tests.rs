@@ -857,3 +857,37 @@ async fn without_the_guard_the_overlap_is_delivered_twice() {
     assert!(format!("{:?}", o.fault).contains("twice"), "{o:?}");
     assert_eq!(snapshot(&e).duplicates, 1);
 }
+
+/// Buffers linearised by the verdict (counted per socket, summed when the connection ends)
+/// after an upload of `len` bytes in 16 KiB writes, or `None` where the engine cannot load.
+async fn linearized_after_upload(breaks: Breaks, len: usize) -> Option<u64> {
+    let e = engine_with(4 << 20, 64 << 20, breaks)?;
+    let (mut user, pc, pb, mut server) = pair().await;
+    let r = spawn_relay_ready(&e, pc, pb).await;
+    let rx = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(len);
+        server.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    for chunk in data.chunks(16 << 10) {
+        user.write_all(chunk).await.unwrap();
+    }
+    user.shutdown().await.unwrap();
+    let got = tokio::time::timeout(STEP, rx).await.expect("upload").unwrap();
+    assert!(got == data, "the backend got {} bytes, not the {len} sent", got.len());
+    drop(user);
+    tokio::time::timeout(STEP, r).await.expect("relay end").unwrap();
+    Some(snapshot(&e).linearized)
+}
+
+/// The verdict makes buffers linear before redirecting them (the destination then sends
+/// each as one packet, not one per page fragment: docs/sockmap.md), and the bytes still
+/// arrive whole; switched off (`linearize`), nothing is counted.
+#[tokio::test]
+async fn the_verdict_linearizes_what_it_redirects() {
+    let Some(on) = linearized_after_upload(Breaks::default(), 4 << 20).await else { return };
+    assert!(on > 0, "no buffer was made linear");
+    let off = linearized_after_upload(Breaks { no_linearize: true, ..Breaks::default() }, 4 << 20).await;
+    assert_eq!(off, Some(0));
+}
