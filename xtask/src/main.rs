@@ -298,6 +298,7 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
         no_install: true,
         out: None,
         baseline: None,
+        baseline_engine: "splice".into(),
     };
     bench::run(&root(), smoke(false))?;
     // The edge workload builds network namespaces, which needs root (as the identity suite).

@@ -33,11 +33,16 @@ pub enum Engine {
     Sockmap(Arc<sockmap::SockmapEngine>),
 }
 
-/// Why `--engine auto` runs splice(2) in this release, even where the eBPF programs load.
-/// The measurements behind it are in docs/sockmap.md, "Status: opt-in, and why" (they change with kernels
-/// and releases, so they are not repeated here).
-pub const AUTO_REASON: &str = "auto: splice(2); the sockmap engine is opt-in (--engine sockmap) in this release: \
-     docs/sockmap.md (\"Status: opt-in, and why\") has the measurements behind this choice";
+/// Why `--engine auto` runs splice(2) in this release, even where the eBPF programs load:
+/// on the edge workload (`cargo xtask bench --edge`: paced streams, kept-alive
+/// request/response, connection churn) the splice engine used less host CPU per unit of work
+/// than the sockmap engine on every class. The figures are in docs/performance.md ("Edge
+/// workload") and docs/sockmap.md ("Status: opt-in, and why"); they change with kernels and
+/// releases, so they are not repeated here.
+pub const AUTO_REASON: &str = "auto: splice(2): on the edge workload (paced streams, kept-alive request/response, \
+     connection churn) it used less host CPU per unit of work than the sockmap engine on every class \
+     (docs/performance.md, \"Edge workload\"); the sockmap engine's one lead, median latency of small exchanges, \
+     is chosen per route with engine = \"sockmap\"";
 
 /// [`AUTO_REASON`] with the kernel's verdict on the known sockmap defects.
 pub fn auto_reason(kernel: &kernels::Assessment) -> String {

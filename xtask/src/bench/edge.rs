@@ -345,6 +345,7 @@ mod tests {
             no_install: true,
             out: None,
             baseline: None,
+            baseline_engine: "splice".into(),
         }
     }
 

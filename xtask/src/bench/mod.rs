@@ -75,11 +75,14 @@ pub struct BenchArgs {
     /// --smoke: target/bench-smoke/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Also run the splice engine from this other ntlm-splice binary, as subject
-    /// `ntlm-splice-baseline`, interleaved with the rest: a before/after comparison of two
-    /// builds within one run (copy the "before" binary out of target/release first).
+    /// Also run an engine (`--baseline-engine`) from this other ntlm-splice binary, as
+    /// subject `ntlm-<engine>-baseline`, interleaved with the rest: a before/after comparison
+    /// of two builds within one run (copy the "before" binary out of target/release first).
     #[arg(long, value_name = "PATH")]
     pub baseline: Option<PathBuf>,
+    /// The engine the `--baseline` binary runs.
+    #[arg(long, value_name = "ENGINE", default_value = "splice", value_parser = ["splice", "sockmap"])]
+    pub baseline_engine: String,
 }
 
 /// Largest number of idle connections measured ("10k"), before the open-files limit.
@@ -412,7 +415,7 @@ fn run_in(
             bail!("--baseline {}: no such file; give the path of another ntlm-splice binary", bin.display());
         }
         let at = chosen.iter().position(|s| s.kind() != Kind::Direct).unwrap_or(chosen.len());
-        chosen.insert(at, Subject::Baseline { bin: bin.clone() });
+        chosen.insert(at, Subject::Baseline { bin: bin.clone(), engine: args.baseline_engine.clone() });
     }
     println!(
         "bench: {} mode, {} round(s), subjects: {}",

@@ -995,6 +995,7 @@ mod tests {
             no_install: true,
             out: None,
             baseline: None,
+            baseline_engine: "splice".into(),
         };
         let plan = super::super::edge::plan(&a, 1 << 16).unwrap();
         let held = pacing_notes(&plan, &[paced_run(39.8, 41.0), paced_run(40.0, 42.0)]);

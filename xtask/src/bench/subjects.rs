@@ -50,9 +50,9 @@ pub enum Subject {
     Routed,
     /// ntlm-splice `--engine <engine>`; `threads: None` is its default (one per CPU).
     Ntlm { engine: &'static str, threads: Option<u32> },
-    /// ntlm-splice `--engine splice` from another build (`--baseline`), to compare two
-    /// builds within one interleaved run.
-    Baseline { bin: PathBuf },
+    /// ntlm-splice `--engine <engine>` (`--baseline-engine`, default splice) from another
+    /// build (`--baseline`), to compare two builds within one interleaved run.
+    Baseline { bin: PathBuf, engine: String },
     /// nginx stream; `workers: None` is `worker_processes auto` (Debian's shipped default).
     Nginx { workers: Option<u32> },
     /// HAProxy mode tcp; `threads: None` is its default (one per CPU). `big_pipes`:
@@ -86,7 +86,7 @@ impl Subject {
             Subject::Routed => "routed".into(),
             Subject::Ntlm { engine, threads: None } => format!("ntlm-{engine}"),
             Subject::Ntlm { engine, threads: Some(t) } => format!("ntlm-{engine}-{t}t"),
-            Subject::Baseline { .. } => "ntlm-splice-baseline".into(),
+            Subject::Baseline { engine, .. } => format!("ntlm-{engine}-baseline"),
             Subject::Nginx { workers: Some(n) } => format!("nginx-{n}w"),
             Subject::Nginx { workers: None } => "nginx-auto".into(),
             Subject::Haproxy { threads, splice, big_pipes } => format!(
@@ -113,7 +113,8 @@ impl Subject {
     /// so it is read once that is done; the others do nothing later that would change it.
     pub fn idle_settle_ms(&self) -> u64 {
         match self {
-            Subject::Ntlm { engine: "splice", .. } | Subject::Baseline { .. } => IDLE_SETTLE_PARKED_MS,
+            Subject::Ntlm { engine: "splice", .. } => IDLE_SETTLE_PARKED_MS,
+            Subject::Baseline { engine, .. } if engine == "splice" => IDLE_SETTLE_PARKED_MS,
             _ => IDLE_SETTLE_MS,
         }
     }
@@ -131,9 +132,9 @@ impl Subject {
                     threads.map_or(String::new(), |t| format!(" --threads {t}"))
                 )
             }
-            Subject::Baseline { bin } => {
+            Subject::Baseline { bin, engine } => {
                 format!(
-                    "ntlm-splice --engine splice from {} (--baseline), settings as ntlm-splice",
+                    "ntlm-splice --engine {engine} from {} (--baseline), settings as ntlm-{engine}",
                     bin.display()
                 )
             }
@@ -333,7 +334,7 @@ pub fn start(s: &Subject, env: &Env, tag: &str) -> anyhow::Result<Running> {
         Subject::Ntlm { engine, threads } => {
             start_ntlm(&env.root.join("target/release/ntlm-splice"), engine, *threads, env, tag)
         }
-        Subject::Baseline { bin } => start_ntlm(bin, "splice", None, env, tag),
+        Subject::Baseline { bin, engine } => start_ntlm(bin, engine, None, env, tag),
         Subject::Nginx { workers } => start_nginx(*workers, env, tag),
         Subject::Haproxy { threads, splice, big_pipes } => start_haproxy(*threads, *splice, *big_pipes, env, tag),
     }
