@@ -65,7 +65,8 @@ pub fn maybe_wrap_rustc() {
     std::process::exit(status.code().unwrap_or(101));
 }
 
-pub fn run(args: DistArgs) -> anyhow::Result<()> {
+/// Makes the release; returns the unpacked release directory (what the image is built from).
+pub fn run(args: DistArgs) -> anyhow::Result<PathBuf> {
     crate::setup::ensure_ebpf_toolchain()?;
     ensure_musl_target()?;
     let root = root();
@@ -91,7 +92,13 @@ pub fn run(args: DistArgs) -> anyhow::Result<()> {
         build_image(&stage, &tag, epoch)?;
         println!("dist: image {tag}");
     }
-    Ok(())
+    Ok(stage)
+}
+
+/// For `cargo xtask test`: the release without the image (the deployment suite builds its
+/// own from the returned directory).
+pub fn for_tests() -> anyhow::Result<PathBuf> {
+    run(DistArgs { image: false })
 }
 
 /// rustup's musl target, installed when missing (rustup's auto-install is off here).

@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_ebpf_toolchain()?;
             ensure_test_tools()
         }
-        Cmd::Dist(args) => dist::run(args),
+        Cmd::Dist(args) => dist::run(args).map(drop),
     }
 }
 
@@ -271,6 +271,9 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
     ensure_test_tools()?;
     build_release()?;
     let sockmap = sockmap_available()?;
+    // The deployment suite runs the container image built from the release directory: a
+    // second, static build (minutes; cached after the first run).
+    let dist_dir = dist::for_tests()?;
     let engines = if engines.is_empty() {
         let mut v = vec!["splice".to_string()];
         if sockmap {
@@ -294,6 +297,7 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
         .env("NTLM_SPLICE_BIN", bin("ntlm-splice"))
         .env("NTLM_SPLICE_TEST_ENGINES", engines.join(","))
         .env("NTLM_SPLICE_TEST_SOCKMAP", if sockmap { "1" } else { "0" })
+        .env("NTLM_SPLICE_TEST_DIST", &dist_dir)
         .status();
     check(status, "cargo test")?;
     fuzz()?;

@@ -246,7 +246,7 @@ pub struct ProxyArgs {
     /// With --config: read the file every DURATION and reload (as SIGHUP does) when its
     /// content has changed. For a file you cannot send a signal for, e.g. a Kubernetes
     /// ConfigMap volume, which is updated by swapping a symlink.
-    #[arg(long, value_name = "DURATION", requires = "config", value_parser = parse_watch_interval)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_watch_interval)]
     pub watch_config: Option<Duration>,
 }
 
@@ -355,6 +355,16 @@ impl ProxyArgs {
             {
                 return Err(ConfigError::Invalid { flag, value: v.clone(), why });
             }
+        }
+        if self.config.is_none()
+            && let Some(d) = self.watch_config
+        {
+            let why = "watches a configuration file: add --config FILE (flags are read once)";
+            return Err(ConfigError::Invalid {
+                flag: "--watch-config",
+                value: humantime::format_duration(d).to_string(),
+                why,
+            });
         }
         if let Some(path) = self.config {
             let mut config = file::load(&path)?;
@@ -600,7 +610,8 @@ mod tests {
         let e = args(&["--config", "x.toml", "--watch-config", "0"]).unwrap_err().to_string();
         assert!(e.contains("must be above 0"), "{e}");
         let flags = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--watch-config", "5s"];
-        assert!(args(&flags).is_err(), "--watch-config without --config");
+        let e = args(&flags).unwrap().into_config().unwrap_err().to_string();
+        assert!(e.starts_with("--watch-config 5s: ") && e.contains("add --config FILE"), "{e}");
     }
 
     #[test]
