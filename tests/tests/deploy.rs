@@ -7,6 +7,7 @@
 //!   carry the promised settings; `LimitNOFILE` fits the shipped `max_connections`.
 //! - `--watch-config` reloads when a Kubernetes-style symlink swap changes the file, keeps the
 //!   running configuration on a bad file, and picks up the fixed one.
+//! - The unit for real: systemd as PID 1 in a podman container serves a login per engine.
 //! - The container image (built by podman from `cargo xtask dist`'s directory, given by
 //!   `NTLM_SPLICE_TEST_DIST`, which `cargo xtask test` sets) runs with host networking and the
 //!   documented capabilities, switches to uid 65532, and serves a `curl --ntlm` login, on each
@@ -14,6 +15,7 @@
 //!   in CI (CI=true) those skips fail instead.
 
 use std::{
+    future::Future,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
@@ -491,4 +493,140 @@ fn scopeguard(tag: String) -> impl Drop {
         }
     }
     Image(tag)
+}
+
+/// `podman exec NAME ARGS...`: (success, stdout + stderr).
+async fn exec(name: &str, args: &[&str]) -> (bool, String) {
+    let mut full = vec!["exec", name];
+    full.extend_from_slice(args);
+    let out = podman(&full).await;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// `podman cp FROM NAME:TO`.
+async fn cp(name: &str, from: &Path, to: &str) {
+    let from = from.display().to_string();
+    ok(&podman(&["cp", &from, &format!("{name}:{to}")]).await, &format!("podman cp {from}"));
+}
+
+/// Retries `f` until it returns `Some`, within `QUICK`.
+async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, mut f: impl FnMut() -> F) -> T {
+    within(QUICK, what, async {
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+}
+
+/// The unit for real: systemd as PID 1 in a podman container (the host's own root file
+/// system as an overlay, so systemd, curl and ntlm-testd are the host's; its own network
+/// namespace), the release binary installed as the unit says, the splice engine with the
+/// unit alone and the sockmap engine with its drop-in: each serves a `curl --ntlm` login,
+/// its main process runs unprivileged with no_new_privs and only CAP_NET_BIND_SERVICE left,
+/// and `systemctl reload` applies. The container gets CAP_SYS_ADMIN (systemd sets up the
+/// unit's namespaces: ProtectSystem and the rest) and the sockmap engine's capabilities;
+/// the unit itself gets only what its files say.
+#[tokio::test]
+async fn systemd_unit_serves_ntlm_under_systemd() {
+    const TEST: &str = "systemd_unit_serves_ntlm_under_systemd";
+    if !is_root() {
+        return skip(TEST, "needs root (podman running systemd)");
+    }
+    let Some(dist) = std::env::var_os("NTLM_SPLICE_TEST_DIST").map(PathBuf::from) else {
+        return skip(TEST, "NTLM_SPLICE_TEST_DIST is unset: `cargo xtask test` sets it after `cargo xtask dist`");
+    };
+    if std::process::Command::new("podman").arg("--version").output().is_err() {
+        return skip(TEST, "podman is not installed (cargo xtask setup installs it)");
+    }
+    if !Path::new("/lib/systemd/systemd").exists() {
+        return skip(TEST, "/lib/systemd/systemd is missing (apt-get install systemd)");
+    }
+    let name = format!("ntlm-splice-test-systemd-{}", std::process::id());
+    let container = Container(name.clone());
+    let mut args = vec!["run", "-d", "--runtime", "runc", "--name", &name, "--systemd=always"];
+    args.extend(["--cap-add", "sys_admin,net_admin,bpf,perfmon"]);
+    args.extend(["--ulimit", "nofile=8192:8192", "--ulimit", "nproc=4096:4096"]);
+    // Fresh, empty /tmp and /run: systemd mode copies the host's into its tmpfs otherwise,
+    // sockets included, which fails.
+    for dir in ["/tmp:rw,notmpcopyup", "/run:rw,notmpcopyup", "/var/tmp:rw,notmpcopyup"] {
+        args.extend(["--tmpfs", dir]);
+    }
+    args.extend(["--rootfs", "/:O", "/lib/systemd/systemd"]);
+    ok(&podman(&args).await, "podman run (systemd)");
+    eventually("systemd in the container is up", || async {
+        let (_, state) = exec(&name, &["systemctl", "is-system-running"]).await;
+        ["running", "degraded"].contains(&state.trim()).then_some(())
+    })
+    .await;
+
+    // The backend, in the container's network namespace.
+    let testd = env!("CARGO_BIN_EXE_ntlm-testd");
+    let backend = "127.0.0.1:18080";
+    let (started, text) = exec(&name, &["systemd-run", "--unit", "ntlm-testd", testd, "--listen", backend]).await;
+    assert!(started, "systemd-run ntlm-testd: {text}");
+
+    // Installed as the unit's header says.
+    cp(&name, &dist.join("bin/ntlm-splice"), "/usr/local/bin/ntlm-splice").await;
+    cp(&name, &dist.join("deploy/systemd/ntlm-splice.service"), "/etc/systemd/system/ntlm-splice.service").await;
+    for dir in ["/etc/ntlm-splice", "/etc/systemd/system/ntlm-splice.service.d"] {
+        assert!(exec(&name, &["mkdir", "-p", dir]).await.0);
+    }
+    let listen = "127.0.0.1:443";
+    for engine in harness::engines() {
+        let dir = TempDir::new("deploy-systemd");
+        let toml = format!(
+            "[metrics]\nlisten = \"127.0.0.1:9100\"\n{}",
+            config_route("t", &[listen], &[backend.parse().unwrap()], &format!("engine = \"{engine}\"\n"))
+        );
+        cp(&name, &dir.write("ntlm-splice.toml", &toml), CONFIG_PATH).await;
+        assert!(exec(&name, &["chmod", "0644", CONFIG_PATH]).await.0);
+        if engine == "sockmap" {
+            cp(
+                &name,
+                &dist.join("deploy/systemd/ntlm-splice.service.d/sockmap.conf"),
+                "/etc/systemd/system/ntlm-splice.service.d/",
+            )
+            .await;
+        }
+        assert!(exec(&name, &["systemctl", "daemon-reload"]).await.0);
+        let (restarted, text) = exec(&name, &["systemctl", "restart", "ntlm-splice"]).await;
+        let (_, journal) = exec(&name, &["journalctl", "-u", "ntlm-splice", "--no-pager", "-n", "40"]).await;
+        assert!(restarted, "{engine}: systemctl restart: {text}\n{journal}");
+        let url = format!("http://{listen}/whoami");
+        let user = format!("{}:{}", ALICE.0, ALICE.1);
+        let body = eventually(&format!("{engine}: a login through the unit"), || async {
+            let (done, out) = exec(&name, &["curl", "-sS", "--max-time", "10", "--ntlm", "-u", &user, &url]).await;
+            done.then_some(out)
+        })
+        .await;
+        assert_eq!(body.trim(), ALICE.2, "{engine}: curl --ntlm through the unit");
+        let (_, journal) = exec(&name, &["journalctl", "-u", "ntlm-splice", "--no-pager", "-n", "40"]).await;
+        assert!(journal.contains(&format!("engine={engine}")), "{engine}: the journal:\n{journal}");
+
+        // The main process: not root, no_new_privs, only CAP_NET_BIND_SERVICE.
+        let (_, pid) = exec(&name, &["systemctl", "show", "-p", "MainPID", "--value", "ntlm-splice"]).await;
+        let (_, status) = exec(&name, &["cat", &format!("/proc/{}/status", pid.trim())]).await;
+        let field =
+            |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or_default().to_owned();
+        let uid = field("Uid:");
+        assert!(!uid.is_empty() && uid.split_whitespace().take(2).all(|u| u != "0"), "{engine}: runs as root: {uid}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{engine}: no_new_privs");
+        let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+        assert_eq!(cap_eff, 1 << 10, "{engine}: CapEff is CAP_NET_BIND_SERVICE only:\n{status}");
+
+        // systemctl reload: ExecReload's SIGHUP.
+        let (reloaded, text) = exec(&name, &["systemctl", "reload", "ntlm-splice"]).await;
+        assert!(reloaded, "{engine}: systemctl reload: {text}");
+        eventually(&format!("{engine}: the reload is applied"), || async {
+            let (_, journal) = exec(&name, &["journalctl", "-u", "ntlm-splice", "--no-pager", "-n", "20"]).await;
+            journal.contains("reload: applied").then_some(())
+        })
+        .await;
+    }
+    drop(container);
 }
