@@ -24,12 +24,12 @@ fn main() -> ExitCode {
                 }
             };
         }
-        None => match cli.proxy.into_config() {
-            Ok((config, path)) => {
+        None => match (cli.proxy.watch_config, cli.proxy.into_config()) {
+            (watch, Ok((config, path))) => {
                 let threads = ProxyArgs::worker_threads(&config);
-                runtime(threads).and_then(|rt| rt.block_on(proxy(config, path)))
+                runtime(threads).and_then(|rt| rt.block_on(proxy(config, path, watch)))
             }
-            Err(e) => Err(e.into()),
+            (_, Err(e)) => Err(e.into()),
         },
     };
     match result {
@@ -58,7 +58,11 @@ fn check(path: &Path) -> anyhow::Result<()> {
         for r in &config.routes {
             for b in &r.backends {
                 if let Err(e) = tokio::net::lookup_host(b.to_string()).await {
-                    anyhow::bail!("{}: route {:?}: backend {b}: cannot resolve it ({e}); check the name or write an IP address", path.display(), r.name);
+                    anyhow::bail!(
+                        "{}: route {:?}: backend {b}: cannot resolve it ({e}); check the name or write an IP address",
+                        path.display(),
+                        r.name
+                    );
                 }
             }
         }
@@ -84,7 +88,11 @@ fn check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn proxy(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+async fn proxy(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    watch: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     raise_nofile_limit();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -97,9 +105,16 @@ async fn proxy(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Resu
         ),
         None => None,
     };
+    // The content the running configuration came from, read before it is applied: a change
+    // made while starting is then seen by the first poll.
+    let watched = match (watch, &path) {
+        (Some(every), Some(p)) => Some((p.clone(), every, std::fs::read(p).unwrap_or_default())),
+        _ => None,
+    };
     let mut server = Server::start(config, path).await?;
     server.drop_privileges(account.as_ref())?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let tx_watch = tx.clone();
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
@@ -112,7 +127,54 @@ async fn proxy(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Resu
             }
         }
     });
+    if let Some((path, every, content)) = watched {
+        tokio::spawn(watch_config(path, every, content, tx_watch));
+    }
     server.run(rx).await
+}
+
+/// `--watch-config`: reads the file every `every` and asks for a reload when its content
+/// differs from the last content seen. Content, not mtime: a Kubernetes ConfigMap update
+/// swaps a symlink, and the file's own mtime says nothing. A reload that is rejected is not
+/// asked for again until the content changes again (the server logs why it was rejected).
+async fn watch_config(
+    path: std::path::PathBuf,
+    every: std::time::Duration,
+    mut last: Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<Control>,
+) {
+    log::info!("watching {} for changes every {}", path.display(), humantime::format_duration(every));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut unreadable = false;
+    loop {
+        tick.tick().await;
+        // A small local file (a ConfigMap volume is tmpfs): read in place.
+        let now = match std::fs::read(&path) {
+            Ok(now) => {
+                unreadable = false;
+                now
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut unreadable, true) {
+                    log::warn!(
+                        "--watch-config: cannot read {} ({e}); the running configuration stays; make it readable \
+                         by the process's user",
+                        path.display()
+                    );
+                }
+                continue;
+            }
+        };
+        if now != last {
+            last = now;
+            log::info!("{} changed: reloading the configuration", path.display());
+            if tx.send(Control::Reload).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection holds two sockets.

@@ -3,6 +3,7 @@
 //! missing, so that on a fresh machine one command is the whole set-up.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::{
@@ -46,6 +47,10 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Install the eBPF toolchain and test dependencies only.
     Setup,
+    /// The release: a static (musl) binary with the eBPF object embedded and a reproducible
+    /// tarball dist/ntlm-splice-VERSION-x86_64.tar.gz (binary, deploy/ files); with --image,
+    /// the container image too (podman).
+    Dist(dist::DistArgs),
 }
 
 /// Where the demo backend listens.
@@ -54,6 +59,8 @@ const DEMO_BACKEND: &str = "127.0.0.1:18080";
 const DEMO_LISTEN: &str = "127.0.0.1:8080";
 
 fn main() -> anyhow::Result<()> {
+    // `cargo xtask dist` runs xtask itself as the rustc wrapper of its build.
+    dist::maybe_wrap_rustc();
     match Cli::parse().cmd {
         Cmd::Run { args } => run(args),
         Cmd::Test { engines, args } => test(engines, args),
@@ -66,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_ebpf_toolchain()?;
             ensure_test_tools()
         }
+        Cmd::Dist(args) => dist::run(args).map(drop),
     }
 }
 
@@ -172,6 +180,12 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     if Command::new("nft").arg("--version").output().is_err() {
         apt_install(&["nftables"])?;
     }
+    // The deployment suite checks the systemd unit with systemd-analyze, and builds and runs
+    // the container image with podman (runc, uidmap).
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        apt_install(&["systemd"])?;
+    }
+    dist::ensure_podman()?;
     // The SNI suite makes its certificates with the openssl command line.
     if Command::new("openssl").arg("version").output().is_err() {
         apt_install(&["openssl"])?;
@@ -257,6 +271,9 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
     ensure_test_tools()?;
     build_release()?;
     let sockmap = sockmap_available()?;
+    // The deployment suite runs the container image built from the release directory: a
+    // second, static build (minutes; cached after the first run).
+    let dist_dir = dist::for_tests()?;
     let engines = if engines.is_empty() {
         let mut v = vec!["splice".to_string()];
         if sockmap {
@@ -280,6 +297,7 @@ fn test(engines: Vec<String>, args: Vec<String>) -> anyhow::Result<()> {
         .env("NTLM_SPLICE_BIN", bin("ntlm-splice"))
         .env("NTLM_SPLICE_TEST_ENGINES", engines.join(","))
         .env("NTLM_SPLICE_TEST_SOCKMAP", if sockmap { "1" } else { "0" })
+        .env("NTLM_SPLICE_TEST_DIST", &dist_dir)
         .status();
     check(status, "cargo test")?;
     fuzz()?;

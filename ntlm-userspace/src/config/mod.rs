@@ -242,6 +242,12 @@ pub struct ProxyArgs {
     /// With --user: switch to this group instead of the user's primary group.
     #[arg(long, value_name = "NAME", requires = "user")]
     pub group: Option<String>,
+
+    /// With --config: read the file every DURATION and reload (as SIGHUP does) when its
+    /// content has changed. For a file you cannot send a signal for, e.g. a Kubernetes
+    /// ConfigMap volume, which is updated by swapping a symlink.
+    #[arg(long, value_name = "DURATION", value_parser = parse_watch_interval)]
+    pub watch_config: Option<Duration>,
 }
 
 /// The flags' defaults and no route: what `doctor` loads the sockmap engine with, and the
@@ -307,17 +313,22 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e}; write a duration such as 500ms, 5s, 2m or 1h"))
+    humantime::parse_duration(s).map_err(|e| format!("{e}; write a duration such as 500ms, 5s, 2m or 1h"))
+}
+
+/// `--watch-config`: a duration above zero (zero would read the file in a busy loop).
+fn parse_watch_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be above 0; leave the flag out to reload on SIGHUP only".into()),
+        d => Ok(d),
+    }
 }
 
 pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size; write e.g. 4194304, 512KiB, 4MiB or 1GiB"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 4194304, 512KiB, 4MiB or 1GiB"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" | "KiB" | "k" => 1 << 10,
@@ -344,6 +355,16 @@ impl ProxyArgs {
             {
                 return Err(ConfigError::Invalid { flag, value: v.clone(), why });
             }
+        }
+        if self.config.is_none()
+            && let Some(d) = self.watch_config
+        {
+            let why = "watches a configuration file: add --config FILE (flags are read once)";
+            return Err(ConfigError::Invalid {
+                flag: "--watch-config",
+                value: humantime::format_duration(d).to_string(),
+                why,
+            });
         }
         if let Some(path) = self.config {
             let mut config = file::load(&path)?;
@@ -398,7 +419,11 @@ impl ProxyArgs {
             ));
         }
         if self.max_inflight_total < self.max_inflight {
-            return Err(invalid("--max-inflight-total", self.max_inflight_total.to_string(), "must be at least --max-inflight"));
+            return Err(invalid(
+                "--max-inflight-total",
+                self.max_inflight_total.to_string(),
+                "must be at least --max-inflight",
+            ));
         }
         if self.sockmap_sndbuf != 0 && !(64 << 10..=MAX_SOCKMAP_SNDBUF).contains(&self.sockmap_sndbuf) {
             return Err(invalid(
@@ -422,7 +447,8 @@ impl ProxyArgs {
         if self.accept_proxy_timeout.is_zero() {
             return Err(invalid("--accept-proxy-timeout", "0".into(), "must be greater than zero, e.g. 5s"));
         }
-        let accept_proxy_from = Trusted::parse(&self.accept_proxy_from).map_err(|e| ConfigError::Trusted(e.to_string()))?;
+        let accept_proxy_from =
+            Trusted::parse(&self.accept_proxy_from).map_err(|e| ConfigError::Trusted(e.to_string()))?;
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         let route = RouteSpec {
             name: FLAG_ROUTE.into(),
@@ -488,11 +514,28 @@ mod tests {
     #[test]
     fn full_command_line_parses() {
         let cfg = config(&[
-            "--listen", "127.0.0.1:8080", "--listen", "[::1]:8080",
-            "--backend", "127.0.0.1:18080", "--backend", "[::1]:18081", "--backend", "iis1.example.net:443",
-            "--engine", "splice", "--balance", "least-conn",
-            "--connect-timeout", "250ms", "--idle-timeout", "0", "--max-connections", "10",
-            "--max-inflight", "8MiB",
+            "--listen",
+            "127.0.0.1:8080",
+            "--listen",
+            "[::1]:8080",
+            "--backend",
+            "127.0.0.1:18080",
+            "--backend",
+            "[::1]:18081",
+            "--backend",
+            "iis1.example.net:443",
+            "--engine",
+            "splice",
+            "--balance",
+            "least-conn",
+            "--connect-timeout",
+            "250ms",
+            "--idle-timeout",
+            "0",
+            "--max-connections",
+            "10",
+            "--max-inflight",
+            "8MiB",
         ])
         .unwrap();
         assert_eq!(cfg.routes.len(), 1);
@@ -556,6 +599,19 @@ mod tests {
         let e = from(&plain, &["--user", "a", "--group", "b c"]).unwrap_err().to_string();
         assert!(e.starts_with("--group b c: "), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--watch-config`: only with --config, and never 0.
+    #[test]
+    fn watch_config_flag() {
+        let a = args(&["--config", "x.toml", "--watch-config", "5s"]).unwrap();
+        assert_eq!(a.watch_config, Some(Duration::from_secs(5)));
+        assert_eq!(args(&["--config", "x.toml"]).unwrap().watch_config, None);
+        let e = args(&["--config", "x.toml", "--watch-config", "0"]).unwrap_err().to_string();
+        assert!(e.contains("must be above 0"), "{e}");
+        let flags = ["--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--watch-config", "5s"];
+        let e = args(&flags).unwrap().into_config().unwrap_err().to_string();
+        assert!(e.starts_with("--watch-config 5s: ") && e.contains("add --config FILE"), "{e}");
     }
 
     #[test]
@@ -625,7 +681,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ntlm-splice-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ok.toml");
-        std::fs::write(&path, "[[route]]\nname = \"a\"\nlisten = [\"127.0.0.1:0\"]\nbackends = [\"127.0.0.1:9\"]\n").unwrap();
+        std::fs::write(&path, "[[route]]\nname = \"a\"\nlisten = [\"127.0.0.1:0\"]\nbackends = [\"127.0.0.1:9\"]\n")
+            .unwrap();
         let p = path.to_str().unwrap();
         let (c, from) = args(&["--config", p]).unwrap().into_config().unwrap();
         assert_eq!((c.routes[0].name.as_str(), from.as_deref()), ("a", Some(path.as_path())));

@@ -442,8 +442,9 @@ fn signal_the_others(sig: libc::c_int) -> io::Result<()> {
         let mut sent = Vec::new();
         for &tid in &todo {
             done.insert(tid);
-            // SAFETY: plain system call; tid is a thread of this process (or gone: ESRCH).
-            if unsafe { libc::tgkill(pid, tid, sig) } == 0 {
+            // SAFETY: plain system call; tid is a thread of this process (or gone: ESRCH). Made
+            // through syscall(2): musl's libc (the static release build) has no tgkill wrapper.
+            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } == 0 {
                 sent.push(tid);
             } else if errno() != libc::ESRCH {
                 return Err(io::Error::last_os_error());
