@@ -19,6 +19,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -38,7 +39,12 @@ use tokio_util::{
 
 use crate::{
     config::{Config, diff, file},
-    conn::{self, Lifecycle},
+    conn::{self, ConnMeta, Lifecycle, Waiting},
+    lifecycle::{HandOver, Progress},
+    upgrade::{
+        self, Inherited, Link,
+        wire::{ConnState, Msg},
+    },
     engine::Engines,
     health,
     metrics::{self, Metrics},
@@ -58,16 +64,30 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After the drain timeout, how long closed connections get to write their log lines.
 const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How often the hand-over of an upgrade looks at the live count.
+const HAND_OVER_POLL: Duration = Duration::from_millis(50);
 /// Shortest period of [`timer_floor`]: below it the wake-ups would cost more than they save.
 const TIMER_FLOOR_MIN: Duration = Duration::from_millis(50);
 
 /// What [`Server::run`] is told to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Control {
     /// Read the configuration file again and apply it (SIGHUP).
     Reload,
     /// Stop accepting, drain, exit (SIGTERM, SIGINT).
     Shutdown,
+    /// Start a new binary and hand it everything ([`crate::upgrade`]; SIGUSR2, `ntlm-splice
+    /// upgrade`).
+    Upgrade(UpgradeRequest),
+}
+
+/// An upgrade asked for: which binary, and who to tell how it went.
+#[derive(Debug, Default)]
+pub struct UpgradeRequest {
+    /// The binary to start; `None`: this program's path.
+    pub binary: Option<PathBuf>,
+    /// Told the outcome: `Ok(summary)` once handed over, `Err(why)` if this process goes on.
+    pub reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
 }
 
 /// One bound listen address and its accept loop.
@@ -78,6 +98,8 @@ struct Listener {
     stop: CancellationToken,
     /// The accept loop.
     task: tokio::task::JoinHandle<()>,
+    /// The listening socket (owned by the accept loop), for an upgrade to pass on.
+    fd: RawFd,
 }
 
 /// A server that has bound its listeners and is ready to serve.
@@ -103,12 +125,29 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     /// What the process holds after [`Server::drop_privileges`] (`None`: nothing dropped).
     dropped: Option<privilege::Dropped>,
+    /// The live upgrade's request to connections to park for the new process.
+    hand_over: HandOver,
+    /// The metrics endpoint's configured address and socket (owned by its task), for an
+    /// upgrade to pass on.
+    metrics_fd: Option<(SocketAddr, RawFd)>,
+    /// Started by an upgrade: the link to the old process, for the rest of the hand-over.
+    upgrade_link: Option<Link>,
 }
 
 impl Server {
     /// Everything short of serving: the engines, the routes (host names resolved), every
     /// listen address bound. Fails with the reason on the first problem.
     pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Server> {
+        Server::start_with(config, path, None).await
+    }
+
+    /// [`Server::start`], taking the listening sockets an old process handed over
+    /// (`inherited`, [`crate::upgrade`]) instead of binding their addresses.
+    pub async fn start_with(
+        config: Config,
+        path: Option<PathBuf>,
+        mut inherited: Option<Inherited>,
+    ) -> anyhow::Result<Server> {
         let force_close = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let parker = match Parker::new(metrics.parked()) {
@@ -119,13 +158,26 @@ impl Server {
             }
         };
         let engines = Engines::new(&config.global, &metrics);
-        let table = Table::build(&config, &engines, None, &force_close, parker.is_some(), &metrics).await?;
+        let hand_over = HandOver::new(&force_close);
+        let table =
+            Table::build(&config, &engines, None, &force_close, &hand_over, parker.is_some(), &metrics).await?;
         metrics.track(&table);
         let mut pending = Vec::new();
         for &addr in table.sites.keys() {
-            pending.push((addr, bind(addr)?));
+            let l = match inherited.as_mut().and_then(|i| i.take(addr)) {
+                Some(l) => l.with_context(|| format!("the listening socket of {addr} handed over by the old process"))?,
+                None => bind(addr)?,
+            };
+            pending.push((addr, l));
         }
-        let metrics_listener = config.metrics.listen.map(metrics::http::bind).transpose()?;
+        let metrics_listener = match config.metrics.listen {
+            Some(a) => Some(match inherited.as_mut().and_then(|i| i.take_metrics(a)) {
+                Some(l) => l.context("the metrics socket handed over by the old process")?,
+                None => metrics::http::bind(a)?,
+            }),
+            None => None,
+        };
+        let metrics_fd = config.metrics.listen.zip(metrics_listener.as_ref().map(|l| l.as_raw_fd()));
         let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker, force_close, metrics: metrics.clone() });
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Ok(Server {
@@ -143,6 +195,10 @@ impl Server {
             metrics,
             metrics_listener,
             dropped: None,
+            hand_over,
+            metrics_fd,
+            // The listeners the new configuration does not have close here.
+            upgrade_link: inherited.map(|i| i.link),
         })
     }
 
@@ -211,9 +267,17 @@ impl Server {
             }
             None => None,
         };
+        let took_over = match self.upgrade_link.take() {
+            Some(link) => Some(self.ready_for_old(link).await?),
+            None => None,
+        };
         for (addr, listener) in std::mem::take(&mut self.pending) {
             self.serve_on(addr, listener)?;
         }
+        let _took_over = took_over.map(|link| {
+            let routes = self.table.routes.clone();
+            AbortOnDropHandle::new(tokio::spawn(take_over(link, routes, self.lc.clone(), self.slots.clone())))
+        });
         self.start_health();
         let min_connect = self.config.routes.iter().map(|r| r.options.connect_timeout).min().unwrap_or(Duration::from_secs(5));
         let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(min_connect)));
@@ -226,8 +290,26 @@ impl Server {
             }
         }));
         // Until Control::Shutdown, or the sender is gone.
-        while let Some(Control::Reload) = control.recv().await {
-            self.reload().await;
+        while let Some(c) = control.recv().await {
+            match c {
+                Control::Reload => self.reload().await,
+                Control::Shutdown => break,
+                Control::Upgrade(UpgradeRequest { binary, reply }) => match self.upgrade(binary).await {
+                    Ok(summary) => {
+                        log::info!("upgrade: {summary}");
+                        if let Some(r) = reply {
+                            r.send(Ok(summary)).ok();
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        log::error!("upgrade: failed, this process goes on serving everything: {e:#}");
+                        if let Some(r) = reply {
+                            r.send(Err(format!("{e:#}"))).ok();
+                        }
+                    }
+                },
+            }
         }
         self.drain().await;
         Ok(())
@@ -252,6 +334,7 @@ impl Server {
         );
         let site = Arc::new(ArcSwap::new(site));
         let stop = self.stop_accept.child_token();
+        let fd = listener.as_raw_fd();
         let task = tokio::spawn(accept_loop(
             listener,
             site.clone(),
@@ -260,7 +343,7 @@ impl Server {
             self.next_id.clone(),
             stop.clone(),
         ));
-        self.listeners.insert(addr, Listener { site, stop, task });
+        self.listeners.insert(addr, Listener { site, stop, task, fd });
         Ok(())
     }
 
@@ -328,8 +411,8 @@ impl Server {
             new.metrics = self.config.metrics.clone();
         }
         let parking = self.lc.parker.is_some();
-        let table = Table::build(&new, &self.engines, Some(&self.table), &self.lc.force_close, parking, &self.metrics)
-            .await?;
+        let (fc, ho) = (&self.lc.force_close, &self.hand_over);
+        let table = Table::build(&new, &self.engines, Some(&self.table), fc, ho, parking, &self.metrics).await?;
         // Bind every new address before changing anything: one that fails leaves all as it was
         // (the sockets bound so far close as `bound` drops).
         let mut bound = Vec::new();
@@ -369,6 +452,141 @@ impl Server {
             plan.close,
             plan.keep.len()
         ))
+    }
+
+    /// The new process's side of an upgrade, before it serves: says ready, waits for the old
+    /// process to stop accepting, and starts its connection ids above every id there.
+    async fn ready_for_old(&mut self, link: Link) -> anyhow::Result<Link> {
+        link.send(&Msg::Ready { pid: std::process::id() }, &[]).await.context("telling the old process it is ready")?;
+        match link.expect(upgrade::LINK_TIMEOUT, "next connection id from the old process").await? {
+            (Msg::NextId(n), _) => {
+                self.next_id.fetch_max(n, Ordering::Relaxed);
+            }
+            (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of the next connection id"),
+        }
+        upgrade::notify_systemd();
+        log::info!("upgrade: serving; the old process stopped accepting and hands over its connections");
+        Ok(link)
+    }
+
+    /// The old process's side of an upgrade: starts `binary`, hands it the listeners, and
+    /// once it is ready, stops accepting and hands it every connection that can move within
+    /// [`upgrade::HAND_OVER_TIMEOUT`]. `Err` (this process keeps everything) if the new one
+    /// cannot start, fails, or is not ready within [`upgrade::READY_TIMEOUT`].
+    async fn upgrade(&mut self, binary: Option<PathBuf>) -> anyhow::Result<String> {
+        if let Some(d) = &self.dropped {
+            anyhow::bail!(
+                "privileges were dropped at start ({}): a new binary started from here could not load the                  eBPF engine or bind privileged ports; restart the service instead, or run without --user                  ([global] user) to upgrade live",
+                d.summary()
+            );
+        }
+        let binary = binary
+            .or_else(upgrade::default_binary)
+            .context("cannot tell this program's path; pass the binary to start (ntlm-splice upgrade --binary PATH)")?;
+        log::info!("upgrade: starting {}", binary.display());
+        let started = upgrade::start(&binary)?;
+        let pid = match self.hand_listeners(&started.link).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                let status = stop_child(started.child).await;
+                return Err(e.context(format!("the new process {} ({status})", binary.display())));
+            }
+        };
+        let link = started.link;
+        // Committed: from here the new process serves. Its exit status is not ours to wait for.
+        drop(started.child);
+        log::info!("upgrade: the new process pid={pid} is ready; this one stops accepting and hands over");
+        self.metrics.draining();
+        self.stop_accept.cancel();
+        for (addr, l) in std::mem::take(&mut self.listeners) {
+            if let Err(e) = l.task.await {
+                log::error!("accept loop of {addr} failed: {e}");
+            }
+        }
+        let next = self.next_id.load(Ordering::Relaxed);
+        if let Err(e) = link.send(&Msg::NextId(next), &[]).await {
+            log::error!("upgrade: cannot send the next connection id to pid={pid} ({e}); draining here");
+            return Ok(format!("the new process pid={pid} serves new connections; moved=0"));
+        }
+        let moved = self.hand_over_conns(&link, pid).await;
+        link.send(&Msg::Done, &[]).await.ok();
+        Ok(format!("the new process pid={pid} serves; moved={moved} connections to it"))
+    }
+
+    /// Sends every listener and waits for the new process's ready message: its pid.
+    async fn hand_listeners(&self, link: &Link) -> anyhow::Result<u32> {
+        for (&addr, l) in &self.listeners {
+            // SAFETY: the accept loop owns the socket and runs until stop_accept.
+            let fd = unsafe { BorrowedFd::borrow_raw(l.fd) };
+            link.send(&Msg::Listener(addr), &[fd]).await.context("sending a listening socket")?;
+        }
+        if let Some((addr, fd)) = self.metrics_fd {
+            // SAFETY: the metrics task owns the socket while `run` runs.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            link.send(&Msg::Metrics(addr), &[fd]).await.context("sending the metrics socket")?;
+        }
+        link.send(&Msg::ListenersDone, &[]).await.context("sending the listeners")?;
+        match link.expect(upgrade::READY_TIMEOUT, "ready message").await? {
+            (Msg::Ready { pid }, _) => Ok(pid),
+            (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of ready"),
+        }
+    }
+
+    /// Hands parked splice connections, then active ones as they come to rest, to the new
+    /// process until none is left here or [`upgrade::HAND_OVER_TIMEOUT`]; returns how many
+    /// moved. What stays drains here.
+    async fn hand_over_conns(&self, link: &Link, pid: u32) -> usize {
+        use park::Owner as _;
+        let Some(parker) = &self.lc.parker else {
+            log::warn!("upgrade: no parker (epoll failed at start): live connections drain here");
+            return 0;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut queue: std::collections::VecDeque<_> = parker.divert(tx).into();
+        self.hand_over.start();
+        let deadline = tokio::time::Instant::now() + upgrade::HAND_OVER_TIMEOUT;
+        let live = || self.config.global.max_connections - self.slots.available_permits();
+        let mut moved = 0;
+        'hand: loop {
+            while let Some(conn) = queue.pop_front() {
+                match send_conn(link, &conn).await {
+                    Ok(()) => {
+                        log::debug!("conn={} handed over to pid={pid}", conn.meta.meta.id);
+                        moved += 1;
+                    }
+                    Err(e) => {
+                        log::error!("upgrade: cannot hand a connection to pid={pid} ({e}); the rest drain here");
+                        queue.push_front(conn);
+                        break 'hand;
+                    }
+                }
+            }
+            if live() == 0 {
+                break;
+            }
+            tokio::select! {
+                Some(c) = rx.recv() => queue.push_back(c),
+                () = tokio::time::sleep_until(deadline) => {
+                    log::warn!(
+                        "upgrade: live={} connections could not move within {}; they drain here",
+                        live(),
+                        humantime::format_duration(upgrade::HAND_OVER_TIMEOUT)
+                    );
+                    break;
+                }
+                // Connections that end here free their slots without a message.
+                () = tokio::time::sleep(HAND_OVER_POLL) => {}
+            }
+        }
+        self.hand_over.stop();
+        parker.undivert();
+        while let Ok(c) = rx.try_recv() {
+            queue.push_back(c);
+        }
+        for conn in queue {
+            self.lc.resume(conn);
+        }
+        moved
     }
 
     /// Stops accepting, waits for live connections up to the drain timeout, then closes them.
@@ -561,4 +779,117 @@ mod tests {
         let port = v6.local_addr().unwrap().port();
         bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("the IPv4 wildcard on the IPv6 wildcard's port");
     }
+}
+
+/// Sends one parked connection to the new process (its sockets, identity and counters);
+/// the caller drops it after: its sockets close here, no log line is written here.
+async fn send_conn(link: &Link, conn: &park::Parked<Waiting>) -> io::Result<()> {
+    let m = &conn.meta.meta;
+    let state = ConnState {
+        id: m.id,
+        client: m.client,
+        via: m.via.as_deref().copied(),
+        age: m.started.elapsed(),
+        route: m.route.name().to_string(),
+        backend: m.lease.backend().addr,
+        bytes: conn.progress.bytes,
+        last_ns: conn.progress.last_ns,
+        ntlm: m.ntlm.as_deref().cloned(),
+    };
+    link.send(&Msg::Conn(Box::new(state)), &[conn.socks[0].as_fd(), conn.socks[1].as_fd()]).await
+}
+
+/// Kills the new process of a failed upgrade if it still runs, and reaps it: how it ended.
+async fn stop_child(mut child: std::process::Child) -> String {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status.to_string();
+    }
+    // Given a moment to exit by itself (it may have closed the link as it exited).
+    for _ in 0..10 {
+        tokio::time::sleep(HAND_OVER_POLL).await;
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.to_string();
+        }
+    }
+    if let Err(e) = child.kill() {
+        return format!("cannot kill it: {e}");
+    }
+    match tokio::task::spawn_blocking(move || child.wait()).await {
+        Ok(Ok(status)) => format!("killed: {status}"),
+        _ => "killed".to_string(),
+    }
+}
+
+/// The new process's side of an upgrade: relays every connection the old process hands
+/// over, on its route here (by name; else one with its backend; else any, saying so).
+async fn take_over(
+    link: Link,
+    routes: HashMap<String, Arc<crate::route::Route>>,
+    lc: Arc<Lifecycle>,
+    slots: Arc<Semaphore>,
+) {
+    let mut took = 0usize;
+    loop {
+        match link.recv().await {
+            Ok(Some((Msg::Conn(c), fds))) => match <[OwnedFd; 2]>::try_from(fds) {
+                Ok(socks) => {
+                    adopt(*c, socks, &routes, &lc, &slots);
+                    took += 1;
+                }
+                Err(fds) => log::error!("upgrade: a connection came with {} descriptors instead of 2", fds.len()),
+            },
+            Ok(Some((Msg::Done, _))) | Ok(None) => break,
+            Ok(Some((m, _))) => log::warn!("upgrade: unexpected message {m:?} from the old process"),
+            Err(e) => {
+                log::error!("upgrade: reading from the old process: {e}");
+                break;
+            }
+        }
+    }
+    log::info!("upgrade: took over moved={took} connections from the old process");
+}
+
+/// Relays one handed-over connection here, as the same connection (id, start, counters,
+/// identity): its access-log line is written here when it ends.
+fn adopt(
+    c: ConnState,
+    socks: [OwnedFd; 2],
+    routes: &HashMap<String, Arc<crate::route::Route>>,
+    lc: &Arc<Lifecycle>,
+    slots: &Arc<Semaphore>,
+) {
+    let route = routes.get(&c.route).cloned().or_else(|| {
+        let r = routes.values().find(|r| r.backends.iter().any(|b| b.addr == c.backend)).cloned();
+        let r = r.or_else(|| routes.values().min_by(|a, b| a.name().cmp(b.name())).cloned());
+        if let Some(r) = &r {
+            log::warn!("conn={} route {:?} is gone in the new configuration; relayed on route {}", c.id, c.route, r.name());
+        }
+        r
+    });
+    let Some(route) = route else {
+        log::error!("conn={} no route to relay a handed-over connection on; closed", c.id);
+        return;
+    };
+    let backend = match route.backends.iter().find(|b| b.addr == c.backend) {
+        Some(b) => b.clone(),
+        None => crate::route::Backend::detached(route.name(), c.backend),
+    };
+    // A smaller max_connections than the old process had does not close it: it counts
+    // outside the cap.
+    let permit = slots.clone().try_acquire_owned().unwrap_or_else(|_| {
+        Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh semaphore has a permit")
+    });
+    let started = std::time::Instant::now().checked_sub(c.age).unwrap_or_else(std::time::Instant::now);
+    let meta = ConnMeta {
+        id: c.id,
+        client: c.client,
+        via: c.via.map(Box::new),
+        started,
+        lease: crate::route::Lease::new(&backend),
+        route,
+        permit,
+        ntlm: c.ntlm.map(Box::new),
+    };
+    let progress = Progress { bytes: c.bytes, last_ns: c.last_ns };
+    lc.tracker.spawn(conn::resume(lc.clone(), meta, socks, progress));
 }

@@ -93,7 +93,7 @@ impl SpliceEngine {
             // One timer serves the idle timeout, parking and the half-close timeout: it is
             // re-armed for the earliest.
             let first = [ctl.idle_timeout, ctl.park_after, ctl.half_close_timeout].into_iter().flatten().min();
-            let timers = Timers { timer: first.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
+            let timers = Timers { timer: first.map(tokio::time::sleep), cancelled: ctl.hand_over.wake().cancelled() };
             tokio::pin!(timers);
             let mut watch: Watch<'_> = None;
             let stop = std::future::poll_fn(|cx| st.poll(&socks, &mut watch, timers.as_mut(), cx)).await;
@@ -230,12 +230,19 @@ impl<'a> Conn<'a> {
         cx: &mut Context<'_>,
     ) -> Poll<Stop> {
         let (timer, cancelled) = timers.project();
-        if cancelled.poll(cx).is_ready() {
+        // Woken by the forced close, or by the live upgrade's hand-over.
+        let woken = cancelled.poll(cx).is_ready();
+        if woken && self.ctl.force_close.is_cancelled() {
             return Poll::Ready(Stop::End(End::Shutdown, None));
         }
         let was_half = self.fins.half();
         if let Poll::Ready((end, fault)) = self.poll_dirs(socks, watch, cx) {
             return Poll::Ready(Stop::End(end, fault));
+        }
+        // The hand-over: park (for the new process) as soon as nothing is in flight; until
+        // then every byte event polls this again.
+        if woken && self.ctl.hand_over.is_on() && self.parkable() {
+            return Poll::Ready(Stop::Park);
         }
         if let Some(mut sleep) = timer {
             if !was_half && self.fins.half() {
