@@ -19,7 +19,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -39,19 +39,20 @@ use tokio_util::{
 
 use crate::{
     config::{Config, diff, file},
-    conn::{self, ConnMeta, Lifecycle, Waiting},
-    lifecycle::{HandOver, Progress},
-    upgrade::{
-        self, Inherited, Link,
-        wire::{ConnState, Msg},
-    },
+    conn::{self, Lifecycle},
     engine::Engines,
     health,
+    lifecycle::HandOver,
     metrics::{self, Metrics},
     park::{self, Parker},
     privilege,
     route::{Site, Table},
     sys::privs::Account,
+    upgrade::{
+        self, Inherited, Link,
+        conns::{send_conn, stop_child, take_over},
+        wire::Msg,
+    },
 };
 
 /// Listen backlog: where clients wait while `max_connections` are busy. The kernel clamps
@@ -88,7 +89,12 @@ pub struct UpgradeRequest {
     pub binary: Option<PathBuf>,
     /// Told the outcome: `Ok(summary)` once handed over, `Err(why)` if this process goes on.
     pub reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    /// Closed by the asker once it passed the outcome on: the process does not exit before.
+    pub answered: Option<tokio::sync::oneshot::Receiver<()>>,
 }
+
+/// How long a process that upgraded waits for the asker to pass the outcome on.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One bound listen address and its accept loop.
 struct Listener {
@@ -153,19 +159,22 @@ impl Server {
         let parker = match Parker::new(metrics.parked()) {
             Ok(p) => Some(p),
             Err(e) => {
-                log::warn!("cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks");
+                log::warn!(
+                    "cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks"
+                );
                 None
             }
         };
         let engines = Engines::new(&config.global, &metrics);
         let hand_over = HandOver::new(&force_close);
-        let table =
-            Table::build(&config, &engines, None, &force_close, &hand_over, parker.is_some(), &metrics).await?;
+        let table = Table::build(&config, &engines, None, &force_close, &hand_over, parker.is_some(), &metrics).await?;
         metrics.track(&table);
         let mut pending = Vec::new();
         for &addr in table.sites.keys() {
             let l = match inherited.as_mut().and_then(|i| i.take(addr)) {
-                Some(l) => l.with_context(|| format!("the listening socket of {addr} handed over by the old process"))?,
+                Some(l) => {
+                    l.with_context(|| format!("the listening socket of {addr} handed over by the old process"))?
+                }
                 None => bind(addr)?,
             };
             pending.push((addr, l));
@@ -279,7 +288,8 @@ impl Server {
             AbortOnDropHandle::new(tokio::spawn(take_over(link, routes, self.lc.clone(), self.slots.clone())))
         });
         self.start_health();
-        let min_connect = self.config.routes.iter().map(|r| r.options.connect_timeout).min().unwrap_or(Duration::from_secs(5));
+        let min_connect =
+            self.config.routes.iter().map(|r| r.options.connect_timeout).min().unwrap_or(Duration::from_secs(5));
         let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(min_connect)));
         let _parker = AbortOnDropHandle::new(tokio::spawn({
             let lc = self.lc.clone();
@@ -294,11 +304,14 @@ impl Server {
             match c {
                 Control::Reload => self.reload().await,
                 Control::Shutdown => break,
-                Control::Upgrade(UpgradeRequest { binary, reply }) => match self.upgrade(binary).await {
+                Control::Upgrade(UpgradeRequest { binary, reply, answered }) => match self.upgrade(binary).await {
                     Ok(summary) => {
                         log::info!("upgrade: {summary}");
                         if let Some(r) = reply {
                             r.send(Ok(summary)).ok();
+                        }
+                        if let Some(a) = answered {
+                            tokio::time::timeout(ANSWER_TIMEOUT, a).await.ok();
                         }
                         break;
                     }
@@ -320,8 +333,7 @@ impl Server {
         let local = listener.local_addr()?;
         let site = self.table.sites[&addr].clone();
         let names: Vec<&str> = site.routes().map(|r| r.name()).collect();
-        let backends: Vec<String> =
-            site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
+        let backends: Vec<String> = site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
         // Served from here (the socket is bound, the accept loop starts below): counted for
         // /readyz before the line that tells the world it listens.
         self.metrics.listening(addr);
@@ -692,7 +704,9 @@ async fn accept_loop(
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff == ACCEPT_BACKOFF_MIN {
-                    log::warn!("accept failed: {e}; backing off and retrying (raise the open-files limit or lower max_connections)");
+                    log::warn!(
+                        "accept failed: {e}; backing off and retrying (raise the open-files limit or lower max_connections)"
+                    );
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -779,117 +793,4 @@ mod tests {
         let port = v6.local_addr().unwrap().port();
         bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("the IPv4 wildcard on the IPv6 wildcard's port");
     }
-}
-
-/// Sends one parked connection to the new process (its sockets, identity and counters);
-/// the caller drops it after: its sockets close here, no log line is written here.
-async fn send_conn(link: &Link, conn: &park::Parked<Waiting>) -> io::Result<()> {
-    let m = &conn.meta.meta;
-    let state = ConnState {
-        id: m.id,
-        client: m.client,
-        via: m.via.as_deref().copied(),
-        age: m.started.elapsed(),
-        route: m.route.name().to_string(),
-        backend: m.lease.backend().addr,
-        bytes: conn.progress.bytes,
-        last_ns: conn.progress.last_ns,
-        ntlm: m.ntlm.as_deref().cloned(),
-    };
-    link.send(&Msg::Conn(Box::new(state)), &[conn.socks[0].as_fd(), conn.socks[1].as_fd()]).await
-}
-
-/// Kills the new process of a failed upgrade if it still runs, and reaps it: how it ended.
-async fn stop_child(mut child: std::process::Child) -> String {
-    if let Ok(Some(status)) = child.try_wait() {
-        return status.to_string();
-    }
-    // Given a moment to exit by itself (it may have closed the link as it exited).
-    for _ in 0..10 {
-        tokio::time::sleep(HAND_OVER_POLL).await;
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.to_string();
-        }
-    }
-    if let Err(e) = child.kill() {
-        return format!("cannot kill it: {e}");
-    }
-    match tokio::task::spawn_blocking(move || child.wait()).await {
-        Ok(Ok(status)) => format!("killed: {status}"),
-        _ => "killed".to_string(),
-    }
-}
-
-/// The new process's side of an upgrade: relays every connection the old process hands
-/// over, on its route here (by name; else one with its backend; else any, saying so).
-async fn take_over(
-    link: Link,
-    routes: HashMap<String, Arc<crate::route::Route>>,
-    lc: Arc<Lifecycle>,
-    slots: Arc<Semaphore>,
-) {
-    let mut took = 0usize;
-    loop {
-        match link.recv().await {
-            Ok(Some((Msg::Conn(c), fds))) => match <[OwnedFd; 2]>::try_from(fds) {
-                Ok(socks) => {
-                    adopt(*c, socks, &routes, &lc, &slots);
-                    took += 1;
-                }
-                Err(fds) => log::error!("upgrade: a connection came with {} descriptors instead of 2", fds.len()),
-            },
-            Ok(Some((Msg::Done, _))) | Ok(None) => break,
-            Ok(Some((m, _))) => log::warn!("upgrade: unexpected message {m:?} from the old process"),
-            Err(e) => {
-                log::error!("upgrade: reading from the old process: {e}");
-                break;
-            }
-        }
-    }
-    log::info!("upgrade: took over moved={took} connections from the old process");
-}
-
-/// Relays one handed-over connection here, as the same connection (id, start, counters,
-/// identity): its access-log line is written here when it ends.
-fn adopt(
-    c: ConnState,
-    socks: [OwnedFd; 2],
-    routes: &HashMap<String, Arc<crate::route::Route>>,
-    lc: &Arc<Lifecycle>,
-    slots: &Arc<Semaphore>,
-) {
-    let route = routes.get(&c.route).cloned().or_else(|| {
-        let r = routes.values().find(|r| r.backends.iter().any(|b| b.addr == c.backend)).cloned();
-        let r = r.or_else(|| routes.values().min_by(|a, b| a.name().cmp(b.name())).cloned());
-        if let Some(r) = &r {
-            log::warn!("conn={} route {:?} is gone in the new configuration; relayed on route {}", c.id, c.route, r.name());
-        }
-        r
-    });
-    let Some(route) = route else {
-        log::error!("conn={} no route to relay a handed-over connection on; closed", c.id);
-        return;
-    };
-    let backend = match route.backends.iter().find(|b| b.addr == c.backend) {
-        Some(b) => b.clone(),
-        None => crate::route::Backend::detached(route.name(), c.backend),
-    };
-    // A smaller max_connections than the old process had does not close it: it counts
-    // outside the cap.
-    let permit = slots.clone().try_acquire_owned().unwrap_or_else(|_| {
-        Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh semaphore has a permit")
-    });
-    let started = std::time::Instant::now().checked_sub(c.age).unwrap_or_else(std::time::Instant::now);
-    let meta = ConnMeta {
-        id: c.id,
-        client: c.client,
-        via: c.via.map(Box::new),
-        started,
-        lease: crate::route::Lease::new(&backend),
-        route,
-        permit,
-        ntlm: c.ntlm.map(Box::new),
-    };
-    let progress = Progress { bytes: c.bytes, last_ns: c.last_ns };
-    lc.tracker.spawn(conn::resume(lc.clone(), meta, socks, progress));
 }

@@ -62,7 +62,10 @@ pub async fn serve(control: tokio::sync::mpsc::Sender<Control>) {
             let binary = (!path.is_empty()).then(|| PathBuf::from(path));
             log::info!("upgrade: requested on the control socket");
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let answer = if control.send(Control::Upgrade(UpgradeRequest { binary, reply: Some(tx) })).await.is_err() {
+            // Dropped once the answer is written: the process may exit then.
+            let (_answering, answered) = tokio::sync::oneshot::channel::<()>();
+            let request = UpgradeRequest { binary, reply: Some(tx), answered: Some(answered) };
+            let answer = if control.send(Control::Upgrade(request)).await.is_err() {
                 "failed: the proxy is shutting down\n".to_string()
             } else {
                 match rx.await {
@@ -72,6 +75,7 @@ pub async fn serve(control: tokio::sync::mpsc::Sender<Control>) {
                 }
             };
             w.write_all(answer.as_bytes()).await.ok();
+            w.shutdown().await.ok();
         });
     }
 }

@@ -16,6 +16,7 @@
 //!    ([`crate::lifecycle::HandOver`]), for up to [`HAND_OVER_TIMEOUT`]; then drains the
 //!    rest as on SIGTERM and exits.
 
+pub mod conns;
 pub mod control;
 pub mod wire;
 
@@ -87,6 +88,9 @@ impl Link {
                     let m = Msg::decode(&r.data).map_err(io::Error::other)?;
                     return Ok(Some((m, r.fds)));
                 }
+                // A SEQPACKET peer that exited with messages unread resets the pair: the same
+                // end of the link as a close.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(None),
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
@@ -98,7 +102,7 @@ impl Link {
         match tokio::time::timeout(limit, self.recv()).await {
             Err(_) => anyhow::bail!("no {what} within {}", humantime::format_duration(limit)),
             Ok(Err(e)) => Err(e).with_context(|| format!("reading the {what}")),
-            Ok(Ok(None)) => anyhow::bail!("the other process closed the link before the {what}"),
+            Ok(Ok(None)) => anyhow::bail!("the other process exited (or closed the link) before the {what}"),
             Ok(Ok(Some(m))) => Ok(m),
         }
     }
@@ -145,17 +149,18 @@ impl Inherited {
     /// process sends; `None` in a process started otherwise. Needs the runtime.
     pub async fn from_env() -> anyhow::Result<Option<Inherited>> {
         let Some(v) = std::env::var_os(FD_ENV) else { return Ok(None) };
-        let fd: RawFd = v
-            .to_str()
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{FD_ENV}={v:?} is not a descriptor number; it is set by `ntlm-splice upgrade` only: unset it"))?;
+        let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).with_context(|| {
+            format!("{FD_ENV}={v:?} is not a descriptor number; it is set by `ntlm-splice upgrade` only: unset it")
+        })?;
         let (ty, _) = crate::sys::sock::getsockopt::<libc::c_int>(
             // SAFETY: only read here; owned below once it is known to be a socket.
             unsafe { BorrowedFd::borrow_raw(fd) },
             libc::SOL_SOCKET,
             libc::SO_TYPE,
         )
-        .with_context(|| format!("{FD_ENV}={fd}: not an open socket; it is set by `ntlm-splice upgrade` only: unset it"))?;
+        .with_context(|| {
+            format!("{FD_ENV}={fd}: not an open socket; it is set by `ntlm-splice upgrade` only: unset it")
+        })?;
         anyhow::ensure!(ty == libc::SOCK_SEQPACKET, "{FD_ENV}={fd}: not the upgrade's socket; unset it");
         // SAFETY: an open socket handed to this process for it alone (the old process closed
         // its copy of this end after starting it).
@@ -173,7 +178,7 @@ impl Inherited {
                 (m, _) => anyhow::bail!("unexpected upgrade message {m:?} while reading the listeners"),
             }
         }
-        log::info!("upgrade: took {} listening socket(s) from the old process", got.listeners.len());
+        log::info!("took {} listening socket(s) from the old process", got.listeners.len());
         Ok(Some(got))
     }
 
@@ -216,6 +221,6 @@ pub fn notify_systemd() {
         Ok(())
     })();
     if let Err(e) = sent {
-        log::warn!("upgrade: cannot notify systemd at NOTIFY_SOCKET ({e}); set NotifyAccess=all");
+        log::warn!("cannot notify systemd at NOTIFY_SOCKET ({e}); set NotifyAccess=all");
     }
 }

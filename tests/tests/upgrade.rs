@@ -1,0 +1,246 @@
+//! Live upgrade (issue 19, docs/upgrade.md): `ntlm-splice upgrade --pid PID` starts the binary
+//! again and hands it the listening sockets and the live splice-engine connections.
+//!
+//! - 100 clients log in with NTLM and stay idle (some parked, some in their tasks); after
+//!   the upgrade each sends another request on its connection and is served as itself with
+//!   no new handshake at the backend and no reset; a client opening new connections
+//!   throughout sees no refused or reset connect; a 256 MiB download running across the
+//!   upgrade arrives byte-exact; the access log (both processes write to the same stderr)
+//!   has exactly one line per connection. On the sockmap engine nothing moves: its
+//!   connections are served to their end by the old process, which the same checks cover.
+//! - A new binary that exits at start leaves the old process serving, and the command says
+//!   why.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ntlm_splice_tests::{
+    harness::{self, Proxy, TempDir, within},
+    ntlm::{Credentials, DEFAULT_DOMAIN, HttpConn, NtlmServer, demo_users},
+};
+
+/// Bound for quick steps.
+const QUICK: Duration = Duration::from_secs(10);
+/// Bound for the upgrade command (the old process waits up to 30 s for the new one, then
+/// hands over for up to 10 s).
+const UPGRADE: Duration = Duration::from_secs(60);
+/// Clients that log in before the upgrade and come back after it.
+const CLIENTS: usize = 100;
+/// One download; they run back to back on one connection from before the upgrade to after
+/// it, so that one is in flight when it happens.
+const TRANSFER: u64 = 256 << 20;
+/// Most downloads (they stop after the upgrade).
+const TRANSFERS_MAX: u64 = 64;
+/// Most connections the hammering client opens (it stops earlier, after the upgrade).
+const HAMMER_MAX: u64 = 20_000;
+
+const ALICE: Credentials<'static> = Credentials { domain: "EXAMPLE", user: "alice", password: "Alice-Pass-1" };
+
+/// A process the test did not start itself (the new proxy, a child of the old one): killed
+/// by its PID when dropped, also on panic.
+struct Pid(u32);
+
+impl Pid {
+    fn alive(&self) -> bool {
+        // A zombie (exited, not reaped by whoever inherited it) counts as gone.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall on the PID the old proxy named as its successor.
+        unsafe { libc::kill(self.0 as i32, sig) };
+    }
+
+    /// SIGTERM, then waits (bounded) until it is gone.
+    async fn stop(&self) {
+        self.signal(libc::SIGTERM);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while self.alive() {
+            assert!(tokio::time::Instant::now() < deadline, "pid {} did not exit after SIGTERM", self.0);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.signal(libc::SIGKILL);
+        }
+    }
+}
+
+/// Waits (bounded) for the old proxy to exit on its own after handing over.
+async fn old_exits(proxy: &Proxy) {
+    let old = Pid(proxy.pid());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while old.alive() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old proxy did not exit after the upgrade:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::mem::forget(old);
+}
+
+/// `ntlm-splice upgrade --pid PID [--binary PATH]`: (success, stdout and stderr).
+async fn upgrade(pid: u32, binary: Option<&std::path::Path>) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(harness::bin());
+    cmd.args(["upgrade", "--pid", &pid.to_string()]);
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = within(UPGRADE, "ntlm-splice upgrade", cmd.kill_on_drop(true).output()).await.expect("run upgrade");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The new process's pid in the command's `upgraded: the new process pid=N ...`.
+fn new_pid(text: &str) -> Pid {
+    let n = text.split("pid=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
+    Pid(n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no pid in {text:?}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_logins_survive_an_upgrade_without_a_new_handshake() {
+    for engine in harness::engines() {
+        let backend = NtlmServer::start("127.0.0.1:0".parse().unwrap(), DEFAULT_DOMAIN, demo_users()).await.unwrap();
+        // Half the clients park (idle longer than --park-after), half are active in their tasks.
+        let proxy = Proxy::start(&engine, &[backend.local_addr()], &["--park-after", "2s"]).await;
+        let addr = proxy.addr();
+
+        let mut clients = Vec::new();
+        for i in 0..CLIENTS {
+            let mut c = within(QUICK, "connect", HttpConn::connect(addr)).await.expect("connect");
+            let r = within(QUICK, "login", c.login("/whoami", &ALICE)).await.expect("login");
+            assert_eq!((r.status, r.text().as_str()), (200, "EXAMPLE\\alice\n"), "[{engine}] login {i}");
+            clients.push(c);
+            if i == CLIENTS / 2 {
+                // The first half parks meanwhile.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+        let handshakes = backend.logins().len();
+        assert_eq!(handshakes, CLIENTS, "[{engine}] one login per client");
+
+        // The download: logged in, then 256 MiB checked as it arrives.
+        let mut big = within(QUICK, "connect", HttpConn::connect(addr)).await.expect("connect");
+        within(QUICK, "login", big.login("/whoami", &ALICE)).await.expect("login");
+        let upgraded = Arc::new(AtomicBool::new(false));
+        let transfer = tokio::spawn({
+            let upgraded = upgraded.clone();
+            async move {
+                let mut done = 0u64;
+                let mut after = 0;
+                while after < 2 && done < TRANSFERS_MAX {
+                    let was_upgraded = upgraded.load(Ordering::Relaxed);
+                    let path = format!("/pattern?seed={done}&len={TRANSFER}");
+                    let (status, v) = big.get_pattern(&path, done).await.expect("a download failed");
+                    assert_eq!(status, 200);
+                    v.assert_exact(TRANSFER, "a download across the upgrade");
+                    done += 1;
+                    after += usize::from(was_upgraded);
+                }
+                done
+            }
+        });
+
+        // New connections throughout: each connects and gets its 401.
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(AtomicU64::new(0));
+        let hammer = tokio::spawn({
+            let (stop, opened) = (stop.clone(), opened.clone());
+            async move {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) && opened.load(Ordering::Relaxed) < HAMMER_MAX {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    match tokio::time::timeout(QUICK, async {
+                        let mut c = HttpConn::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+                        c.get("/").await.map_err(|e| format!("GET: {e}"))
+                    })
+                    .await
+                    {
+                        Ok(Ok(r)) if r.status == 401 => {}
+                        Ok(Ok(r)) => failures.push(format!("status {}", r.status)),
+                        Ok(Err(e)) => failures.push(e),
+                        Err(_) => failures.push("timed out".into()),
+                    }
+                }
+                failures
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let (ok, text) = upgrade(proxy.pid(), None).await;
+        upgraded.store(true, Ordering::Relaxed);
+        assert!(ok, "[{engine}] upgrade failed: {text}\n{}", proxy.logs());
+        let new = new_pid(&text);
+        if engine == "splice" {
+            // Every idle client moved (the download may have moved, or drains).
+            let moved: usize = text.split("moved=").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap();
+            assert!(moved >= CLIENTS, "[{engine}] only {moved} connections moved: {text}");
+        }
+
+        // Every client again, on its own connection: served as itself, no new handshake.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let r = within(QUICK, "request after the upgrade", c.get("/whoami"))
+                .await
+                .unwrap_or_else(|e| panic!("[{engine}] client {i} after the upgrade: {e}\n{}", proxy.logs()));
+            assert_eq!((r.status, r.text().as_str()), (200, "EXAMPLE\\alice\n"), "[{engine}] client {i}");
+        }
+        assert_eq!(backend.logins().len(), handshakes + 1, "[{engine}] new handshakes after the upgrade");
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let failures = within(QUICK, "hammer", hammer).await.unwrap();
+        assert!(failures.is_empty(), "[{engine}] new connections failed across the upgrade: {failures:?}");
+        let downloads = within(Duration::from_secs(120), "the downloads", transfer).await.unwrap();
+        eprintln!("[{engine}] {downloads} downloads of {TRANSFER} bytes, byte-exact; upgrade: {text}");
+
+        drop(clients);
+        old_exits(&proxy).await;
+        new.stop().await;
+        let lines = proxy.access_lines();
+        let mut per_id: HashMap<u64, usize> = HashMap::new();
+        for l in &lines {
+            *per_id.entry(l.num("conn")).or_default() += 1;
+        }
+        let twice: Vec<_> = per_id.iter().filter(|&(_, &n)| n != 1).collect();
+        assert!(twice.is_empty(), "[{engine}] connections logged more than once: {twice:?}");
+        let total = CLIENTS as u64 + 1 + opened.load(Ordering::Relaxed);
+        assert_eq!(lines.len() as u64, total, "[{engine}] one access line per connection:\n{}", proxy.logs());
+    }
+}
+
+#[tokio::test]
+async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
+    let backend = NtlmServer::start("127.0.0.1:0".parse().unwrap(), DEFAULT_DOMAIN, demo_users()).await.unwrap();
+    let proxy = Proxy::start("splice", &[backend.local_addr()], &[]).await;
+    let mut before = within(QUICK, "connect", HttpConn::connect(proxy.addr())).await.expect("connect");
+    within(QUICK, "login", before.login("/whoami", &ALICE)).await.expect("login");
+
+    let dir = TempDir::new("upgrade");
+    let script = dir.write("broken-ntlm-splice", "#!/bin/sh\necho 'cannot start' >&2\nexit 3\n");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (ok, text) = upgrade(proxy.pid(), Some(&script)).await;
+    assert!(!ok, "the upgrade to a binary that exits reported success: {text}");
+    assert!(text.contains("exit status: 3") && text.contains("goes on serving"), "{text}");
+    proxy.wait_for_log("upgrade: failed, this process goes on serving", QUICK).await;
+
+    // The old connection and new ones are served.
+    let r = within(QUICK, "request", before.get("/whoami")).await.expect("the old connection");
+    assert_eq!(r.status, 200);
+    let mut after = within(QUICK, "connect", HttpConn::connect(proxy.addr())).await.expect("connect after");
+    assert_eq!(within(QUICK, "GET", after.get("/")).await.expect("GET").status, 401);
+    drop((before, after));
+    harness::stop_ok(proxy).await;
+}
