@@ -283,6 +283,8 @@ impl Server {
         for (addr, listener) in std::mem::take(&mut self.pending) {
             self.serve_on(addr, listener)?;
         }
+        // Type=notify: ready at a start; after an upgrade, also the service's main process now.
+        upgrade::notify_systemd();
         let _took_over = took_over.map(|link| {
             let routes = self.table.routes.clone();
             AbortOnDropHandle::new(tokio::spawn(take_over(link, routes, self.lc.clone(), self.slots.clone())))
@@ -476,7 +478,6 @@ impl Server {
             }
             (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of the next connection id"),
         }
-        upgrade::notify_systemd();
         log::info!("upgrade: serving; the old process stopped accepting and hands over its connections");
         Ok(link)
     }
@@ -553,6 +554,10 @@ impl Server {
             log::warn!("upgrade: no parker (epoll failed at start): live connections drain here");
             return 0;
         };
+        if !self.table.routes.values().any(|r| r.engine.parks()) {
+            log::info!("upgrade: no route's engine can hand its connections over (sockmap): they drain here");
+            return 0;
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut queue: std::collections::VecDeque<_> = parker.divert(tx).into();
         self.hand_over.start();

@@ -203,8 +203,8 @@ fn to_listener(fd: OwnedFd) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(l)
 }
 
-/// Tells systemd (`Type=notify`, `NotifyAccess=all`) that this process is now the service's
-/// main process and ready; nothing without `$NOTIFY_SOCKET`.
+/// Tells systemd (`Type=notify`) that this process serves and is the service's main process
+/// (after an upgrade that needs `NotifyAccess=all`); nothing without `$NOTIFY_SOCKET`.
 pub fn notify_systemd() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let msg = format!("MAINPID={}\nREADY=1\n", std::process::id());
