@@ -415,4 +415,24 @@ mod tests {
         assert!(t.take(key(8, 5)).is_none(), "an index never used");
         assert!(t.conns.is_empty());
     }
+
+    /// The upgrade's hand-over: `divert` takes out every parked connection, later ones go
+    /// to the channel instead of the table, and `undivert` ends that.
+    #[tokio::test]
+    async fn divert_takes_the_parked_and_sends_later_ones_until_undiverted() {
+        let p = Parker::new(Gauge::default()).unwrap();
+        assert!(p.park(parked(1), None).is_ok() && p.park(parked(2), Some(Duration::from_secs(60))).is_ok());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut taken: Vec<u64> = p.divert(tx).into_iter().map(|c| c.meta).collect();
+        taken.sort();
+        assert_eq!(taken, [1, 2]);
+        assert!(p.is_empty() && p.lock().deadlines.is_empty());
+        assert!(p.park(parked(3), None).is_ok());
+        assert_eq!(rx.try_recv().map(|c| c.meta).ok(), Some(3), "parked while diverted");
+        assert!(p.is_empty());
+        p.undivert();
+        assert!(p.park(parked(4), None).is_ok());
+        assert_eq!(p.len(), 1);
+        assert!(rx.try_recv().is_err());
+    }
 }

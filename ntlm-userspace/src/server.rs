@@ -138,6 +138,9 @@ pub struct Server {
     metrics_fd: Option<(SocketAddr, RawFd)>,
     /// Started by an upgrade: the link to the old process, for the rest of the hand-over.
     upgrade_link: Option<Link>,
+    /// The metrics endpoint's task (from [`Server::run`]); stopped when an upgrade hands
+    /// over, so that /readyz is answered by the new process alone.
+    metrics_task: Option<AbortOnDropHandle<()>>,
 }
 
 impl Server {
@@ -208,6 +211,7 @@ impl Server {
             metrics_fd,
             // The listeners the new configuration does not have close here.
             upgrade_link: inherited.map(|i| i.link),
+            metrics_task: None,
         })
     }
 
@@ -268,7 +272,7 @@ impl Server {
                 client_identity(&r.spec.options)
             );
         }
-        let _metrics = match self.metrics_listener.take() {
+        self.metrics_task = match self.metrics_listener.take() {
             Some(l) => {
                 // Not "listening addr=": that line names the proxy's own listeners.
                 log::info!("metrics: serving /metrics, /healthz and /readyz at http://{}", l.local_addr()?);
@@ -277,7 +281,7 @@ impl Server {
             None => None,
         };
         let took_over = match self.upgrade_link.take() {
-            Some(link) => Some(self.ready_for_old(link).await?),
+            Some(link) => self.ready_for_old(link).await,
             None => None,
         };
         for (addr, listener) in std::mem::take(&mut self.pending) {
@@ -470,16 +474,29 @@ impl Server {
 
     /// The new process's side of an upgrade, before it serves: says ready, waits for the old
     /// process to stop accepting, and starts its connection ids above every id there.
-    async fn ready_for_old(&mut self, link: Link) -> anyhow::Result<Link> {
-        link.send(&Msg::Ready { pid: std::process::id() }, &[]).await.context("telling the old process it is ready")?;
-        match link.expect(upgrade::LINK_TIMEOUT, "next connection id from the old process").await? {
-            (Msg::NextId(n), _) => {
-                self.next_id.fetch_max(n, Ordering::Relaxed);
+    async fn ready_for_old(&mut self, link: Link) -> Option<Link> {
+        let next = async {
+            link.send(&Msg::Ready { pid: std::process::id() }, &[]).await.context("telling it this one is ready")?;
+            match link.expect(upgrade::LINK_TIMEOUT, "next connection id").await? {
+                (Msg::NextId(n), _) => Ok(n),
+                (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of the next connection id"),
             }
-            (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of the next connection id"),
+        };
+        match next.await {
+            Ok(n) => {
+                self.next_id.fetch_max(n, Ordering::Relaxed);
+                log::info!("upgrade: serving; the old process stopped accepting and hands over its connections");
+                Some(link)
+            }
+            Err(e) => {
+                // The old process is gone or broken: serving beats a port nobody accepts on.
+                log::warn!(
+                    "upgrade: the old process did not finish the start of the hand-over ({e:#}); serving anyway \
+                     (its connections stay there; connection ids may repeat those of its log)"
+                );
+                None
+            }
         }
-        log::info!("upgrade: serving; the old process stopped accepting and hands over its connections");
-        Ok(link)
     }
 
     /// The old process's side of an upgrade: starts `binary`, hands it the listeners, and
@@ -510,6 +527,7 @@ impl Server {
         drop(started.child);
         log::info!("upgrade: the new process pid={pid} is ready; this one stops accepting and hands over");
         self.metrics.draining();
+        self.metrics_task = None;
         self.stop_accept.cancel();
         for (addr, l) in std::mem::take(&mut self.listeners) {
             if let Err(e) = l.task.await {

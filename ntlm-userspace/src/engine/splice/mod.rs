@@ -726,4 +726,48 @@ mod tests {
         let Relayed::Parked { progress, .. } = relay.await else { panic!("did not park once idle") };
         assert_eq!(progress.bytes, [total as u64, 0]);
     }
+
+    /// The live upgrade's hand-over: a connection that would never park by itself (no
+    /// `park_after`) parks once asked, but only when nothing is in flight, with its counters.
+    #[tokio::test]
+    async fn the_hand_over_parks_a_connection_once_nothing_is_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (e, ctl) = (SpliceEngine::new(0), no_park());
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
+        tokio::pin!(relay);
+        // More than the sockets' buffers and a pipe hold, the backend not reading yet.
+        let total = 32usize << 20;
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..total >> 20 {
+                client_far.write_all(&chunk).await.unwrap();
+            }
+            client_far
+        });
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), &mut relay).await {
+            panic!("stopped before the hand-over: {r:?}");
+        }
+        ctl.hand_over.start();
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), &mut relay).await {
+            panic!("parked for the hand-over with bytes in flight: {r:?}");
+        }
+        // Read as it comes; the relay may park before the last bytes are read here (they are
+        // in the backend socket then, not in flight in the relay).
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut parked = None;
+        while got < total {
+            tokio::select! {
+                r = &mut relay, if parked.is_none() => parked = Some(r),
+                n = backend_far.read(&mut buf) => got += n.unwrap(),
+            }
+        }
+        let _client_far = writer.await.unwrap();
+        let r = match parked {
+            Some(r) => r,
+            None => tokio::time::timeout(Duration::from_secs(5), relay).await.expect("not parked once quiet"),
+        };
+        let Relayed::Parked { progress, .. } = r else { panic!("ended instead of parking: {r:?}") };
+        assert_eq!(progress.bytes, [total as u64, 0]);
+    }
 }
