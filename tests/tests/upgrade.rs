@@ -248,3 +248,67 @@ async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
     drop((before, after));
     harness::stop_ok(proxy).await;
 }
+
+/// After `--user` the new binary would start without the privileges the old one gave up:
+/// the upgrade is refused, saying so, and the proxy serves on.
+#[tokio::test]
+async fn an_upgrade_after_dropping_privileges_is_refused_with_the_reason() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED an_upgrade_after_dropping_privileges_is_refused_with_the_reason: needs root (--user)");
+        return;
+    }
+    let backend = NtlmServer::start("127.0.0.1:0".parse().unwrap(), DEFAULT_DOMAIN, demo_users()).await.unwrap();
+    let proxy = Proxy::start("splice", &[backend.local_addr()], &["--user", "nobody"]).await;
+    let (ok, text) = upgrade(proxy.pid(), None).await;
+    assert!(!ok, "an upgrade after --user reported success: {text}");
+    assert!(text.contains("privileges were dropped") && text.contains("restart"), "{text}");
+    let mut c = within(QUICK, "connect", HttpConn::connect(proxy.addr())).await.expect("connect after");
+    assert_eq!(within(QUICK, "GET", c.get("/")).await.expect("GET").status, 401);
+    drop(c);
+    harness::stop_ok(proxy).await;
+}
+
+/// A restart through the hand-over: the configuration file now asks for another engine
+/// (which a reload cannot apply); the upgrade to the same binary applies it, and the logged-in
+/// connections go on, on the new process, without a new handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_another_engine_keeps_the_logins() {
+    let engines = harness::engines();
+    let Some(next) = engines.iter().find(|e| *e != "splice") else {
+        eprintln!("SKIPPED a_restart_with_another_engine_keeps_the_logins: only the splice engine here");
+        return;
+    };
+    let backend = NtlmServer::start("127.0.0.1:0".parse().unwrap(), DEFAULT_DOMAIN, demo_users()).await.unwrap();
+    let dir = TempDir::new("upgrade-restart");
+    let route = harness::config_route("web", &["127.0.0.1:0"], &[backend.local_addr()], "");
+    let path = dir.write("proxy.toml", &(harness::config_head("splice") + &route));
+    let proxy = Proxy::start_config(&path).await;
+    let addr = proxy.addr();
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = within(QUICK, "connect", HttpConn::connect(addr)).await.expect("connect");
+        assert_eq!(within(QUICK, "login", c.login("/whoami", &ALICE)).await.expect("login").status, 200);
+        clients.push(c);
+    }
+    let handshakes = backend.logins().len();
+    dir.write("proxy.toml", &(harness::config_head(next) + &route));
+    let (ok, text) = upgrade(proxy.pid(), None).await;
+    assert!(ok, "upgrade failed: {text}\n{}", proxy.logs());
+    let new = new_pid(&text);
+    proxy.wait_for_log(&format!("route=web engine={next}"), QUICK).await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let r = within(QUICK, "request after the restart", c.get("/whoami")).await.expect("request");
+        assert_eq!((r.status, r.text().as_str()), (200, "EXAMPLE\\alice\n"), "client {i}");
+    }
+    assert_eq!(backend.logins().len(), handshakes, "new handshakes after the restart");
+    let mut fresh = within(QUICK, "connect", HttpConn::connect(addr)).await.expect("connect after");
+    assert_eq!(within(QUICK, "login", fresh.login("/whoami", &ALICE)).await.expect("login").status, 200);
+    drop((clients, fresh));
+    old_exits(&proxy).await;
+    new.stop().await;
+    let lines = proxy.access_lines();
+    assert_eq!(lines.len(), 11, "one line per connection:\n{}", proxy.logs());
+    let moved_on = lines.iter().filter(|l| l.get("engine") == Some(next.as_str())).count();
+    assert_eq!(moved_on, 11, "every connection ended on the new engine:\n{}", proxy.logs());
+}
