@@ -104,10 +104,13 @@ async fn upgrade(pid: u32, binary: Option<&std::path::Path>) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The new process's pid in the command's `upgraded: the new process pid=N ...`.
-fn new_pid(text: &str) -> Pid {
-    let n = text.split("pid=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
-    Pid(n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no pid in {text:?}")))
+/// The new process, by the pid the old one logged when it was ready (the log, not the
+/// command's answer: a test that fails after the new process started must still kill it).
+fn new_pid(proxy: &Proxy) -> Option<Pid> {
+    let logs = proxy.logs();
+    let line = logs.lines().find(|l| l.contains("upgrade: the new process pid=") && l.contains(" is ready"))?;
+    let n = line.split("pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
+    n.parse().ok().map(Pid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -186,8 +189,12 @@ async fn idle_logins_survive_an_upgrade_without_a_new_handshake() {
 
         let (ok, text) = upgrade(proxy.pid(), None).await;
         upgraded.store(true, Ordering::Relaxed);
+        if ok {
+            proxy.wait_for_log(" is ready; this one stops accepting", QUICK).await;
+        }
+        let new = new_pid(&proxy);
         assert!(ok, "[{engine}] upgrade failed: {text}\n{}", proxy.logs());
-        let new = new_pid(&text);
+        let new = new.expect("the new process's pid in the log");
         if engine_name == "splice" {
             // Every idle client moved (the download may have moved, or drains).
             let moved: usize = text.split("moved=").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap();
@@ -294,8 +301,12 @@ async fn a_restart_with_another_engine_keeps_the_logins() {
     let handshakes = backend.logins().len();
     dir.write("proxy.toml", &(harness::config_head(next) + &route));
     let (ok, text) = upgrade(proxy.pid(), None).await;
+    if ok {
+        proxy.wait_for_log(" is ready; this one stops accepting", QUICK).await;
+    }
+    let new = new_pid(&proxy);
     assert!(ok, "upgrade failed: {text}\n{}", proxy.logs());
-    let new = new_pid(&text);
+    let new = new.expect("the new process's pid in the log");
     proxy.wait_for_log(&format!("route=web engine={next}"), QUICK).await;
     for (i, c) in clients.iter_mut().enumerate() {
         let r = within(QUICK, "request after the restart", c.get("/whoami")).await.expect("request");

@@ -137,6 +137,7 @@ fn adopt(
         permit,
         ntlm: c.ntlm.map(Box::new),
     };
+    meta.route.metrics.adopted();
     let progress = Progress { bytes: c.bytes, last_ns: c.last_ns };
     lc.tracker.spawn(conn::resume(lc.clone(), meta, socks, progress));
 }
