@@ -506,7 +506,9 @@ impl Server {
     async fn upgrade(&mut self, binary: Option<PathBuf>) -> anyhow::Result<String> {
         if let Some(d) = &self.dropped {
             anyhow::bail!(
-                "privileges were dropped at start ({}): a new binary started from here could not load the                  eBPF engine or bind privileged ports; restart the service instead, or run without --user                  ([global] user) to upgrade live",
+                "privileges were dropped at start ({}): a new binary started from here could not load the \
+                 eBPF engine or bind privileged ports; restart the service instead, or run without --user \
+                 ([global] user) to upgrade live",
                 d.summary()
             );
         }
