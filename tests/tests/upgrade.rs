@@ -323,3 +323,26 @@ async fn a_restart_with_another_engine_keeps_the_logins() {
     let moved_on = lines.iter().filter(|l| l.get("engine") == Some(next.as_str())).count();
     assert_eq!(moved_on, 11, "every connection ended on the new engine:\n{}", proxy.logs());
 }
+
+/// A new binary that starts but never says it is ready: the old process serves throughout
+/// the wait, then kills it and serves on (this test waits for the 30 s ready timeout).
+#[tokio::test]
+async fn a_new_binary_that_never_gets_ready_is_killed_and_the_old_one_serves_on() {
+    let backend = NtlmServer::start("127.0.0.1:0".parse().unwrap(), DEFAULT_DOMAIN, demo_users()).await.unwrap();
+    let proxy = Proxy::start("splice", &[backend.local_addr()], &[]).await;
+    let dir = TempDir::new("upgrade-hang");
+    // `exec`: the process the old proxy started is the sleep, which it must kill.
+    let script = dir.write("hanging-ntlm-splice", "#!/bin/sh\nexec sleep 300\n");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pid = proxy.pid();
+    let asked = tokio::spawn(async move { upgrade(pid, Some(&script)).await });
+    proxy.wait_for_log("upgrade: starting", QUICK).await;
+    // Served while it waits.
+    let mut c = within(QUICK, "connect", HttpConn::connect(proxy.addr())).await.expect("connect while waiting");
+    assert_eq!(within(QUICK, "GET", c.get("/")).await.expect("GET").status, 401);
+    let (ok, text) = within(UPGRADE, "the upgrade command", asked).await.unwrap();
+    assert!(!ok && text.contains("no ready message within") && text.contains("killed"), "{text}");
+    assert_eq!(within(QUICK, "GET", c.get("/")).await.expect("GET after").status, 401);
+    drop(c);
+    harness::stop_ok(proxy).await;
+}
