@@ -217,6 +217,9 @@ async fn idle_logins_survive_an_upgrade_without_a_new_handshake() {
         let downloads = within(Duration::from_secs(120), "the downloads", transfer).await.unwrap();
         eprintln!("[{engine}] {downloads} downloads of {TRANSFER} bytes, byte-exact; upgrade: {text}");
 
+        // What each client moved, to find in its one access line (counted across both processes).
+        let counts: Vec<(String, u64, u64)> =
+            clients.iter().map(|c| (c.local_addr().unwrap().to_string(), c.bytes_sent(), c.bytes_received())).collect();
         drop(clients);
         old_exits(&proxy).await;
         new.stop().await;
@@ -227,6 +230,14 @@ async fn idle_logins_survive_an_upgrade_without_a_new_handshake() {
         }
         let twice: Vec<_> = per_id.iter().filter(|&(_, &n)| n != 1).collect();
         assert!(twice.is_empty(), "[{engine}] connections logged more than once: {twice:?}");
+        for (client, up, down) in &counts {
+            let l = lines.iter().find(|l| l.get("client") == Some(client.as_str())).expect("the client's line");
+            let logged = (l.num("bytes_up"), l.num("bytes_down"));
+            assert_eq!(logged, (*up, *down), "[{engine}] bytes of {client} across the upgrade: {}", l.raw);
+            // The login the observer saw before the upgrade, carried to the process that logs it.
+            let login = (l.get("ntlm_user").is_some_and(|u| u.contains("alice")), l.get("ntlm_result"));
+            assert_eq!(login, (true, Some("ok")), "[{engine}] the login of {client}: {}", l.raw);
+        }
         let total = CLIENTS as u64 + 1 + opened.load(Ordering::Relaxed);
         assert_eq!(lines.len() as u64, total, "[{engine}] one access line per connection:\n{}", proxy.logs());
     }
