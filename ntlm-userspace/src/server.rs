@@ -10,6 +10,11 @@
 //! others open (no connect attempt is refused during a reload), swaps in the new routes and
 //! restarts the health checks. Live connections keep the route and backend they have.
 //!
+//! An upgrade ([`Control::Upgrade`], [`crate::upgrade`]) starts a new process and hands it the
+//! listeners; once it is ready this one stops accepting, hands it the connections that can
+//! move, drains the rest and returns. Started by an upgrade ([`Server::start_with`]), a server
+//! takes the listeners instead of binding, says it is ready, and relays what it is handed.
+//!
 //! With `[metrics] listen` the metrics endpoint is bound at start too ([`crate::metrics::http`]);
 //! the server tells the metrics which table runs, which addresses are served, each reload's
 //! result and the shutdown (the inputs of `/readyz`).
