@@ -475,7 +475,7 @@ impl park::Owner<Waiting> for Arc<Lifecycle> {
 /// The task of a connection taken out of the parker: back into the runtime, then relayed as
 /// before, on its route's engine. Not an `async fn` (see [`serve`]).
 #[allow(clippy::manual_async_fn)]
-fn resume(
+pub fn resume(
     lc: Arc<Lifecycle>,
     meta: ConnMeta,
     socks: [OwnedFd; 2],

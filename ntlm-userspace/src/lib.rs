@@ -22,3 +22,4 @@ pub mod route;
 pub mod server;
 pub mod sni;
 pub mod sys;
+pub mod upgrade;

@@ -18,7 +18,15 @@
 //! runs the same decisions inside its hand-written state machine, which keeps an idle
 //! connection's task small.
 
-use std::{io, os::fd::OwnedFd, time::Duration};
+use std::{
+    io,
+    os::fd::OwnedFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio_util::sync::CancellationToken;
 
@@ -241,12 +249,61 @@ pub struct RelayCtl {
     /// Longest a connection may stay half-closed (one direction finished, the other not);
     /// `None`: no limit.
     pub half_close_timeout: Option<Duration>,
+    /// The live upgrade's request to park at the next moment nothing is in flight.
+    pub hand_over: HandOver,
+}
+
+/// The live upgrade's request to the engine that can park ([`crate::park`]): while it is on,
+/// a connection parks at the first moment it has nothing in flight (both directions open),
+/// whatever `park_after` says, and the parker hands it to the new process
+/// ([`crate::upgrade`]). Shared by every route of a server.
+#[derive(Clone, Debug)]
+pub struct HandOver(Arc<HandOverState>);
+
+#[derive(Debug)]
+struct HandOverState {
+    /// Cancelled when the hand-over starts, or with the forced close (a child of it): what
+    /// a connection waits on for both.
+    wake: CancellationToken,
+    /// Whether the hand-over is on (it ends at its timeout; the wake token stays cancelled).
+    on: AtomicBool,
+}
+
+impl HandOver {
+    /// Off; woken also by `force_close`.
+    pub fn new(force_close: &CancellationToken) -> HandOver {
+        HandOver(Arc::new(HandOverState { wake: force_close.child_token(), on: AtomicBool::new(false) }))
+    }
+
+    /// Cancelled at the start of the hand-over or by the forced close: once it is, a
+    /// connection looks at [`HandOver::is_on`] and its `force_close`.
+    pub fn wake(&self) -> &CancellationToken {
+        &self.0.wake
+    }
+
+    /// Whether connections should park for the hand-over now.
+    pub fn is_on(&self) -> bool {
+        self.0.on.load(Ordering::Acquire)
+    }
+
+    /// Starts the hand-over: wakes every connection waiting on [`HandOver::wake`].
+    pub fn start(&self) {
+        self.0.on.store(true, Ordering::Release);
+        self.0.wake.cancel();
+    }
+
+    /// Ends it: connections relay on as before.
+    pub fn stop(&self) {
+        self.0.on.store(false, Ordering::Release);
+    }
 }
 
 impl RelayCtl {
     /// Timeouts off, nothing to park, never forced closed: for tests.
     pub fn unlimited() -> RelayCtl {
-        RelayCtl { idle_timeout: None, force_close: CancellationToken::new(), park_after: None, half_close_timeout: None }
+        let force_close = CancellationToken::new();
+        let hand_over = HandOver::new(&force_close);
+        RelayCtl { idle_timeout: None, force_close, park_after: None, half_close_timeout: None, hand_over }
     }
 }
 

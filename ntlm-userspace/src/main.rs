@@ -5,15 +5,29 @@ use clap::Parser as _;
 use ntlm_splice::{
     config::{Cli, Command, Config, ProxyArgs, file},
     logging,
-    server::{Control, Server},
+    server::{Control, Server, UpgradeRequest},
+    upgrade,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> ExitCode {
+    upgrade::remember_exe();
     let cli = Cli::parse();
     logging::init();
     let result = match cli.command {
         Some(Command::Doctor) => runtime(1).and_then(|rt| rt.block_on(async { ntlm_splice::doctor::run() })),
+        Some(Command::Upgrade { pid, binary }) => {
+            return match upgrade::control::request(pid, binary) {
+                Ok(summary) => {
+                    println!("upgraded: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("upgrade failed, process {pid} goes on serving: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Check { config }) => {
             // Plain lines on stderr, one per problem, as `nginx -t` prints them.
             return match check(&config) {
@@ -97,6 +111,7 @@ async fn proxy(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr2 = signal(SignalKind::user_defined2())?;
     // Looked up before anything is bound: an unknown user fails at once, with the fix.
     let account = match &config.global.user {
         Some(user) => Some(
@@ -111,18 +126,25 @@ async fn proxy(
         (Some(every), Some(p)) => Some((p.clone(), every, std::fs::read(p).unwrap_or_default())),
         _ => None,
     };
-    let mut server = Server::start(config, path).await?;
+    let inherited = upgrade::Inherited::from_env().await.context("taking over from the old process")?;
+    let mut server = Server::start_with(config, path, inherited).await?;
     server.drop_privileges(account.as_ref())?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let tx_watch = tx.clone();
+    tokio::spawn(upgrade::control::serve(tx.clone()));
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
                 _ = sigterm.recv() => { log::info!("received SIGTERM"); Control::Shutdown }
                 _ = sigint.recv() => { log::info!("received SIGINT"); Control::Shutdown }
                 _ = sighup.recv() => { log::info!("received SIGHUP: reloading the configuration"); Control::Reload }
+                _ = sigusr2.recv() => {
+                    log::info!("received SIGUSR2: upgrading (starting the binary again and handing it everything)");
+                    Control::Upgrade(UpgradeRequest::default())
+                }
             };
-            if tx.send(c).await.is_err() || c == Control::Shutdown {
+            let stop = matches!(c, Control::Shutdown);
+            if tx.send(c).await.is_err() || stop {
                 return;
             }
         }

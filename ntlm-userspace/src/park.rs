@@ -106,12 +106,15 @@ struct Table<M> {
     since_trim: usize,
     /// How many are parked, for metrics (changed with `conns`).
     parked: Gauge,
+    /// The live upgrade's hand-over: connections that would park go here instead.
+    divert: Option<tokio::sync::mpsc::UnboundedSender<Parked<M>>>,
 }
 
 impl<M> Default for Table<M> {
     fn default() -> Self {
         let parked = Gauge::default();
-        Table { conns: Slab::new(), deadlines: BTreeSet::new(), next_gen: 0, closed: false, since_trim: 0, parked }
+        let (conns, deadlines, divert) = (Slab::new(), BTreeSet::new(), None);
+        Table { conns, deadlines, next_gen: 0, closed: false, since_trim: 0, parked, divert }
     }
 }
 
@@ -153,6 +156,14 @@ impl<M> Parker<M> {
         if t.closed {
             return Err((conn, Refused::Closed));
         }
+        let conn = match &t.divert {
+            // Handed over: the receiver owns it now.
+            Some(to) => match to.send(conn) {
+                Ok(()) => return Ok(()),
+                Err(e) => e.0,
+            },
+            None => conn,
+        };
         let generation = t.next_gen;
         t.next_gen = generation.wrapping_add(1);
         let entry = t.conns.vacant_entry();
@@ -181,6 +192,28 @@ impl<M> Parker<M> {
             }
         }
         Ok(())
+    }
+
+    /// The live upgrade's hand-over ([`crate::upgrade`]): from now on every connection that
+    /// would park is sent to `to` instead, until [`Parker::undivert`] (or `to`'s receiver is
+    /// gone); returns every connection parked now, taken out of the table.
+    pub fn divert(&self, to: tokio::sync::mpsc::UnboundedSender<Parked<M>>) -> Vec<Parked<M>> {
+        let mut t = self.lock();
+        t.divert = Some(to);
+        t.deadlines.clear();
+        let all: Vec<Parked<M>> = t.conns.drain().map(|s| s.conn).collect();
+        t.parked.dec_by(i64::try_from(all.len()).unwrap_or(i64::MAX));
+        for conn in &all {
+            for s in &conn.socks {
+                self.unwatch(s.as_raw_fd());
+            }
+        }
+        all
+    }
+
+    /// Ends [`Parker::divert`]: connections park here again.
+    pub fn undivert(&self) {
+        self.lock().divert = None;
     }
 
     /// Adds both sockets to the epoll instance under `key`, or neither.
@@ -381,5 +414,25 @@ mod tests {
         assert_eq!(t.take(key(8, second)).map(|c| c.meta), Some(2));
         assert!(t.take(key(8, 5)).is_none(), "an index never used");
         assert!(t.conns.is_empty());
+    }
+
+    /// The upgrade's hand-over: `divert` takes out every parked connection, later ones go
+    /// to the channel instead of the table, and `undivert` ends that.
+    #[tokio::test]
+    async fn divert_takes_the_parked_and_sends_later_ones_until_undiverted() {
+        let p = Parker::new(Gauge::default()).unwrap();
+        assert!(p.park(parked(1), None).is_ok() && p.park(parked(2), Some(Duration::from_secs(60))).is_ok());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut taken: Vec<u64> = p.divert(tx).into_iter().map(|c| c.meta).collect();
+        taken.sort();
+        assert_eq!(taken, [1, 2]);
+        assert!(p.is_empty() && p.lock().deadlines.is_empty());
+        assert!(p.park(parked(3), None).is_ok());
+        assert_eq!(rx.try_recv().map(|c| c.meta).ok(), Some(3), "parked while diverted");
+        assert!(p.is_empty());
+        p.undivert();
+        assert!(p.park(parked(4), None).is_ok());
+        assert_eq!(p.len(), 1);
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -34,7 +34,7 @@ use crate::{
     guard::Guard,
     health::{self, Check, Health, HttpCheck, Transition},
     identity::{AcceptProxy, ProxyVersion, Source},
-    lifecycle::RelayCtl,
+    lifecycle::{HandOver, RelayCtl},
     metrics::{BackendMetrics, Metrics, RouteMetrics},
     sni::{SniPattern, SniTable},
 };
@@ -59,6 +59,12 @@ impl Backend {
     fn new(route: &str, spec: String, addr: SocketAddr, metrics: BackendMetrics) -> Backend {
         let label = format!("route={route} backend={spec}");
         Backend { spec, addr, live: AtomicUsize::new(0), health: Health::new(), label, metrics }
+    }
+
+    /// A backend outside every route now: that of a connection moved by an upgrade whose
+    /// route no longer has it (for its lease and log line only).
+    pub fn detached(route: &str, addr: SocketAddr) -> Arc<Backend> {
+        Arc::new(Backend::new(route, addr.to_string(), addr, BackendMetrics::default()))
     }
 
     /// Live connections now.
@@ -240,6 +246,7 @@ impl Table {
         engines: &Engines,
         previous: Option<&Table>,
         force_close: &CancellationToken,
+        hand_over: &HandOver,
         parking: bool,
         metrics: &Metrics,
     ) -> Result<Table, BuildError> {
@@ -280,6 +287,7 @@ impl Table {
                     // Only the splice engine parks; the sockmap engine never hands a connection back.
                     park_after: o.park_after.filter(|_| parking && engine.parks()),
                     half_close_timeout: o.half_close_timeout,
+                    hand_over: hand_over.clone(),
                 },
                 health: spec.health.as_ref().map(|h| check(h, o.proxy_protocol)),
                 metrics: metrics.route(&spec.name),
@@ -382,7 +390,9 @@ impl Table {
         let config = Config { routes: vec![route], ..Config::default() };
         let metrics = Arc::new(Metrics::new());
         let engines = Engines::new(&config.global, &metrics);
-        Table::build(&config, &engines, None, &CancellationToken::new(), true, &metrics).await.unwrap()
+        let force_close = CancellationToken::new();
+        let hand_over = HandOver::new(&force_close);
+        Table::build(&config, &engines, None, &force_close, &hand_over, true, &metrics).await.unwrap()
     }
 }
 

@@ -10,6 +10,11 @@
 //! others open (no connect attempt is refused during a reload), swaps in the new routes and
 //! restarts the health checks. Live connections keep the route and backend they have.
 //!
+//! An upgrade ([`Control::Upgrade`], [`crate::upgrade`]) starts a new process and hands it the
+//! listeners; once it is ready this one stops accepting, hands it the connections that can
+//! move, drains the rest and returns. Started by an upgrade ([`Server::start_with`]), a server
+//! takes the listeners instead of binding, says it is ready, and relays what it is handed.
+//!
 //! With `[metrics] listen` the metrics endpoint is bound at start too ([`crate::metrics::http`]);
 //! the server tells the metrics which table runs, which addresses are served, each reload's
 //! result and the shutdown (the inputs of `/readyz`).
@@ -19,6 +24,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -41,11 +47,17 @@ use crate::{
     conn::{self, Lifecycle},
     engine::Engines,
     health,
+    lifecycle::HandOver,
     metrics::{self, Metrics},
     park::{self, Parker},
     privilege,
     route::{Site, Table},
     sys::privs::Account,
+    upgrade::{
+        self, Inherited, Link,
+        conns::{send_conn, stop_child, take_over},
+        wire::Msg,
+    },
 };
 
 /// Listen backlog: where clients wait while `max_connections` are busy. The kernel clamps
@@ -58,17 +70,36 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After the drain timeout, how long closed connections get to write their log lines.
 const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How often the hand-over of an upgrade looks at the live count.
+const HAND_OVER_POLL: Duration = Duration::from_millis(50);
 /// Shortest period of [`timer_floor`]: below it the wake-ups would cost more than they save.
 const TIMER_FLOOR_MIN: Duration = Duration::from_millis(50);
 
 /// What [`Server::run`] is told to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Control {
     /// Read the configuration file again and apply it (SIGHUP).
     Reload,
     /// Stop accepting, drain, exit (SIGTERM, SIGINT).
     Shutdown,
+    /// Start a new binary and hand it everything ([`crate::upgrade`]; SIGUSR2, `ntlm-splice
+    /// upgrade`).
+    Upgrade(UpgradeRequest),
 }
+
+/// An upgrade asked for: which binary, and who to tell how it went.
+#[derive(Debug, Default)]
+pub struct UpgradeRequest {
+    /// The binary to start; `None`: this program's path.
+    pub binary: Option<PathBuf>,
+    /// Told the outcome: `Ok(summary)` once handed over, `Err(why)` if this process goes on.
+    pub reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    /// Closed by the asker once it passed the outcome on: the process does not exit before.
+    pub answered: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// How long a process that upgraded waits for the asker to pass the outcome on.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One bound listen address and its accept loop.
 struct Listener {
@@ -78,6 +109,8 @@ struct Listener {
     stop: CancellationToken,
     /// The accept loop.
     task: tokio::task::JoinHandle<()>,
+    /// The listening socket (owned by the accept loop), for an upgrade to pass on.
+    fd: RawFd,
 }
 
 /// A server that has bound its listeners and is ready to serve.
@@ -103,29 +136,65 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     /// What the process holds after [`Server::drop_privileges`] (`None`: nothing dropped).
     dropped: Option<privilege::Dropped>,
+    /// The live upgrade's request to connections to park for the new process.
+    hand_over: HandOver,
+    /// The metrics endpoint's configured address and socket (owned by its task), for an
+    /// upgrade to pass on.
+    metrics_fd: Option<(SocketAddr, RawFd)>,
+    /// Started by an upgrade: the link to the old process, for the rest of the hand-over.
+    upgrade_link: Option<Link>,
+    /// The metrics endpoint's task (from [`Server::run`]); stopped when an upgrade hands
+    /// over, so that /readyz is answered by the new process alone.
+    metrics_task: Option<AbortOnDropHandle<()>>,
 }
 
 impl Server {
     /// Everything short of serving: the engines, the routes (host names resolved), every
     /// listen address bound. Fails with the reason on the first problem.
     pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Server> {
+        Server::start_with(config, path, None).await
+    }
+
+    /// [`Server::start`], taking the listening sockets an old process handed over
+    /// (`inherited`, [`crate::upgrade`]) instead of binding their addresses.
+    pub async fn start_with(
+        config: Config,
+        path: Option<PathBuf>,
+        mut inherited: Option<Inherited>,
+    ) -> anyhow::Result<Server> {
         let force_close = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let parker = match Parker::new(metrics.parked()) {
             Ok(p) => Some(p),
             Err(e) => {
-                log::warn!("cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks");
+                log::warn!(
+                    "cannot create the epoll instance for parked connections ({e}); idle connections stay in their tasks"
+                );
                 None
             }
         };
         let engines = Engines::new(&config.global, &metrics);
-        let table = Table::build(&config, &engines, None, &force_close, parker.is_some(), &metrics).await?;
+        let hand_over = HandOver::new(&force_close);
+        let table = Table::build(&config, &engines, None, &force_close, &hand_over, parker.is_some(), &metrics).await?;
         metrics.track(&table);
         let mut pending = Vec::new();
         for &addr in table.sites.keys() {
-            pending.push((addr, bind(addr)?));
+            let l = match inherited.as_mut().and_then(|i| i.take(addr)) {
+                Some(l) => {
+                    l.with_context(|| format!("the listening socket of {addr} handed over by the old process"))?
+                }
+                None => bind(addr)?,
+            };
+            pending.push((addr, l));
         }
-        let metrics_listener = config.metrics.listen.map(metrics::http::bind).transpose()?;
+        let metrics_listener = match config.metrics.listen {
+            Some(a) => Some(match inherited.as_mut().and_then(|i| i.take_metrics(a)) {
+                Some(l) => l.context("the metrics socket handed over by the old process")?,
+                None => metrics::http::bind(a)?,
+            }),
+            None => None,
+        };
+        let metrics_fd = config.metrics.listen.zip(metrics_listener.as_ref().map(|l| l.as_raw_fd()));
         let lc = Arc::new(Lifecycle { tracker: TaskTracker::new(), parker, force_close, metrics: metrics.clone() });
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Ok(Server {
@@ -143,6 +212,11 @@ impl Server {
             metrics,
             metrics_listener,
             dropped: None,
+            hand_over,
+            metrics_fd,
+            // The listeners the new configuration does not have close here.
+            upgrade_link: inherited.map(|i| i.link),
+            metrics_task: None,
         })
     }
 
@@ -203,7 +277,7 @@ impl Server {
                 client_identity(&r.spec.options)
             );
         }
-        let _metrics = match self.metrics_listener.take() {
+        self.metrics_task = match self.metrics_listener.take() {
             Some(l) => {
                 // Not "listening addr=": that line names the proxy's own listeners.
                 log::info!("metrics: serving /metrics, /healthz and /readyz at http://{}", l.local_addr()?);
@@ -211,11 +285,22 @@ impl Server {
             }
             None => None,
         };
+        let took_over = match self.upgrade_link.take() {
+            Some(link) => self.ready_for_old(link).await,
+            None => None,
+        };
         for (addr, listener) in std::mem::take(&mut self.pending) {
             self.serve_on(addr, listener)?;
         }
+        // Type=notify: ready at a start; after an upgrade, also the service's main process now.
+        upgrade::notify_systemd();
+        let _took_over = took_over.map(|link| {
+            let routes = self.table.routes.clone();
+            AbortOnDropHandle::new(tokio::spawn(take_over(link, routes, self.lc.clone(), self.slots.clone())))
+        });
         self.start_health();
-        let min_connect = self.config.routes.iter().map(|r| r.options.connect_timeout).min().unwrap_or(Duration::from_secs(5));
+        let min_connect =
+            self.config.routes.iter().map(|r| r.options.connect_timeout).min().unwrap_or(Duration::from_secs(5));
         let _floor = AbortOnDropHandle::new(tokio::spawn(timer_floor(min_connect)));
         let _parker = AbortOnDropHandle::new(tokio::spawn({
             let lc = self.lc.clone();
@@ -226,8 +311,29 @@ impl Server {
             }
         }));
         // Until Control::Shutdown, or the sender is gone.
-        while let Some(Control::Reload) = control.recv().await {
-            self.reload().await;
+        while let Some(c) = control.recv().await {
+            match c {
+                Control::Reload => self.reload().await,
+                Control::Shutdown => break,
+                Control::Upgrade(UpgradeRequest { binary, reply, answered }) => match self.upgrade(binary).await {
+                    Ok(summary) => {
+                        log::info!("upgrade: {summary}");
+                        if let Some(r) = reply {
+                            r.send(Ok(summary)).ok();
+                        }
+                        if let Some(a) = answered {
+                            tokio::time::timeout(ANSWER_TIMEOUT, a).await.ok();
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        log::error!("upgrade: failed, this process goes on serving everything: {e:#}");
+                        if let Some(r) = reply {
+                            r.send(Err(format!("{e:#}"))).ok();
+                        }
+                    }
+                },
+            }
         }
         self.drain().await;
         Ok(())
@@ -238,8 +344,7 @@ impl Server {
         let local = listener.local_addr()?;
         let site = self.table.sites[&addr].clone();
         let names: Vec<&str> = site.routes().map(|r| r.name()).collect();
-        let backends: Vec<String> =
-            site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
+        let backends: Vec<String> = site.routes().flat_map(|r| r.backends.iter().map(|b| b.addr.to_string())).collect();
         // Served from here (the socket is bound, the accept loop starts below): counted for
         // /readyz before the line that tells the world it listens.
         self.metrics.listening(addr);
@@ -252,6 +357,7 @@ impl Server {
         );
         let site = Arc::new(ArcSwap::new(site));
         let stop = self.stop_accept.child_token();
+        let fd = listener.as_raw_fd();
         let task = tokio::spawn(accept_loop(
             listener,
             site.clone(),
@@ -260,7 +366,7 @@ impl Server {
             self.next_id.clone(),
             stop.clone(),
         ));
-        self.listeners.insert(addr, Listener { site, stop, task });
+        self.listeners.insert(addr, Listener { site, stop, task, fd });
         Ok(())
     }
 
@@ -328,8 +434,8 @@ impl Server {
             new.metrics = self.config.metrics.clone();
         }
         let parking = self.lc.parker.is_some();
-        let table = Table::build(&new, &self.engines, Some(&self.table), &self.lc.force_close, parking, &self.metrics)
-            .await?;
+        let (fc, ho) = (&self.lc.force_close, &self.hand_over);
+        let table = Table::build(&new, &self.engines, Some(&self.table), fc, ho, parking, &self.metrics).await?;
         // Bind every new address before changing anything: one that fails leaves all as it was
         // (the sockets bound so far close as `bound` drops).
         let mut bound = Vec::new();
@@ -369,6 +475,160 @@ impl Server {
             plan.close,
             plan.keep.len()
         ))
+    }
+
+    /// The new process's side of an upgrade, before it serves: says ready, waits for the old
+    /// process to stop accepting, and starts its connection ids above every id there.
+    async fn ready_for_old(&mut self, link: Link) -> Option<Link> {
+        let next = async {
+            link.send(&Msg::Ready { pid: std::process::id() }, &[]).await.context("telling it this one is ready")?;
+            match link.expect(upgrade::LINK_TIMEOUT, "next connection id").await? {
+                (Msg::NextId(n), _) => Ok(n),
+                (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of the next connection id"),
+            }
+        };
+        match next.await {
+            Ok(n) => {
+                self.next_id.fetch_max(n, Ordering::Relaxed);
+                log::info!("upgrade: serving; the old process stopped accepting and hands over its connections");
+                Some(link)
+            }
+            Err(e) => {
+                // The old process is gone or broken: serving beats a port nobody accepts on.
+                log::warn!(
+                    "upgrade: the old process did not finish the start of the hand-over ({e:#}); serving anyway \
+                     (its connections stay there; connection ids may repeat those of its log)"
+                );
+                None
+            }
+        }
+    }
+
+    /// The old process's side of an upgrade: starts `binary`, hands it the listeners, and
+    /// once it is ready, stops accepting and hands it every connection that can move within
+    /// [`upgrade::HAND_OVER_TIMEOUT`]. `Err` (this process keeps everything) if the new one
+    /// cannot start, fails, or is not ready within [`upgrade::READY_TIMEOUT`].
+    async fn upgrade(&mut self, binary: Option<PathBuf>) -> anyhow::Result<String> {
+        if let Some(d) = &self.dropped {
+            anyhow::bail!(
+                "privileges were dropped at start ({}): a new binary started from here could not load the \
+                 eBPF engine or bind privileged ports; restart the service instead, or run without --user \
+                 ([global] user) to upgrade live",
+                d.summary()
+            );
+        }
+        let binary = binary
+            .or_else(upgrade::default_binary)
+            .context("cannot tell this program's path; pass the binary to start (ntlm-splice upgrade --binary PATH)")?;
+        log::info!("upgrade: starting {}", binary.display());
+        let started = upgrade::start(&binary)?;
+        let pid = match self.hand_listeners(&started.link).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                let status = stop_child(started.child).await;
+                return Err(e.context(format!("the new process {} ({status})", binary.display())));
+            }
+        };
+        let link = started.link;
+        // Committed: from here the new process serves. Its exit status is not ours to wait for.
+        drop(started.child);
+        log::info!("upgrade: the new process pid={pid} is ready; this one stops accepting and hands over");
+        self.metrics.draining();
+        self.metrics_task = None;
+        self.stop_accept.cancel();
+        for (addr, l) in std::mem::take(&mut self.listeners) {
+            if let Err(e) = l.task.await {
+                log::error!("accept loop of {addr} failed: {e}");
+            }
+        }
+        let next = self.next_id.load(Ordering::Relaxed);
+        if let Err(e) = link.send(&Msg::NextId(next), &[]).await {
+            log::error!("upgrade: cannot send the next connection id to pid={pid} ({e}); draining here");
+            return Ok(format!("the new process pid={pid} serves new connections; moved=0"));
+        }
+        let moved = self.hand_over_conns(&link, pid).await;
+        link.send(&Msg::Done, &[]).await.ok();
+        Ok(format!("the new process pid={pid} serves; moved={moved} connections to it"))
+    }
+
+    /// Sends every listener and waits for the new process's ready message: its pid.
+    async fn hand_listeners(&self, link: &Link) -> anyhow::Result<u32> {
+        for (&addr, l) in &self.listeners {
+            // SAFETY: the accept loop owns the socket and runs until stop_accept.
+            let fd = unsafe { BorrowedFd::borrow_raw(l.fd) };
+            link.send(&Msg::Listener(addr), &[fd]).await.context("sending a listening socket")?;
+        }
+        if let Some((addr, fd)) = self.metrics_fd {
+            // SAFETY: the metrics task owns the socket while `run` runs.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            link.send(&Msg::Metrics(addr), &[fd]).await.context("sending the metrics socket")?;
+        }
+        link.send(&Msg::ListenersDone, &[]).await.context("sending the listeners")?;
+        match link.expect(upgrade::READY_TIMEOUT, "ready message").await? {
+            (Msg::Ready { pid }, _) => Ok(pid),
+            (m, _) => anyhow::bail!("unexpected upgrade message {m:?} instead of ready"),
+        }
+    }
+
+    /// Hands parked splice connections, then active ones as they come to rest, to the new
+    /// process until none is left here or [`upgrade::HAND_OVER_TIMEOUT`]; returns how many
+    /// moved. What stays drains here.
+    async fn hand_over_conns(&self, link: &Link, pid: u32) -> usize {
+        use park::Owner as _;
+        let Some(parker) = &self.lc.parker else {
+            log::warn!("upgrade: no parker (epoll failed at start): live connections drain here");
+            return 0;
+        };
+        if !self.table.routes.values().any(|r| r.engine.parks()) {
+            log::info!("upgrade: no route's engine can hand its connections over (sockmap): they drain here");
+            return 0;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut queue: std::collections::VecDeque<_> = parker.divert(tx).into();
+        self.hand_over.start();
+        let deadline = tokio::time::Instant::now() + upgrade::HAND_OVER_TIMEOUT;
+        let live = || self.config.global.max_connections - self.slots.available_permits();
+        let mut moved = 0;
+        'hand: loop {
+            while let Some(conn) = queue.pop_front() {
+                match send_conn(link, &conn).await {
+                    Ok(()) => {
+                        log::debug!("conn={} handed over to pid={pid}", conn.meta.meta.id);
+                        moved += 1;
+                    }
+                    Err(e) => {
+                        log::error!("upgrade: cannot hand a connection to pid={pid} ({e}); the rest drain here");
+                        queue.push_front(conn);
+                        break 'hand;
+                    }
+                }
+            }
+            if live() == 0 {
+                break;
+            }
+            tokio::select! {
+                Some(c) = rx.recv() => queue.push_back(c),
+                () = tokio::time::sleep_until(deadline) => {
+                    log::warn!(
+                        "upgrade: live={} connections could not move within {}; they drain here",
+                        live(),
+                        humantime::format_duration(upgrade::HAND_OVER_TIMEOUT)
+                    );
+                    break;
+                }
+                // Connections that end here free their slots without a message.
+                () = tokio::time::sleep(HAND_OVER_POLL) => {}
+            }
+        }
+        self.hand_over.stop();
+        parker.undivert();
+        while let Ok(c) = rx.try_recv() {
+            queue.push_back(c);
+        }
+        for conn in queue {
+            self.lc.resume(conn);
+        }
+        moved
     }
 
     /// Stops accepting, waits for live connections up to the drain timeout, then closes them.
@@ -474,7 +734,9 @@ async fn accept_loop(
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if backoff == ACCEPT_BACKOFF_MIN {
-                    log::warn!("accept failed: {e}; backing off and retrying (raise the open-files limit or lower max_connections)");
+                    log::warn!(
+                        "accept failed: {e}; backing off and retrying (raise the open-files limit or lower max_connections)"
+                    );
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

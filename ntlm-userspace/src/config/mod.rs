@@ -102,6 +102,17 @@ pub enum Command {
         #[arg(long = "config", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Upgrade the running proxy without dropping a connection: it starts the binary again
+    /// (or --binary) with the same arguments and hands it its listening sockets and live
+    /// connections (as SIGUSR2 does); prints the outcome. See docs/upgrade.md.
+    Upgrade {
+        /// The running proxy's process id.
+        #[arg(long, value_name = "PID")]
+        pid: u32,
+        /// The binary to start instead of the proxy's own path.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 /// Flags of the proxy itself.

@@ -575,6 +575,12 @@ impl RouteMetrics {
         self.active.inc();
     }
 
+    /// A connection handed over by an upgrade's old process is relayed on this route (open
+    /// now; it was accepted there).
+    pub fn adopted(&self) {
+        self.active.inc();
+    }
+
     /// A backend connect for a client of this route starts on `backend`: counted, and the
     /// time to hand to [`RouteMetrics::connected`].
     pub fn connecting(&self, backend: &BackendMetrics) -> Instant {

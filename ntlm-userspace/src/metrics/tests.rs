@@ -51,7 +51,9 @@ fn route(name: &str, listen: &str, backends: &[SocketAddr]) -> RouteSpec {
 async fn table(metrics: &Arc<Metrics>, routes: Vec<RouteSpec>, previous: Option<&Table>) -> Table {
     let config = Config { routes, ..Config::default() };
     let engines = Engines::new(&config.global, metrics);
-    Table::build(&config, &engines, previous, &CancellationToken::new(), true, metrics).await.unwrap()
+    let force_close = CancellationToken::new();
+    let hand_over = crate::lifecycle::HandOver::new(&force_close);
+    Table::build(&config, &engines, previous, &force_close, &hand_over, true, metrics).await.unwrap()
 }
 
 fn addr(s: &str) -> SocketAddr {

@@ -9,6 +9,7 @@
 pub mod caps;
 pub mod clock;
 pub mod epoll;
+pub mod fdpass;
 pub mod mem;
 pub mod netlink;
 pub mod pipe;

@@ -93,7 +93,7 @@ impl SpliceEngine {
             // One timer serves the idle timeout, parking and the half-close timeout: it is
             // re-armed for the earliest.
             let first = [ctl.idle_timeout, ctl.park_after, ctl.half_close_timeout].into_iter().flatten().min();
-            let timers = Timers { timer: first.map(tokio::time::sleep), cancelled: ctl.force_close.cancelled() };
+            let timers = Timers { timer: first.map(tokio::time::sleep), cancelled: ctl.hand_over.wake().cancelled() };
             tokio::pin!(timers);
             let mut watch: Watch<'_> = None;
             let stop = std::future::poll_fn(|cx| st.poll(&socks, &mut watch, timers.as_mut(), cx)).await;
@@ -230,12 +230,19 @@ impl<'a> Conn<'a> {
         cx: &mut Context<'_>,
     ) -> Poll<Stop> {
         let (timer, cancelled) = timers.project();
-        if cancelled.poll(cx).is_ready() {
+        // Woken by the forced close, or by the live upgrade's hand-over.
+        let woken = cancelled.poll(cx).is_ready();
+        if woken && self.ctl.force_close.is_cancelled() {
             return Poll::Ready(Stop::End(End::Shutdown, None));
         }
         let was_half = self.fins.half();
         if let Poll::Ready((end, fault)) = self.poll_dirs(socks, watch, cx) {
             return Poll::Ready(Stop::End(end, fault));
+        }
+        // The hand-over: park (for the new process) as soon as nothing is in flight; until
+        // then every byte event polls this again.
+        if woken && self.ctl.hand_over.is_on() && self.parkable() {
+            return Poll::Ready(Stop::Park);
         }
         if let Some(mut sleep) = timer {
             if !was_half && self.fins.half() {
@@ -717,6 +724,50 @@ mod tests {
         }
         let _client_far = writer.await.unwrap();
         let Relayed::Parked { progress, .. } = relay.await else { panic!("did not park once idle") };
+        assert_eq!(progress.bytes, [total as u64, 0]);
+    }
+
+    /// The live upgrade's hand-over: a connection that would never park by itself (no
+    /// `park_after`) parks once asked, but only when nothing is in flight, with its counters.
+    #[tokio::test]
+    async fn the_hand_over_parks_a_connection_once_nothing_is_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (e, ctl) = (SpliceEngine::new(0), no_park());
+        let (mut client_far, mut backend_far, relay) = relayed(&e, &ctl).await;
+        tokio::pin!(relay);
+        // More than the sockets' buffers and a pipe hold, the backend not reading yet.
+        let total = 32usize << 20;
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..total >> 20 {
+                client_far.write_all(&chunk).await.unwrap();
+            }
+            client_far
+        });
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), &mut relay).await {
+            panic!("stopped before the hand-over: {r:?}");
+        }
+        ctl.hand_over.start();
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), &mut relay).await {
+            panic!("parked for the hand-over with bytes in flight: {r:?}");
+        }
+        // Read as it comes; the relay may park before the last bytes are read here (they are
+        // in the backend socket then, not in flight in the relay).
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut parked = None;
+        while got < total {
+            tokio::select! {
+                r = &mut relay, if parked.is_none() => parked = Some(r),
+                n = backend_far.read(&mut buf) => got += n.unwrap(),
+            }
+        }
+        let _client_far = writer.await.unwrap();
+        let r = match parked {
+            Some(r) => r,
+            None => tokio::time::timeout(Duration::from_secs(5), relay).await.expect("not parked once quiet"),
+        };
+        let Relayed::Parked { progress, .. } = r else { panic!("ended instead of parking: {r:?}") };
         assert_eq!(progress.bytes, [total as u64, 0]);
     }
 }
