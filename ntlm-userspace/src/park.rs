@@ -17,6 +17,10 @@
 //! connection carries besides its sockets and progress: the owner's `M` rides along.
 //! Parking changes nothing of the pairing: the two sockets stay open and paired throughout.
 //!
+//! Besides its sockets' events, a parked connection can be woken by its [`Bell`]: the sockmap
+//! engine rings it with the connection's key when the kernel forwarded a byte of it (bytes the
+//! kernel forwards never show on the sockets).
+//!
 //! Freed task memory stays resident in glibc's heaps unless trimmed, so the parker trims
 //! once after a burst of parking ([`trim`]).
 
@@ -24,7 +28,7 @@ use std::{
     collections::BTreeSet,
     io,
     os::fd::{AsRawFd, OwnedFd, RawFd},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -83,9 +87,32 @@ pub enum Refused {
     Watch(#[source] io::Error),
 }
 
+/// Wakes parked connections by key (see [`Parker::park`]) from anywhere, including a thread
+/// outside the runtime: for events the parker's epoll instance cannot see.
+#[derive(Default)]
+pub struct Bell {
+    /// Keys rung since the parker last looked.
+    rung: Mutex<Vec<u64>>,
+    notify: Notify,
+}
+
+impl Bell {
+    /// Hands the connection parked under `key` back to its owner, as an event on its sockets
+    /// would; a key that is no longer parked takes nothing.
+    pub fn ring(&self, key: u64) {
+        self.rung.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.rung.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The table of parked connections and the epoll instance that watches their sockets.
 pub struct Parker<M> {
     epoll: AsyncFd<Epoll>,
+    bell: Arc<Bell>,
     table: Mutex<Table<M>>,
     /// Wakes the parker's loop to look at the table again: a connection parked with an idle
     /// deadline earlier than all others, or the first since the last heap trim.
@@ -129,11 +156,16 @@ impl<M> Parker<M> {
         // always returns the descriptor it owns.
         let epoll = unsafe { AsyncFd::register_with_interest(Epoll::new()?, tokio::io::Interest::READABLE) }?;
         let table = Table { parked, ..Table::default() };
-        Ok(Parker { epoll, table: Mutex::new(table), earlier: Notify::new() })
+        Ok(Parker { epoll, bell: Arc::default(), table: Mutex::new(table), earlier: Notify::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table<M>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bell that wakes a connection of this table by the key [`Parker::park`] gave.
+    pub fn bell(&self) -> &Arc<Bell> {
+        &self.bell
     }
 
     /// Number of connections parked now.
@@ -147,8 +179,20 @@ impl<M> Parker<M> {
     }
 
     /// Parks `conn`, which closes after `idle_timeout` without a byte (the timeout keeps
-    /// running while parked), or gives it back saying why not.
-    pub fn park(&self, conn: Parked<M>, idle_timeout: Option<Duration>) -> Result<(), (Parked<M>, Refused)> {
+    /// running while parked), or gives it back saying why not. Returns its key, for the
+    /// [`Bell`].
+    pub fn park(&self, conn: Parked<M>, idle_timeout: Option<Duration>) -> Result<u64, (Parked<M>, Refused)> {
+        self.park_then(conn, idle_timeout, |_, _| {})
+    }
+
+    /// [`Parker::park`], calling `then` with the connection's `meta` and key once it is in
+    /// the table, before anything can take it out again (so that it can ring the [`Bell`]).
+    pub fn park_then(
+        &self,
+        conn: Parked<M>,
+        idle_timeout: Option<Duration>,
+        then: impl FnOnce(&mut M, u64),
+    ) -> Result<u64, (Parked<M>, Refused)> {
         let mut t = self.lock();
         if t.closed {
             return Err((conn, Refused::Closed));
@@ -167,7 +211,7 @@ impl<M> Parker<M> {
             Err(e) => return Err((conn, Refused::Watch(e))),
         };
         let deadline = idle_timeout.map(|_| idle_deadline(conn.progress.last_ns, idle_timeout));
-        entry.insert(Slot { generation, deadline, conn });
+        then(&mut entry.insert(Slot { generation, deadline, conn }).conn.meta, key);
         t.parked.inc();
         t.since_trim += 1;
         if t.since_trim == 1 {
@@ -180,7 +224,7 @@ impl<M> Parker<M> {
                 self.earlier.notify_one();
             }
         }
-        Ok(())
+        Ok(key)
     }
 
     /// Adds both sockets to the epoll instance under `key`, or neither.
@@ -333,6 +377,15 @@ pub async fn run<M>(parker: &Parker<M>, owner: &impl Owner<M>, force_close: &Can
                 }
             }
             () = parker.earlier.notified() => {}
+            () = parker.bell.notify.notified() => {
+                for key in parker.bell.take() {
+                    let Some(conn) = parker.lock().take(key) else { continue };
+                    for s in &conn.socks {
+                        parker.unwatch(s.as_raw_fd());
+                    }
+                    owner.resume(conn);
+                }
+            }
         }
     }
 }

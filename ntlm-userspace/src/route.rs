@@ -278,7 +278,7 @@ impl Table {
                     idle_timeout: o.idle_timeout,
                     force_close: force_close.clone(),
                     // Only the splice engine parks; the sockmap engine never hands a connection back.
-                    park_after: o.park_after.filter(|_| parking && engine.parks()),
+                    park_after: o.park_after.filter(|_| parking),
                     half_close_timeout: o.half_close_timeout,
                 },
                 health: spec.health.as_ref().map(|h| check(h, o.proxy_protocol)),

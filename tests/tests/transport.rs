@@ -655,16 +655,25 @@ async fn echo_bulk(s: &mut TcpStream, seed: u64, len: u64, what: &str) {
 
 /// Idle connections leave their task after --park-after and come back on their next bytes,
 /// their FIN or their reset, with nothing lost; the idle timeout still closes one that stays
-/// parked; the access log counts every byte across parking.
+/// parked; the access log counts every byte across parking, one line per connection. Both
+/// engines: a sockmap pair stays in the maps while parked, so its bytes are forwarded by the
+/// kernel and wake it through the ring buffer's event rather than on its sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_connections_come_back_on_bytes_fin_and_reset() {
+    for engine in harness::engines() {
+        parked_connections_come_back(&engine).await;
+    }
+}
+
+async fn parked_connections_come_back(engine: &str) {
+    const BULK_AFTER: u64 = 64 << 20;
     let echo = Server::echo().await;
     let extra = ["--park-after", "200ms", "--idle-timeout", "3s"];
-    let proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let proxy = Proxy::start_with_log(engine, &[echo.addr()], &extra, PARK_LOG).await;
     let mut conns = Vec::new();
     for i in 0..4 {
         let mut c = connect(proxy.addr()).await;
-        round_trip(&mut c, b"ping", &format!("client {i} before parking")).await;
+        round_trip(&mut c, b"ping", &format!("[{engine}] client {i} before parking")).await;
         conns.push(c);
     }
     proxy.wait_log_ending(" parked", 4, QUICK).await;
@@ -672,18 +681,19 @@ async fn parked_connections_come_back_on_bytes_fin_and_reset() {
     let [mut a, mut b, mut c, d] = <[TcpStream; 4]>::try_from(conns).unwrap();
     let (a_me, b_me, c_me, d_me) = (a.local_addr().unwrap(), b.local_addr().unwrap(), c.local_addr().unwrap(), d.local_addr().unwrap());
 
-    // Bytes: a comes back, moves 4 MiB each way byte-exact, parks again, comes back again.
-    round_trip(&mut a, b"again", "parked client, first bytes after parking").await;
+    // Bytes: a comes back, moves 64 MiB each way byte-exact, parks again, comes back again.
+    round_trip(&mut a, b"again", &format!("[{engine}] parked client, first bytes after parking")).await;
     // The proxy logs the return before it relays the bytes, but the test reads the log from a
     // pipe in the background: wait for the line (on a loaded box it can trail the echo).
     proxy.wait_log_ending(" unparked", 1, QUICK).await;
-    echo_bulk(&mut a, 77, 4 << 20, "4 MiB echo after parking").await;
+    echo_bulk(&mut a, 77, BULK_AFTER, &format!("[{engine}] 64 MiB echo after parking")).await;
     proxy.wait_log_ending(" parked", 5, QUICK).await;
-    round_trip(&mut a, b"third", "client parked a second time").await;
+    round_trip(&mut a, b"third", &format!("[{engine}] client parked a second time")).await;
+    proxy.wait_log_ending(" unparked", 2, QUICK).await;
 
     // FIN: b's half-close reaches the backend (the echo then closes), and comes back as EOF.
     b.shutdown().await.unwrap();
-    expect_eof(&mut b, QUICK, "parked client after its FIN").await;
+    expect_eof(&mut b, QUICK, &format!("[{engine}] parked client after its FIN")).await;
     let line = access_line(&proxy, b_me).await;
     assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
 
@@ -693,18 +703,24 @@ async fn parked_connections_come_back_on_bytes_fin_and_reset() {
     assert_fields(&line, &[("end", "client_reset".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
 
     // Idle timeout: c never comes back; it is closed 3 s after its last byte while parked.
-    expect_eof(&mut c, QUICK, "client left parked past --idle-timeout").await;
-    assert!(t_idle.elapsed() >= Duration::from_millis(2500), "closed before the idle timeout: {:?}", t_idle.elapsed());
+    expect_eof(&mut c, QUICK, &format!("[{engine}] client left parked past --idle-timeout")).await;
+    assert!(t_idle.elapsed() >= Duration::from_millis(2500), "[{engine}] closed before the idle timeout: {:?}", t_idle.elapsed());
     let line = access_line(&proxy, c_me).await;
     assert_fields(&line, &[("end", "idle_timeout".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
-    assert!(line.num("duration_ms") >= 3000, "idle timeout before 3 s: {}", line.raw);
+    assert!(line.num("duration_ms") >= 3000, "[{engine}] idle timeout before 3 s: {}", line.raw);
 
     a.shutdown().await.unwrap();
-    expect_eof(&mut a, QUICK, "client a after its FIN").await;
+    expect_eof(&mut a, QUICK, &format!("[{engine}] client a after its FIN")).await;
     let line = access_line(&proxy, a_me).await;
-    let a_bytes = (4 + 5 + (4u64 << 20) + 5).to_string();
+    let a_bytes = (4 + 5 + BULK_AFTER + 5).to_string();
     assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", a_bytes.clone()), ("bytes_down", a_bytes)]);
-    assert_eq!(echo.accepted(), 4, "one backend connection per client, kept across parking");
+    assert_eq!(line.get("engine"), Some(engine), "{}", line.raw);
+    assert_eq!(echo.accepted(), 4, "[{engine}] one backend connection per client, kept across parking");
+    let logs = proxy.logs();
+    for me in [a_me, b_me, c_me, d_me] {
+        let lines = logs.lines().filter(|l| l.contains(&format!("client={me} "))).count();
+        assert_eq!(lines, 1, "[{engine}] access-log lines for {me}:\n{logs}");
+    }
     stop_ok(proxy).await;
 }
 
