@@ -91,16 +91,19 @@ impl Kept {
 /// A parked connection back from the parker: its sockets and what it kept, as a [`Conn`]
 /// that goes on from there (same entries, baselines and counts).
 fn resume<'e>(eng: &'e Inner, id: u64, client: TcpStream, backend: TcpStream, k: Kept, last_ns: u64) -> Conn<'e> {
-    let Kept { maps, base_written, base_consumed, copied, kernel, idle_at, before: _, wake: _ } = k;
+    let Kept { maps, base_written, base_consumed, copied, kernel, idle_at: _, before: _, wake: _ } = k;
     let wake = maps.register();
     // Both directions look at once: the event that woke the connection went to the parker.
     for w in &wake {
         w.notify_one();
     }
+    // Not idle until each direction has looked again (its first check, then a quiet
+    // recheck): otherwise a connection woken by a FIN, whose last byte is long past, would
+    // park again before its direction saw the EOF, and again on the same FIN.
     let dirs = [0, 1].map(|i| DirShared {
         kernel: AtomicBool::new(kernel[i]),
         copied: AtomicU64::new(copied[i]),
-        idle_at: AtomicU64::new(idle_at[i]),
+        idle_at: AtomicU64::new(NOT_IDLE),
     });
     Conn {
         eng,
