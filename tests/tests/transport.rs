@@ -721,6 +721,11 @@ async fn parked_connections_come_back(engine: &str) {
         let lines = logs.lines().filter(|l| l.contains(&format!("client={me} "))).count();
         assert_eq!(lines, 1, "[{engine}] access-log lines for {me}:\n{logs}");
     }
+    // a parked three times (after ping, the bulk, third), b, c and d once; a came back three
+    // times (again, third, its FIN), b and d once: a FIN or reset wakes a pair once, and it
+    // does not park again before it sees it.
+    assert_eq!(proxy.count_log_ending(" parked"), 6, "[{engine}] parkings:\n{logs}");
+    assert_eq!(proxy.count_log_ending(" unparked"), 5, "[{engine}] returns:\n{logs}");
     stop_ok(proxy).await;
 }
 
