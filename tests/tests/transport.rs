@@ -733,11 +733,17 @@ async fn parked_connections_come_back(engine: &str) {
 /// of a burst from the other side: every byte arrives, in order, on the right connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parking_under_churn_loses_nothing() {
+    for engine in harness::engines() {
+        parking_under_churn(&engine).await;
+    }
+}
+
+async fn parking_under_churn(engine: &str) {
     const CONNS: u64 = 64;
     const ROUNDS: u64 = 12;
     let echo = Server::echo().await;
     let extra = ["--park-after", "20ms", "--idle-timeout", "30s"];
-    let proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let proxy = Proxy::start_with_log(engine, &[echo.addr()], &extra, PARK_LOG).await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..CONNS {
         let addr = proxy.addr();
@@ -763,13 +769,13 @@ async fn parking_under_churn_loses_nothing() {
         done.push(r.expect("a churning connection failed"));
     }
     let parked = proxy.count_log_ending(" parked");
-    assert!(parked >= CONNS as usize, "only {parked} parkings for {CONNS} connections:\n{}", proxy.logs());
+    assert!(parked >= CONNS as usize, "[{engine}] only {parked} parkings for {CONNS} connections:\n{}", proxy.logs());
     for (me, sent) in done {
         let line = access_line(&proxy, me).await;
         assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", sent.to_string()), ("bytes_down", sent.to_string())]);
     }
-    assert_eq!(echo.accepted(), CONNS, "one backend connection per client");
-    eprintln!("{parked} parkings, {} returns", proxy.count_log_ending(" unparked"));
+    assert_eq!(echo.accepted(), CONNS, "[{engine}] one backend connection per client");
+    eprintln!("[{engine}] {parked} parkings, {} returns", proxy.count_log_ending(" unparked"));
     stop_ok(proxy).await;
 }
 
@@ -777,9 +783,15 @@ async fn parking_under_churn_loses_nothing() {
 /// the drain is served; the one still parked at the drain timeout is closed (end=shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_then_closes_parked_connections() {
+    for engine in harness::engines() {
+        sigterm_closes_parked(&engine).await;
+    }
+}
+
+async fn sigterm_closes_parked(engine: &str) {
     let echo = Server::echo().await;
     let extra = ["--park-after", "100ms", "--drain-timeout", "2s"];
-    let mut proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let mut proxy = Proxy::start_with_log(engine, &[echo.addr()], &extra, PARK_LOG).await;
     let mut busy = connect(proxy.addr()).await;
     let mut quiet = connect(proxy.addr()).await;
     round_trip(&mut busy, b"one", "first client").await;
@@ -798,7 +810,11 @@ async fn sigterm_drains_and_then_closes_parked_connections() {
     assert_eq!(wait_closed(&mut quiet, QUICK, "parked client at the drain timeout").await, Closed::Eof);
     let line = access_line(&proxy, quiet_me).await;
     assert_fields(&line, &[("end", "shutdown".into()), ("bytes_up", "3".into()), ("bytes_down", "3".into())]);
-    assert!(proxy.logs().contains("closing parked=1 idle connections"), "{}", proxy.logs());
+    assert!(proxy.logs().contains("closing parked=1 idle connections"), "[{engine}] {}", proxy.logs());
+    let busy_lines = proxy.logs().lines().filter(|l| l.contains("access") && l.contains("end=client_fin")).count();
+    assert_eq!(busy_lines, 1, "[{engine}] one access-log line for the client that finished: {}", proxy.logs());
+    let shut = proxy.logs().lines().filter(|l| l.contains("access") && l.contains("end=shutdown")).count();
+    assert_eq!(shut, 1, "[{engine}] one access-log line for the parked client closed: {}", proxy.logs());
 }
 
 // ---------------------------------------------------------------------------------------
