@@ -729,6 +729,42 @@ async fn parked_connections_come_back(engine: &str) {
     stop_ok(proxy).await;
 }
 
+/// A parked connection comes back on bytes from the backend too (for the sockmap engine:
+/// the kernel forwards them, and the down direction's wake event brings the pair back), and
+/// what the backend sends later while the client is idle reaches it after each return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_comes_back_on_backend_bytes() {
+    for engine in harness::engines() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let extra = ["--park-after", "200ms", "--idle-timeout", "30s"];
+        let proxy = Proxy::start_with_log(&engine, &[backend.local_addr().unwrap()], &extra, PARK_LOG).await;
+        let mut c = connect(proxy.addr()).await;
+        c.write_all(b"hello").await.unwrap();
+        let (mut b, _) = within(QUICK, "the backend connection", backend.accept()).await.unwrap();
+        let mut buf = [0u8; 5];
+        within(QUICK, "the client's bytes at the backend", b.read_exact(&mut buf)).await.unwrap();
+        b.write_all(&buf).await.unwrap();
+        within(QUICK, "the backend's answer at the client", c.read_exact(&mut buf)).await.unwrap();
+        for (round, msg) in [&b"from the backend"[..], b"and again"].into_iter().enumerate() {
+            proxy.wait_log_ending(" parked", round + 1, QUICK).await;
+            b.write_all(msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            within(QUICK, &format!("[{engine}] backend bytes at the client, round {round}"), c.read_exact(&mut got))
+                .await
+                .unwrap();
+            assert_eq!(got, msg, "[{engine}] round {round}");
+            proxy.wait_log_ending(" unparked", round + 1, QUICK).await;
+        }
+        let me = c.local_addr().unwrap();
+        b.shutdown().await.unwrap();
+        expect_eof(&mut c, QUICK, &format!("[{engine}] client after the backend's FIN")).await;
+        c.shutdown().await.unwrap();
+        let line = access_line(&proxy, me).await;
+        assert_fields(&line, &[("end", "backend_fin".into()), ("bytes_up", "5".into()), ("bytes_down", "30".into())]);
+        stop_ok(proxy).await;
+    }
+}
+
 /// Many connections parking and coming back at once, at random moments, some in the middle
 /// of a burst from the other side: every byte arrives, in order, on the right connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
