@@ -43,6 +43,7 @@ use tokio_util::{
 };
 
 use crate::{
+    engine::Kept,
     guard::{Blocked, Guard},
     identity::{self, Identity, Source},
     lifecycle::{End, EngineKind, Fault, Outcome, Progress, Relayed, Side},
@@ -98,6 +99,8 @@ pub struct Waiting {
     pub meta: ConnMeta,
     /// Keeps the connection counted by the drain on shutdown while it has no task.
     pub token: TaskTrackerToken,
+    /// What its engine kept besides the sockets (sockmap engine: its map entries).
+    pub kept: Option<Kept>,
 }
 
 /// What stage 1 learnt of the client: who it is, and the server name it asked for.
@@ -170,7 +173,7 @@ pub fn serve(
                 }
             };
         // Stage 4: the route's engine.
-        let relayed = route.engine.relay(id, client, backend, &route.ctl, progress).await;
+        let relayed = route.engine.relay(id, client, backend, &route.ctl, progress, None).await;
         lc.returned(ConnMeta { id, client: peer, via, started, route, lease, permit, ntlm }, relayed);
     }
 }
@@ -421,13 +424,19 @@ impl Lifecycle {
     fn returned(self: &Arc<Self>, meta: ConnMeta, relayed: Relayed) {
         match relayed {
             Relayed::Ended(outcome) => self.ended(meta, &outcome),
-            Relayed::Parked { socks, progress } => {
+            Relayed::Parked { socks, progress, kept } => {
                 let idle_timeout = meta.route.ctl.idle_timeout;
-                let conn = Parked { meta: Waiting { meta, token: self.tracker.token() }, socks, progress };
+                let conn = Parked { meta: Waiting { meta, token: self.tracker.token(), kept }, socks, progress };
                 let Some(parker) = &self.parker else { return self.resume(conn) };
                 let id = conn.meta.meta.id;
-                match parker.park(conn, idle_timeout) {
-                    Ok(()) => log::debug!(target: PARK_TARGET, "conn={id} parked"),
+                // Kernel-forwarded bytes wake a sockmap connection through the parker's bell.
+                let parked = parker.park_then(conn, idle_timeout, |w: &mut Waiting, key| {
+                    if let Some(k) = &mut w.kept {
+                        k.parked(parker.bell(), key);
+                    }
+                });
+                match parked {
+                    Ok(_) => log::debug!(target: PARK_TARGET, "conn={id} parked"),
                     Err((conn, Refused::Closed)) => self.close(conn, End::Shutdown),
                     Err((conn, e @ Refused::Watch(_))) => {
                         log::debug!("conn={id} cannot park ({e}); relaying it on");
@@ -455,16 +464,18 @@ impl Lifecycle {
 impl park::Owner<Waiting> for Arc<Lifecycle> {
     /// Starts a task that relays a parked connection again, from where it stopped.
     fn resume(&self, conn: Parked<Waiting>) {
-        let Parked { meta: Waiting { meta, token }, socks, progress } = conn;
+        let Parked { meta: Waiting { meta, token, kept }, socks, progress } = conn;
         log::debug!(target: PARK_TARGET, "conn={} unparked", meta.id);
-        self.tracker.spawn(resume(self.clone(), meta, socks, progress));
+        self.tracker.spawn(resume(self.clone(), meta, socks, progress, kept));
         // Only now: the new task is tracked, so the drain never sees the connection gone.
         drop(token);
     }
 
     /// Closes a parked connection (idle timeout, forced shutdown) and logs it.
     fn close(&self, conn: Parked<Waiting>, end: End) {
-        let Parked { meta: Waiting { meta, token }, socks, progress } = conn;
+        let Parked { meta: Waiting { meta, token, kept }, socks, progress } = conn;
+        // The map entries go while the sockets are open, then the sockets.
+        drop(kept);
         drop(socks);
         let engine = meta.route.engine.kind();
         self.ended(meta, &progress.ended(end, None, engine));
@@ -480,6 +491,7 @@ pub fn resume(
     meta: ConnMeta,
     socks: [OwnedFd; 2],
     progress: Progress,
+    kept: Option<Kept>,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let [c, b] = socks;
@@ -498,7 +510,7 @@ pub fn resume(
             }
         };
         let route = meta.route.clone();
-        let relayed = route.engine.relay(meta.id, client, backend, &route.ctl, progress).await;
+        let relayed = route.engine.relay(meta.id, client, backend, &route.ctl, progress, kept).await;
         lc.returned(meta, relayed);
     }
 }
@@ -683,7 +695,10 @@ mod tests {
         {
             let c2 = TcpStream::connect(addr).await.unwrap();
             let c3 = TcpStream::connect(addr).await.unwrap();
-            eprintln!("engine relay {}", size_of_val(&route.engine.relay(1, c2, c3, &route.ctl, Progress::new())));
+            eprintln!(
+                "engine relay {}",
+                size_of_val(&route.engine.relay(1, c2, c3, &route.ctl, Progress::new(), None))
+            );
             eprintln!("outcome {}", size_of::<Outcome>());
         }
         let task = serve(lc.clone(), site, 1, client, addr, permit);
@@ -702,7 +717,7 @@ mod tests {
             ntlm: None,
         };
         let (c, b) = (std::net::TcpStream::connect(addr).unwrap(), std::net::TcpStream::connect(addr).unwrap());
-        let resumed = resume(lc, meta, [c.into(), b.into()], Progress::new());
+        let resumed = resume(lc, meta, [c.into(), b.into()], Progress::new(), None);
         let size = size_of_val(&resumed);
         eprintln!("resumed connection task future: {size} bytes");
         assert!(size <= 624, "the resumed connection task grew to {size} bytes");

@@ -12,8 +12,8 @@
 //!   [`RelayCtl::half_close_timeout`]; HAProxy's `timeout client-fin` / `server-fin`);
 //! - a forced shutdown after the drain timeout ([`End::Shutdown`], [`RelayCtl::force_close`]).
 //!
-//! The engine returns [`Relayed`]: the [`Outcome`] for the access log, or (splice engine) the
-//! parked sockets with their [`Progress`]. `engine::driver::drive` runs this contract over an
+//! The engine returns [`Relayed`]: the [`Outcome`] for the access log, or the parked sockets
+//! with their [`Progress`]. `engine::driver::drive` runs this contract over an
 //! engine's async [`crate::engine::driver::Session`] (the sockmap engine); the splice engine
 //! runs the same decisions inside its hand-written state machine, which keeps an idle
 //! connection's task small.
@@ -395,8 +395,12 @@ pub enum Relayed {
     Parked {
         /// Client, backend.
         socks: [OwnedFd; 2],
-        /// Counters to go on with.
+        /// Counters to go on with (bytes in all, so that a connection closed while parked
+        /// logs them).
         progress: Progress,
+        /// What the engine keeps to go on with besides the sockets (sockmap engine: the map
+        /// entries, which stay while parked); handed back to [`crate::engine::Engine::relay`].
+        kept: Option<crate::engine::Kept>,
     },
 }
 

@@ -17,6 +17,10 @@
 //! connection carries besides its sockets and progress: the owner's `M` rides along.
 //! Parking changes nothing of the pairing: the two sockets stay open and paired throughout.
 //!
+//! Besides its sockets' events, a parked connection can be woken by its [`Bell`]: the sockmap
+//! engine rings it with the connection's key when the kernel forwarded a byte of it (bytes the
+//! kernel forwards never show on the sockets).
+//!
 //! Freed task memory stays resident in glibc's heaps unless trimmed, so the parker trims
 //! once after a burst of parking ([`trim`]).
 
@@ -24,7 +28,7 @@ use std::{
     collections::BTreeSet,
     io,
     os::fd::{AsRawFd, OwnedFd, RawFd},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -52,6 +56,15 @@ const TRIM_DELAY: Duration = Duration::from_secs(1);
 /// Fewest connections parked since the last trim for which a trim is worth its cost (each
 /// freed about 1.2 KB; fewer are left for new connections to reuse).
 const TRIM_MIN: usize = 64;
+
+/// Where [`Parker::divert`] sends connections.
+pub type Diverted<M> = tokio::sync::mpsc::UnboundedSender<Parked<M>>;
+
+/// A [`Parker::divert`] in force: where connections go, and which stay.
+struct Divert<M> {
+    to: Diverted<M>,
+    stays: fn(&M) -> bool,
+}
 
 /// A connection waiting for its next byte.
 pub struct Parked<M> {
@@ -83,9 +96,32 @@ pub enum Refused {
     Watch(#[source] io::Error),
 }
 
+/// Wakes parked connections by key (see [`Parker::park`]) from anywhere, including a thread
+/// outside the runtime: for events the parker's epoll instance cannot see.
+#[derive(Default)]
+pub struct Bell {
+    /// Keys rung since the parker last looked.
+    rung: Mutex<Vec<u64>>,
+    notify: Notify,
+}
+
+impl Bell {
+    /// Hands the connection parked under `key` back to its owner, as an event on its sockets
+    /// would; a key that is no longer parked takes nothing.
+    pub fn ring(&self, key: u64) {
+        self.rung.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.rung.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The table of parked connections and the epoll instance that watches their sockets.
 pub struct Parker<M> {
     epoll: AsyncFd<Epoll>,
+    bell: Arc<Bell>,
     table: Mutex<Table<M>>,
     /// Wakes the parker's loop to look at the table again: a connection parked with an idle
     /// deadline earlier than all others, or the first since the last heap trim.
@@ -106,8 +142,9 @@ struct Table<M> {
     since_trim: usize,
     /// How many are parked, for metrics (changed with `conns`).
     parked: Gauge,
-    /// The live upgrade's hand-over: connections that would park go here instead.
-    divert: Option<tokio::sync::mpsc::UnboundedSender<Parked<M>>>,
+    /// The live upgrade's hand-over: connections that would park go here instead, but for
+    /// those the function says stay (their engine keeps state in this process).
+    divert: Option<Divert<M>>,
 }
 
 impl<M> Default for Table<M> {
@@ -132,11 +169,16 @@ impl<M> Parker<M> {
         // always returns the descriptor it owns.
         let epoll = unsafe { AsyncFd::register_with_interest(Epoll::new()?, tokio::io::Interest::READABLE) }?;
         let table = Table { parked, ..Table::default() };
-        Ok(Parker { epoll, table: Mutex::new(table), earlier: Notify::new() })
+        Ok(Parker { epoll, bell: Arc::default(), table: Mutex::new(table), earlier: Notify::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table<M>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bell that wakes a connection of this table by the key [`Parker::park`] gave.
+    pub fn bell(&self) -> &Arc<Bell> {
+        &self.bell
     }
 
     /// Number of connections parked now.
@@ -150,19 +192,31 @@ impl<M> Parker<M> {
     }
 
     /// Parks `conn`, which closes after `idle_timeout` without a byte (the timeout keeps
-    /// running while parked), or gives it back saying why not.
-    pub fn park(&self, conn: Parked<M>, idle_timeout: Option<Duration>) -> Result<(), (Parked<M>, Refused)> {
+    /// running while parked), or gives it back saying why not. Returns its key, for the
+    /// [`Bell`], or `None` if it was handed over instead ([`Parker::divert`]).
+    pub fn park(&self, conn: Parked<M>, idle_timeout: Option<Duration>) -> Result<Option<u64>, (Parked<M>, Refused)> {
+        self.park_then(conn, idle_timeout, |_, _| {})
+    }
+
+    /// [`Parker::park`], calling `then` with the connection's `meta` and key once it is in
+    /// the table, before anything can take it out again (so that it can ring the [`Bell`]).
+    pub fn park_then(
+        &self,
+        conn: Parked<M>,
+        idle_timeout: Option<Duration>,
+        then: impl FnOnce(&mut M, u64),
+    ) -> Result<Option<u64>, (Parked<M>, Refused)> {
         let mut t = self.lock();
         if t.closed {
             return Err((conn, Refused::Closed));
         }
         let conn = match &t.divert {
             // Handed over: the receiver owns it now.
-            Some(to) => match to.send(conn) {
-                Ok(()) => return Ok(()),
+            Some(d) if !(d.stays)(&conn.meta) => match d.to.send(conn) {
+                Ok(()) => return Ok(None),
                 Err(e) => e.0,
             },
-            None => conn,
+            _ => conn,
         };
         let generation = t.next_gen;
         t.next_gen = generation.wrapping_add(1);
@@ -178,7 +232,7 @@ impl<M> Parker<M> {
             Err(e) => return Err((conn, Refused::Watch(e))),
         };
         let deadline = idle_timeout.map(|_| idle_deadline(conn.progress.last_ns, idle_timeout));
-        entry.insert(Slot { generation, deadline, conn });
+        then(&mut entry.insert(Slot { generation, deadline, conn }).conn.meta, key);
         t.parked.inc();
         t.since_trim += 1;
         if t.since_trim == 1 {
@@ -191,18 +245,24 @@ impl<M> Parker<M> {
                 self.earlier.notify_one();
             }
         }
-        Ok(())
+        Ok(Some(key))
     }
 
     /// The live upgrade's hand-over ([`crate::upgrade`]): from now on every connection that
     /// would park is sent to `to` instead, until [`Parker::undivert`] (or `to`'s receiver is
-    /// gone); returns every connection parked now, taken out of the table.
-    pub fn divert(&self, to: tokio::sync::mpsc::UnboundedSender<Parked<M>>) -> Vec<Parked<M>> {
+    /// gone); returns every connection parked now, taken out of the table. Connections for
+    /// which `stays` is true (a sockmap pair, whose map entries belong to this process) are
+    /// neither taken nor sent: they stay parked here, their idle deadlines running.
+    pub fn divert(&self, to: Diverted<M>, stays: fn(&M) -> bool) -> Vec<Parked<M>> {
         let mut t = self.lock();
-        t.divert = Some(to);
-        t.deadlines.clear();
-        let all: Vec<Parked<M>> = t.conns.drain().map(|s| s.conn).collect();
-        t.parked.dec_by(i64::try_from(all.len()).unwrap_or(i64::MAX));
+        t.divert = Some(Divert { to, stays });
+        let keys: Vec<u64> = t
+            .conns
+            .iter()
+            .filter(|(_, slot)| !stays(&slot.conn.meta))
+            .map(|(index, slot)| u64::from(slot.generation) << 32 | index as u64)
+            .collect();
+        let all: Vec<Parked<M>> = keys.into_iter().filter_map(|key| t.take(key)).collect();
         for conn in &all {
             for s in &conn.socks {
                 self.unwatch(s.as_raw_fd());
@@ -366,6 +426,15 @@ pub async fn run<M>(parker: &Parker<M>, owner: &impl Owner<M>, force_close: &Can
                 }
             }
             () = parker.earlier.notified() => {}
+            () = parker.bell.notify.notified() => {
+                for key in parker.bell.take() {
+                    let Some(conn) = parker.lock().take(key) else { continue };
+                    for s in &conn.socks {
+                        parker.unwatch(s.as_raw_fd());
+                    }
+                    owner.resume(conn);
+                }
+            }
         }
     }
 }
@@ -416,23 +485,29 @@ mod tests {
         assert!(t.conns.is_empty());
     }
 
-    /// The upgrade's hand-over: `divert` takes out every parked connection, later ones go
-    /// to the channel instead of the table, and `undivert` ends that.
+    /// The upgrade's hand-over: `divert` takes out every parked connection but those that
+    /// stay (here: even ids), later ones go to the channel instead of the table (those that
+    /// stay still park), and `undivert` ends that.
     #[tokio::test]
     async fn divert_takes_the_parked_and_sends_later_ones_until_undiverted() {
         let p = Parker::new(Gauge::default()).unwrap();
-        assert!(p.park(parked(1), None).is_ok() && p.park(parked(2), Some(Duration::from_secs(60))).is_ok());
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut taken: Vec<u64> = p.divert(tx).into_iter().map(|c| c.meta).collect();
-        taken.sort();
-        assert_eq!(taken, [1, 2]);
-        assert!(p.is_empty() && p.lock().deadlines.is_empty());
+        let minute = Some(Duration::from_secs(60));
+        assert!(p.park(parked(1), minute).is_ok() && p.park(parked(2), minute).is_ok());
         assert!(p.park(parked(3), None).is_ok());
-        assert_eq!(rx.try_recv().map(|c| c.meta).ok(), Some(3), "parked while diverted");
-        assert!(p.is_empty());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut taken: Vec<u64> = p.divert(tx, |m| m % 2 == 0).into_iter().map(|c| c.meta).collect();
+        taken.sort();
+        assert_eq!(taken, [1, 3]);
+        assert_eq!(p.len(), 1, "the one that stays is still parked");
+        assert_eq!(p.lock().deadlines.len(), 1, "and keeps its idle deadline; the taken one's left");
+        assert!(matches!(p.park(parked(5), None), Ok(None)), "handed over, no key");
+        assert_eq!(rx.try_recv().map(|c| c.meta).ok(), Some(5), "parked while diverted");
+        assert!(matches!(p.park(parked(4), None), Ok(Some(_))), "one that stays parks while diverted");
+        assert_eq!(p.len(), 2);
+        assert!(rx.try_recv().is_err());
         p.undivert();
-        assert!(p.park(parked(4), None).is_ok());
-        assert_eq!(p.len(), 1);
+        assert!(matches!(p.park(parked(7), None), Ok(Some(_))));
+        assert_eq!(p.len(), 3);
         assert!(rx.try_recv().is_err());
     }
 }

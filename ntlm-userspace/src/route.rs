@@ -284,8 +284,8 @@ impl Table {
                 ctl: RelayCtl {
                     idle_timeout: o.idle_timeout,
                     force_close: force_close.clone(),
-                    // Only the splice engine parks; the sockmap engine never hands a connection back.
-                    park_after: o.park_after.filter(|_| parking && engine.parks()),
+                    // Both engines park (the sockmap engine keeps the pair in the maps).
+                    park_after: o.park_after.filter(|_| parking),
                     half_close_timeout: o.half_close_timeout,
                     hand_over: hand_over.clone(),
                 },

@@ -579,12 +579,14 @@ impl Server {
             log::warn!("upgrade: no parker (epoll failed at start): live connections drain here");
             return 0;
         };
-        if !self.table.routes.values().any(|r| r.engine.parks()) {
+        if !self.table.routes.values().any(|r| matches!(*r.engine, crate::engine::Engine::Splice(_))) {
             log::info!("upgrade: no route's engine can hand its connections over (sockmap): they drain here");
             return 0;
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut queue: std::collections::VecDeque<_> = parker.divert(tx).into();
+        // A parked sockmap pair stays: its map entries belong to this process's maps.
+        let stays = |w: &crate::conn::Waiting| w.kept.is_some();
+        let mut queue: std::collections::VecDeque<_> = parker.divert(tx, stays).into();
         self.hand_over.start();
         let deadline = tokio::time::Instant::now() + upgrade::HAND_OVER_TIMEOUT;
         let live = || self.config.global.max_connections - self.slots.available_permits();

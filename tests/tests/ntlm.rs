@@ -268,17 +268,12 @@ async fn idle_authenticated_connection_never_leaks_its_identity() {
     const KEPT_ALIVE_CLIENTS: usize = 6;
     const REQUESTS_PER_KEPT_ALIVE: usize = 5;
     for engine in harness::engines() {
-        // The splice engine parks idle connections (--park-after): here alice's waits parked,
-        // out of its task and the runtime, while the others come and go.
-        let parks = engine == "splice";
-        let (backend, proxy) = if parks {
-            let backend = backend(demo_users()).await;
-            let extra = ["--park-after", "100ms"];
-            let proxy = Proxy::start_with_log(&engine, &[backend.local_addr()], &extra, harness::PARK_LOG).await;
-            (backend, proxy)
-        } else {
-            setup(&engine, demo_users()).await
-        };
+        // Both engines park idle connections (--park-after): here alice's waits parked, out of
+        // its task and the runtime (sockmap: still in the maps), while the others come and go.
+        let parks = true;
+        let backend = backend(demo_users()).await;
+        let extra = ["--park-after", "100ms"];
+        let proxy = Proxy::start_with_log(&engine, &[backend.local_addr()], &extra, harness::PARK_LOG).await;
         let addr = proxy.addr();
 
         let mut alice = within(QUICK, "connect alice", HttpConn::connect(addr))
@@ -404,7 +399,9 @@ async fn idle_authenticated_connection_never_leaks_its_identity() {
             "[{engine}] backend connections must equal client connections (1:1, never pooled)"
         );
         if parks {
-            assert!(proxy.logs().contains("conn=1 unparked"), "[{engine}] alice's connection was not parked:\n{}", proxy.logs());
+            // The sockmap engine's kernel forwards alice's request before the wake event
+            // brings her connection back: the line can trail the response.
+            proxy.wait_for_log("conn=1 unparked", QUICK).await;
         }
         drop(alice);
         let lines = access_lines(&engine, &proxy, client_connections as usize).await;

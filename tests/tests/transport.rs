@@ -655,16 +655,25 @@ async fn echo_bulk(s: &mut TcpStream, seed: u64, len: u64, what: &str) {
 
 /// Idle connections leave their task after --park-after and come back on their next bytes,
 /// their FIN or their reset, with nothing lost; the idle timeout still closes one that stays
-/// parked; the access log counts every byte across parking.
+/// parked; the access log counts every byte across parking, one line per connection. Both
+/// engines: a sockmap pair stays in the maps while parked, so its bytes are forwarded by the
+/// kernel and wake it through the ring buffer's event rather than on its sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_connections_come_back_on_bytes_fin_and_reset() {
+    for engine in harness::engines() {
+        parked_connections_come_back(&engine).await;
+    }
+}
+
+async fn parked_connections_come_back(engine: &str) {
+    const BULK_AFTER: u64 = 64 << 20;
     let echo = Server::echo().await;
     let extra = ["--park-after", "200ms", "--idle-timeout", "3s"];
-    let proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let proxy = Proxy::start_with_log(engine, &[echo.addr()], &extra, PARK_LOG).await;
     let mut conns = Vec::new();
     for i in 0..4 {
         let mut c = connect(proxy.addr()).await;
-        round_trip(&mut c, b"ping", &format!("client {i} before parking")).await;
+        round_trip(&mut c, b"ping", &format!("[{engine}] client {i} before parking")).await;
         conns.push(c);
     }
     proxy.wait_log_ending(" parked", 4, QUICK).await;
@@ -672,18 +681,19 @@ async fn parked_connections_come_back_on_bytes_fin_and_reset() {
     let [mut a, mut b, mut c, d] = <[TcpStream; 4]>::try_from(conns).unwrap();
     let (a_me, b_me, c_me, d_me) = (a.local_addr().unwrap(), b.local_addr().unwrap(), c.local_addr().unwrap(), d.local_addr().unwrap());
 
-    // Bytes: a comes back, moves 4 MiB each way byte-exact, parks again, comes back again.
-    round_trip(&mut a, b"again", "parked client, first bytes after parking").await;
+    // Bytes: a comes back, moves 64 MiB each way byte-exact, parks again, comes back again.
+    round_trip(&mut a, b"again", &format!("[{engine}] parked client, first bytes after parking")).await;
     // The proxy logs the return before it relays the bytes, but the test reads the log from a
     // pipe in the background: wait for the line (on a loaded box it can trail the echo).
     proxy.wait_log_ending(" unparked", 1, QUICK).await;
-    echo_bulk(&mut a, 77, 4 << 20, "4 MiB echo after parking").await;
+    echo_bulk(&mut a, 77, BULK_AFTER, &format!("[{engine}] 64 MiB echo after parking")).await;
     proxy.wait_log_ending(" parked", 5, QUICK).await;
-    round_trip(&mut a, b"third", "client parked a second time").await;
+    round_trip(&mut a, b"third", &format!("[{engine}] client parked a second time")).await;
+    proxy.wait_log_ending(" unparked", 2, QUICK).await;
 
     // FIN: b's half-close reaches the backend (the echo then closes), and comes back as EOF.
     b.shutdown().await.unwrap();
-    expect_eof(&mut b, QUICK, "parked client after its FIN").await;
+    expect_eof(&mut b, QUICK, &format!("[{engine}] parked client after its FIN")).await;
     let line = access_line(&proxy, b_me).await;
     assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
 
@@ -693,30 +703,83 @@ async fn parked_connections_come_back_on_bytes_fin_and_reset() {
     assert_fields(&line, &[("end", "client_reset".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
 
     // Idle timeout: c never comes back; it is closed 3 s after its last byte while parked.
-    expect_eof(&mut c, QUICK, "client left parked past --idle-timeout").await;
-    assert!(t_idle.elapsed() >= Duration::from_millis(2500), "closed before the idle timeout: {:?}", t_idle.elapsed());
+    expect_eof(&mut c, QUICK, &format!("[{engine}] client left parked past --idle-timeout")).await;
+    assert!(t_idle.elapsed() >= Duration::from_millis(2500), "[{engine}] closed before the idle timeout: {:?}", t_idle.elapsed());
     let line = access_line(&proxy, c_me).await;
     assert_fields(&line, &[("end", "idle_timeout".into()), ("bytes_up", "4".into()), ("bytes_down", "4".into())]);
-    assert!(line.num("duration_ms") >= 3000, "idle timeout before 3 s: {}", line.raw);
+    assert!(line.num("duration_ms") >= 3000, "[{engine}] idle timeout before 3 s: {}", line.raw);
 
     a.shutdown().await.unwrap();
-    expect_eof(&mut a, QUICK, "client a after its FIN").await;
+    expect_eof(&mut a, QUICK, &format!("[{engine}] client a after its FIN")).await;
     let line = access_line(&proxy, a_me).await;
-    let a_bytes = (4 + 5 + (4u64 << 20) + 5).to_string();
+    let a_bytes = (4 + 5 + BULK_AFTER + 5).to_string();
     assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", a_bytes.clone()), ("bytes_down", a_bytes)]);
-    assert_eq!(echo.accepted(), 4, "one backend connection per client, kept across parking");
+    assert_eq!(line.get("engine"), Some(engine), "{}", line.raw);
+    assert_eq!(echo.accepted(), 4, "[{engine}] one backend connection per client, kept across parking");
+    let logs = proxy.logs();
+    for me in [a_me, b_me, c_me, d_me] {
+        let lines = logs.lines().filter(|l| l.contains(&format!("client={me} "))).count();
+        assert_eq!(lines, 1, "[{engine}] access-log lines for {me}:\n{logs}");
+    }
+    // a parked three times (after ping, the bulk, third), b, c and d once; a came back three
+    // times (again, third, its FIN), b and d once: a FIN or reset wakes a pair once, and it
+    // does not park again before it sees it.
+    assert_eq!(proxy.count_log_ending(" parked"), 6, "[{engine}] parkings:\n{logs}");
+    assert_eq!(proxy.count_log_ending(" unparked"), 5, "[{engine}] returns:\n{logs}");
     stop_ok(proxy).await;
+}
+
+/// A parked connection comes back on bytes from the backend too (for the sockmap engine:
+/// the kernel forwards them, and the down direction's wake event brings the pair back), and
+/// what the backend sends later while the client is idle reaches it after each return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_comes_back_on_backend_bytes() {
+    for engine in harness::engines() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let extra = ["--park-after", "200ms", "--idle-timeout", "30s"];
+        let proxy = Proxy::start_with_log(&engine, &[backend.local_addr().unwrap()], &extra, PARK_LOG).await;
+        let mut c = connect(proxy.addr()).await;
+        c.write_all(b"hello").await.unwrap();
+        let (mut b, _) = within(QUICK, "the backend connection", backend.accept()).await.unwrap();
+        let mut buf = [0u8; 5];
+        within(QUICK, "the client's bytes at the backend", b.read_exact(&mut buf)).await.unwrap();
+        b.write_all(&buf).await.unwrap();
+        within(QUICK, "the backend's answer at the client", c.read_exact(&mut buf)).await.unwrap();
+        for (round, msg) in [&b"from the backend"[..], b"and again"].into_iter().enumerate() {
+            proxy.wait_log_ending(" parked", round + 1, QUICK).await;
+            b.write_all(msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            within(QUICK, &format!("[{engine}] backend bytes at the client, round {round}"), c.read_exact(&mut got))
+                .await
+                .unwrap();
+            assert_eq!(got, msg, "[{engine}] round {round}");
+            proxy.wait_log_ending(" unparked", round + 1, QUICK).await;
+        }
+        let me = c.local_addr().unwrap();
+        b.shutdown().await.unwrap();
+        expect_eof(&mut c, QUICK, &format!("[{engine}] client after the backend's FIN")).await;
+        c.shutdown().await.unwrap();
+        let line = access_line(&proxy, me).await;
+        assert_fields(&line, &[("end", "backend_fin".into()), ("bytes_up", "5".into()), ("bytes_down", "30".into())]);
+        stop_ok(proxy).await;
+    }
 }
 
 /// Many connections parking and coming back at once, at random moments, some in the middle
 /// of a burst from the other side: every byte arrives, in order, on the right connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parking_under_churn_loses_nothing() {
+    for engine in harness::engines() {
+        parking_under_churn(&engine).await;
+    }
+}
+
+async fn parking_under_churn(engine: &str) {
     const CONNS: u64 = 64;
     const ROUNDS: u64 = 12;
     let echo = Server::echo().await;
     let extra = ["--park-after", "20ms", "--idle-timeout", "30s"];
-    let proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let proxy = Proxy::start_with_log(engine, &[echo.addr()], &extra, PARK_LOG).await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..CONNS {
         let addr = proxy.addr();
@@ -742,13 +805,13 @@ async fn parking_under_churn_loses_nothing() {
         done.push(r.expect("a churning connection failed"));
     }
     let parked = proxy.count_log_ending(" parked");
-    assert!(parked >= CONNS as usize, "only {parked} parkings for {CONNS} connections:\n{}", proxy.logs());
+    assert!(parked >= CONNS as usize, "[{engine}] only {parked} parkings for {CONNS} connections:\n{}", proxy.logs());
     for (me, sent) in done {
         let line = access_line(&proxy, me).await;
         assert_fields(&line, &[("end", "client_fin".into()), ("bytes_up", sent.to_string()), ("bytes_down", sent.to_string())]);
     }
-    assert_eq!(echo.accepted(), CONNS, "one backend connection per client");
-    eprintln!("{parked} parkings, {} returns", proxy.count_log_ending(" unparked"));
+    assert_eq!(echo.accepted(), CONNS, "[{engine}] one backend connection per client");
+    eprintln!("[{engine}] {parked} parkings, {} returns", proxy.count_log_ending(" unparked"));
     stop_ok(proxy).await;
 }
 
@@ -756,9 +819,15 @@ async fn parking_under_churn_loses_nothing() {
 /// the drain is served; the one still parked at the drain timeout is closed (end=shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_then_closes_parked_connections() {
+    for engine in harness::engines() {
+        sigterm_closes_parked(&engine).await;
+    }
+}
+
+async fn sigterm_closes_parked(engine: &str) {
     let echo = Server::echo().await;
     let extra = ["--park-after", "100ms", "--drain-timeout", "2s"];
-    let mut proxy = Proxy::start_with_log("splice", &[echo.addr()], &extra, PARK_LOG).await;
+    let mut proxy = Proxy::start_with_log(engine, &[echo.addr()], &extra, PARK_LOG).await;
     let mut busy = connect(proxy.addr()).await;
     let mut quiet = connect(proxy.addr()).await;
     round_trip(&mut busy, b"one", "first client").await;
@@ -777,7 +846,11 @@ async fn sigterm_drains_and_then_closes_parked_connections() {
     assert_eq!(wait_closed(&mut quiet, QUICK, "parked client at the drain timeout").await, Closed::Eof);
     let line = access_line(&proxy, quiet_me).await;
     assert_fields(&line, &[("end", "shutdown".into()), ("bytes_up", "3".into()), ("bytes_down", "3".into())]);
-    assert!(proxy.logs().contains("closing parked=1 idle connections"), "{}", proxy.logs());
+    assert!(proxy.logs().contains("closing parked=1 idle connections"), "[{engine}] {}", proxy.logs());
+    let busy_lines = proxy.logs().lines().filter(|l| l.contains("access") && l.contains("end=client_fin")).count();
+    assert_eq!(busy_lines, 1, "[{engine}] one access-log line for the client that finished: {}", proxy.logs());
+    let shut = proxy.logs().lines().filter(|l| l.contains("access") && l.contains("end=shutdown")).count();
+    assert_eq!(shut, 1, "[{engine}] one access-log line for the parked client closed: {}", proxy.logs());
 }
 
 // ---------------------------------------------------------------------------------------

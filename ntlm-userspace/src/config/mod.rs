@@ -200,9 +200,10 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_PIPE_SIZE, value_parser = parse_bytes)]
     pub pipe_size: u64,
 
-    /// splice engine: after this long with no byte moving either way, a connection gives up
-    /// its task and its runtime registrations and waits in one compact table until either
-    /// socket has bytes, a FIN or an error: less memory per idle connection, a little more
+    /// After this long with no byte moving either way, a connection gives up its task and
+    /// its runtime registrations and waits in one compact table until either socket has
+    /// bytes, a FIN or an error (sockmap engine: the pair stays in the kernel path, and a
+    /// byte the kernel forwards also brings it back): less memory per idle connection, a little more
     /// latency on the first request after it (the README has the figures). `0` keeps every
     /// connection in its task.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_PARK_AFTER, value_parser = parse_duration)]

@@ -26,15 +26,23 @@ pub trait Session: Send + Sync {
     /// The socket of `side`, so that the lifecycle can watch it for errors once the
     /// direction reading from it has finished.
     fn socket(&self, side: Side) -> &tokio::net::TcpStream;
+    /// Whether the session may park now (called once nothing moved for `park_after`):
+    /// nothing in flight or held that needs its task.
+    fn parkable(&self) -> bool {
+        false
+    }
 }
 
-/// Runs a session to its end and says why it ended. The session still owns the sockets;
-/// dropping it closes them (with a reset where [`Session::reset_on_close`] asked for one).
-pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
+/// Runs a session to its end and says why it ended, or `None` when it is to park: nothing
+/// moved for `ctl.park_after`, no direction finished, and the session is
+/// [`parkable`](Session::parkable). The session still owns the sockets; dropping it closes
+/// them (with a reset where [`Session::reset_on_close`] asked for one).
+pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> Option<(End, Option<Fault>)> {
     let up = s.run(Dir::Up);
     let down = s.run(Dir::Down);
     let idle = idle_watch(s, ctl.idle_timeout);
-    tokio::pin!(up, down, idle);
+    let park = park_watch(s, ctl.park_after);
+    tokio::pin!(up, down, idle, park);
     let mut fins = Fins::default();
     // Set when the first direction finishes, if there is a half-close timeout.
     let mut half_close: Option<tokio::time::Instant> = None;
@@ -47,14 +55,15 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
             r = &mut down, if !fins.is_done(Dir::Down) => r.map(|()| Dir::Down),
             e = socket_error(s.socket(Side::Client)), if fins.is_done(Dir::Up) => Err(Fault::on(Side::Client)(e)),
             e = socket_error(s.socket(Side::Backend)), if fins.is_done(Dir::Down) => Err(Fault::on(Side::Backend)(e)),
-            () = &mut idle => return (End::IdleTimeout, None),
-            () = sleep_until(half_close), if half_close.is_some() => return (End::HalfCloseTimeout, None),
-            () = ctl.force_close.cancelled() => return (End::Shutdown, None),
+            () = &mut idle => return Some((End::IdleTimeout, None)),
+            () = sleep_until(half_close), if half_close.is_some() => return Some((End::HalfCloseTimeout, None)),
+            () = ctl.force_close.cancelled() => return Some((End::Shutdown, None)),
+            () = &mut park, if fins.none() => return None,
         };
         match finished {
             Ok(dir) => {
                 if let Some(end) = fins.finish(dir) {
-                    return (end, None);
+                    return Some((end, None));
                 }
                 half_close = ctl.half_close_timeout.map(|t| tokio::time::Instant::now() + t);
             }
@@ -62,7 +71,7 @@ pub async fn drive<S: Session>(s: &S, ctl: &RelayCtl) -> (End, Option<Fault>) {
                 for &side in fault.resets() {
                     s.reset_on_close(side);
                 }
-                return fault.ending();
+                return Some(fault.ending());
             }
         }
     }
@@ -81,11 +90,7 @@ pub(crate) async fn socket_error(sock: &tokio::net::TcpStream) -> io::Error {
     loop {
         match sock.ready(tokio::io::Interest::ERROR).await {
             Ok(r) if r.is_error() => {
-                return sock
-                    .take_error()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
+                return sock.take_error().ok().flatten().unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
             }
             Ok(_) => tokio::task::yield_now().await,
             Err(e) => return e,
@@ -104,6 +109,26 @@ async fn idle_watch<S: Session>(s: &S, timeout: Option<Duration>) {
             return;
         }
         tokio::time::sleep(Duration::from_nanos(deadline - now)).await;
+    }
+}
+
+/// Longest wait before a session idle for `park_after` that was not parkable is asked again
+/// (its directions notice they are idle on their own rechecks).
+const PARK_RETRY: Duration = Duration::from_millis(250);
+
+/// Resolves once nothing moved for `after` and the session is parkable (never for `None`).
+async fn park_watch<S: Session>(s: &S, after: Option<Duration>) {
+    let Some(after) = after else { return std::future::pending().await };
+    loop {
+        let at = s.last_activity_ns().saturating_add(crate::sys::clock::duration_ns(after));
+        let now = monotonic_ns();
+        if now < at {
+            tokio::time::sleep(Duration::from_nanos(at - now)).await;
+        } else if s.parkable() {
+            return;
+        } else {
+            tokio::time::sleep(after.min(PARK_RETRY)).await;
+        }
     }
 }
 
@@ -202,6 +227,11 @@ mod tests {
         }
     }
 
+    /// [`drive`] of a session that never parks.
+    async fn ended(s: &Script, ctl: &RelayCtl) -> (End, Option<Fault>) {
+        drive(s, ctl).await.expect("a session that is never parkable parked")
+    }
+
     fn ctl(idle: Option<Duration>) -> RelayCtl {
         RelayCtl { idle_timeout: idle, ..RelayCtl::unlimited() }
     }
@@ -211,7 +241,7 @@ mod tests {
         let s = Script::new().await;
         s.last.store(monotonic_ns(), Ordering::Relaxed);
         let c = ctl(None);
-        let d = drive(&s, &c);
+        let d = ended(&s, &c);
         tokio::pin!(d);
         s.down.notify_one();
         // Backend finished first; the client direction still runs.
@@ -228,7 +258,7 @@ mod tests {
         let s = Script::new().await;
         *s.up_result.lock().unwrap() = Some(Err(Fault::on(Side::Client)(io::ErrorKind::ConnectionReset.into())));
         s.up.notify_one();
-        let (end, fault) = drive(&s, &ctl(None)).await;
+        let (end, fault) = ended(&s, &ctl(None)).await;
         assert_eq!(end, End::ClientReset);
         assert!(fault.is_some());
         assert_eq!(*s.reset.lock().unwrap(), [Side::Backend]);
@@ -239,7 +269,7 @@ mod tests {
         let s = Script::new().await;
         s.last.store(monotonic_ns(), Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let (end, _) = drive(&s, &ctl(Some(Duration::from_millis(100)))).await;
+        let (end, _) = ended(&s, &ctl(Some(Duration::from_millis(100)))).await;
         assert_eq!(end, End::IdleTimeout);
         assert!(started.elapsed() >= Duration::from_millis(100));
     }
@@ -249,7 +279,7 @@ mod tests {
         let s = Script::new().await;
         s.last.store(monotonic_ns(), Ordering::Relaxed);
         let c = ctl(None);
-        let d = drive(&s, &c);
+        let d = ended(&s, &c);
         tokio::pin!(d);
         // The client direction ends (client FIN passed on), the backend direction stays open.
         s.up.notify_one();
@@ -270,7 +300,7 @@ mod tests {
         let s = Script::new().await;
         s.last.store(monotonic_ns(), Ordering::Relaxed);
         let c = RelayCtl { half_close_timeout: Some(Duration::from_millis(100)), ..RelayCtl::unlimited() };
-        let d = drive(&s, &c);
+        let d = ended(&s, &c);
         tokio::pin!(d);
         assert!(tokio::time::timeout(Duration::from_millis(300), &mut d).await.is_err(), "ended while both were open");
         let fin = std::time::Instant::now();
@@ -285,6 +315,6 @@ mod tests {
         let s = Script::new().await;
         let c = ctl(None);
         c.force_close.cancel();
-        assert_eq!(drive(&s, &c).await.0, End::Shutdown);
+        assert_eq!(ended(&s, &c).await.0, End::Shutdown);
     }
 }

@@ -182,15 +182,15 @@ impl Engine {
         }
     }
 
-    /// Moves bytes between the paired sockets until the connection ends.
+    /// Moves bytes between the paired sockets until the connection ends, or parks it.
     ///
     /// The sockmap future is boxed: it is several KiB, and unboxed it would set the size of
     /// every connection task, splice ones included (an idle connection's memory is mostly its
     /// task). Not an `async fn`, whose by-value arguments would be stored a second time.
     ///
-    /// Only the splice engine parks (`ctl.park_after`). Both go on from `progress` (bytes
-    /// moved before: by the NTLM observer, or before parking), which the connection's byte
-    /// counts include.
+    /// Both engines park (`ctl.park_after`) and go on from `progress` (bytes moved before:
+    /// by the NTLM observer, or before parking), which the connection's byte counts include;
+    /// `kept` is what the engine kept of a parked connection ([`Relayed::Parked`]).
     pub fn relay<'a>(
         &'a self,
         id: u64,
@@ -198,32 +198,41 @@ impl Engine {
         backend: TcpStream,
         ctl: &'a RelayCtl,
         progress: Progress,
+        kept: Option<Kept>,
     ) -> impl Future<Output = Relayed> + Send + 'a {
         match self {
             Engine::Splice(e) => Either::Left(e.relay(id, client, backend, ctl, progress)),
             Engine::Sockmap(e) => {
-                Either::Right(Box::pin(async move {
-                    let mut o = e.relay(id, client, backend, ctl).await;
-                    // Its counters start at zero with the pair in the map.
-                    o.bytes_up += progress.bytes[0];
-                    o.bytes_down += progress.bytes[1];
-                    Relayed::Ended(o)
-                }))
+                Either::Right(Box::pin(e.relay(id, client, backend, ctl, progress, kept.map(|k| k.0))))
             }
         }
     }
+}
 
-    /// Whether this engine can park idle connections.
-    pub fn parks(&self) -> bool {
-        matches!(self, Engine::Splice(_))
+/// What an engine keeps of a parked connection besides its sockets (sockmap engine: its map
+/// entries, which stay in the maps while it is parked, so the kernel keeps forwarding).
+pub struct Kept(Box<sockmap::Kept>);
+
+impl Kept {
+    /// Called once the connection is parked under `key`: from now on a byte the kernel
+    /// forwards for it rings `bell` with `key` (and at once if one did since it parked).
+    pub fn parked(&mut self, bell: &Arc<crate::park::Bell>, key: u64) {
+        self.0.parked(bell, key);
     }
 }
 
-/// Runs a session through the lifecycle's driver and collects its outcome.
-pub(crate) async fn run_session<S: driver::Session>(s: &S, ctl: &RelayCtl, engine: EngineKind) -> Outcome {
-    let (end, fault) = driver::drive(s, ctl).await;
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kept(sockmap)")
+    }
+}
+
+/// Runs a session through the lifecycle's driver and collects its outcome; `None`: it is
+/// to park (`ctl.park_after`).
+pub(crate) async fn run_session<S: driver::Session>(s: &S, ctl: &RelayCtl, engine: EngineKind) -> Option<Outcome> {
+    let (end, fault) = driver::drive(s, ctl).await?;
     let (bytes_up, bytes_down) = s.bytes();
-    Outcome { bytes_up, bytes_down, end, fault, engine }
+    Some(Outcome { bytes_up, bytes_down, end, fault, engine })
 }
 
 #[cfg(test)]
@@ -262,7 +271,8 @@ mod tests {
         let (e, why) = engines("6.8.12", false).get(EngineChoice::Auto).unwrap();
         assert_eq!(e.kind(), EngineKind::Splice);
         assert!(why.starts_with(AUTO_REASON), "{why}");
-        let verdict = "kernel 6.8.12: known sockmap defects: dup_tx affected, copied_seq affected, fionread not_affected";
+        let verdict =
+            "kernel 6.8.12: known sockmap defects: dup_tx affected, copied_seq affected, fionread not_affected";
         assert!(why.ends_with(verdict), "{why}");
     }
 }

@@ -139,5 +139,6 @@ fn adopt(
     };
     meta.route.metrics.adopted();
     let progress = Progress { bytes: c.bytes, last_ns: c.last_ns };
-    lc.tracker.spawn(conn::resume(lc.clone(), meta, socks, progress));
+    // Nothing of an engine comes along: the route's engine takes the sockets as new.
+    lc.tracker.spawn(conn::resume(lc.clone(), meta, socks, progress, None));
 }

@@ -271,7 +271,7 @@ impl Plan {
 fn idle_read() -> String {
     let s = |ms: u64| ms as f64 / 1000.0;
     format!(
-        "read {} s after the last one opened, {} s for ntlm-splice's splice engine, which parks idle connections after 2 s",
+        "read {} s after the last one opened, {} s for ntlm-splice, which parks idle connections after 2 s",
         s(subjects::IDLE_SETTLE_MS),
         s(subjects::IDLE_SETTLE_PARKED_MS)
     )

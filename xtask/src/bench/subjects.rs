@@ -108,13 +108,12 @@ impl Subject {
     }
 
     /// How long after the last idle connection opened the memory is read (the client's
-    /// `--settle-ms`). ntlm-splice's splice engine parks an idle connection after
+    /// `--settle-ms`). ntlm-splice (both engines) parks an idle connection after
     /// `--park-after` (2 s by default) and trims the heap 1 s after a burst of them parked,
     /// so it is read once that is done; the others do nothing later that would change it.
     pub fn idle_settle_ms(&self) -> u64 {
         match self {
-            Subject::Ntlm { engine: "splice", .. } => IDLE_SETTLE_PARKED_MS,
-            Subject::Baseline { engine, .. } if engine == "splice" => IDLE_SETTLE_PARKED_MS,
+            Subject::Ntlm { .. } | Subject::Baseline { .. } => IDLE_SETTLE_PARKED_MS,
             _ => IDLE_SETTLE_MS,
         }
     }
@@ -442,7 +441,7 @@ fn start_nginx(workers: Option<u32>, env: &Env, tag: &str) -> anyhow::Result<Run
 /// When idle memory is read, after the last idle connection opened (see
 /// [`Subject::idle_settle_ms`]).
 pub const IDLE_SETTLE_MS: u64 = 500;
-/// The same for ntlm-splice's splice engine: `--park-after` (2 s) plus the 1 s heap-trim delay
+/// The same for ntlm-splice: `--park-after` (2 s) plus the 1 s heap-trim delay
 /// plus [`IDLE_SETTLE_MS`].
 pub const IDLE_SETTLE_PARKED_MS: u64 = 3500;
 

@@ -20,17 +20,28 @@ use aya::maps::{MapData, RingBuf};
 use ntlm_common::WakeEvent;
 use tokio::sync::Notify;
 
-use crate::sys::epoll::{Epoll, EventFd};
+use crate::{
+    park::Bell,
+    sys::epoll::{Epoll, EventFd},
+};
 
 /// Epoll key of the ring buffer.
 const RING: u64 = 0;
 /// Epoll key of the stop eventfd.
 const STOP: u64 = 1;
 
+/// Who an event for a socket wakes.
+enum Waiter {
+    /// The connection's task, waiting on its direction's `Notify`.
+    Task(Arc<Notify>),
+    /// A parked connection: its parker's bell, rung with its key ([`crate::park::Bell`]).
+    Parked(Arc<Bell>, u64),
+}
+
 /// Connections waiting for events, by socket cookie.
 #[derive(Default)]
 pub(crate) struct Registry {
-    waiters: Mutex<HashMap<u64, Arc<Notify>>>,
+    waiters: Mutex<HashMap<u64, Waiter>>,
     /// Events read from the ring buffer.
     pub(crate) events: AtomicU64,
     /// Events for a cookie nobody waits for (a connection that just ended).
@@ -42,8 +53,21 @@ impl Registry {
     /// nobody is waiting, so no event is lost between two waits).
     pub(crate) fn register(&self, cookie: u64) -> Arc<Notify> {
         let n = Arc::new(Notify::new());
-        self.lock().insert(cookie, Arc::clone(&n));
+        self.lock().insert(cookie, Waiter::Task(Arc::clone(&n)));
         n
+    }
+
+    /// Hands `cookie`'s events to the parker of a connection parked under `key`, if they
+    /// still go to `task` (the `Notify` of the task that parked it). Returns false if
+    /// another task registered it since (the connection already came back) or it is gone.
+    pub(crate) fn park(&self, cookie: u64, task: &Arc<Notify>, bell: &Arc<Bell>, key: u64) -> bool {
+        let mut w = self.lock();
+        let Some(entry) = w.get_mut(&cookie) else { return false };
+        if !matches!(&*entry, Waiter::Task(n) if Arc::ptr_eq(n, task)) {
+            return false;
+        }
+        *entry = Waiter::Parked(Arc::clone(bell), key);
+        true
     }
 
     /// Forgets `cookie`.
@@ -56,14 +80,15 @@ impl Registry {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn wake(&self, cookie: u64) {
         self.events.fetch_add(1, Ordering::Relaxed);
         match self.lock().get(&cookie) {
-            Some(n) => n.notify_one(),
+            Some(Waiter::Task(n)) => n.notify_one(),
+            Some(Waiter::Parked(bell, key)) => bell.ring(*key),
             None => {
                 self.orphans.fetch_add(1, Ordering::Relaxed);
             }

@@ -20,19 +20,16 @@
 use std::{
     io,
     os::fd::{AsFd as _, BorrowedFd},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use ntlm_common::{SockCtl, SockStats};
 use tokio::net::TcpStream;
 
-use super::{
-    Inner,
-    flow::stop_at,
-    kernel::BPF_NOEXIST,
-    session::Conn,
-    sock,
-};
+use super::{Inner, flow::stop_at, kernel::BPF_NOEXIST, session::Conn, sock};
 use crate::{
     lifecycle::{Dir, Side},
     sys::clock::monotonic_ns,
@@ -40,14 +37,17 @@ use crate::{
 
 /// The connection's map entries, registrations and budget; dropping it removes them all
 /// (trap 7), whatever state the connection ended in.
-pub(super) struct Entries<'e> {
-    /// The engine whose maps and budget these are.
-    eng: &'e Inner,
+pub(super) struct Entries {
+    /// The engine whose maps and budget these are (owned: a parked connection keeps its
+    /// entries without a task that borrows the engine).
+    eng: Arc<Inner>,
     /// The connection's id (for the log).
     id: u64,
     /// `SO_COOKIE` of the client and backend sockets: the keys of every entry.
     cookie: [u64; 2],
-    /// STATS/CTL entries and an event registration exist for socket i.
+    /// Both cookies are registered for events.
+    registered: AtomicBool,
+    /// STATS/CTL entries exist for socket i.
     tracked: [AtomicBool; 2],
     /// `PEER[cookie of socket i]` is set.
     in_peer: [AtomicBool; 2],
@@ -171,7 +171,7 @@ fn baselines(client: &TcpStream, backend: &TcpStream) -> Result<Baselines, Setup
 
 /// Sets a connection up in the maps (the whole set-up order above); on failure nothing
 /// forwards and the sockets come back, open, in [`Unpaired`].
-pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream) -> Result<Conn<'_>, Unpaired> {
+pub(super) fn setup(eng: &Arc<Inner>, id: u64, client: TcpStream, backend: TcpStream) -> Result<Conn<'_>, Unpaired> {
     let Baselines { cookie, written: base_written, consumed: base_consumed } = match baselines(&client, &backend) {
         Ok(v) => v,
         Err(why) => return Err(Unpaired { client, backend, why }),
@@ -182,9 +182,10 @@ pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream)
         }
     }
     let maps = Entries {
-        eng,
+        eng: Arc::clone(eng),
         id,
         cookie,
+        registered: AtomicBool::new(true),
         tracked: Default::default(),
         in_peer: Default::default(),
         in_fwd: Default::default(),
@@ -217,7 +218,43 @@ pub(super) fn setup(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream)
     Ok(conn)
 }
 
-impl Entries<'_> {
+impl Entries {
+    /// Registers both cookies for events again (a parked connection coming back): their
+    /// events wake the returned `Notify`s from now on.
+    pub(super) fn register(&self) -> [Arc<tokio::sync::Notify>; 2] {
+        self.registered.store(true, Ordering::Relaxed);
+        [self.eng.registry.register(self.cookie[0]), self.eng.registry.register(self.cookie[1])]
+    }
+
+    /// Moves everything these entries own into a new owner (a connection parking keeps them
+    /// while its task, and this, go away); this one then removes nothing when dropped.
+    pub(super) fn hand_over(&self) -> Entries {
+        let flag = |a: &AtomicBool| AtomicBool::new(a.swap(false, Ordering::Relaxed));
+        let flags = |a: &[AtomicBool; 2]| [flag(&a[0]), flag(&a[1])];
+        let held = |a: &AtomicU64| AtomicU64::new(a.swap(0, Ordering::Relaxed));
+        Entries {
+            eng: Arc::clone(&self.eng),
+            id: self.id,
+            cookie: self.cookie,
+            registered: flag(&self.registered),
+            tracked: flags(&self.tracked),
+            in_peer: flags(&self.in_peer),
+            in_fwd: flags(&self.in_fwd),
+            reserved: [held(&self.reserved[0]), held(&self.reserved[1])],
+            sockets_closed: AtomicBool::new(false),
+        }
+    }
+
+    /// `SO_COOKIE` of the client and backend sockets.
+    pub(super) fn cookie(&self) -> [u64; 2] {
+        self.cookie
+    }
+
+    /// The engine these entries are in.
+    pub(super) fn engine(&self) -> &Arc<Inner> {
+        &self.eng
+    }
+
     /// Steps 3-5 of the set-up. An error means nothing forwards yet (no FWD entry) and the
     /// caller hands the connection to splice.
     fn enter(&self, client: &TcpStream, backend: &TcpStream) -> Result<(), SetupError> {
@@ -233,7 +270,7 @@ impl Entries<'_> {
             k.stats.put(self.cookie[i], &fresh, BPF_NOEXIST).map_err(entry("STATS"))?;
             self.tracked[i].store(true, Ordering::Relaxed);
             // The first redirected byte wakes us; the first check grants budget.
-            let ctl = SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(self.eng, 0, 0) };
+            let ctl = SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(&self.eng, 0, 0) };
             k.ctl.put(self.cookie[i], &ctl, BPF_NOEXIST).map_err(entry("CTL"))?;
         }
         if self.eng.breaks.fwd_first {
@@ -241,9 +278,11 @@ impl Entries<'_> {
         }
         // PEER[cookie of the client] = backend socket, and the reverse.
         for side in [Side::Client, Side::Backend] {
-            k.peer
-                .put_sock(self.cookie[side as usize], fd(side.other()))
-                .map_err(|source| SetupError::Insert { map: "PEER", side: side.other(), source })?;
+            k.peer.put_sock(self.cookie[side as usize], fd(side.other())).map_err(|source| SetupError::Insert {
+                map: "PEER",
+                side: side.other(),
+                source,
+            })?;
             self.in_peer[side as usize].store(true, Ordering::Relaxed);
         }
         if !self.eng.breaks.fwd_first {
@@ -260,7 +299,7 @@ impl Entries<'_> {
             match self.eng.kernel.fwd.put_sock(self.cookie[src as usize], fd(src)) {
                 Ok(()) => {
                     self.in_fwd[dir as usize].store(true, Ordering::Relaxed);
-                    kick(self.eng, self.id, src, fd(src));
+                    kick(&self.eng, self.id, src, fd(src));
                 }
                 Err(e) => log::debug!(
                     "conn={} sockmap: {src:?} socket not inserted in FWD ({e}); copying {dir:?} in userspace",
@@ -297,8 +336,12 @@ impl Entries<'_> {
                 fail("a PEER entry", e);
             }
         }
+        if self.registered.swap(false, Ordering::Relaxed) {
+            for c in self.cookie {
+                self.eng.registry.unregister(c);
+            }
+        }
         for i in 0..2 {
-            self.eng.registry.unregister(self.cookie[i]);
             if self.tracked[i].swap(false, Ordering::Relaxed) && !self.eng.breaks.no_cleanup {
                 if let Ok(st) = self.eng.kernel.stats_of(self.cookie[i]) {
                     let c = &self.eng.counters;
@@ -306,8 +349,7 @@ impl Entries<'_> {
                     c.overlap_skbs.fetch_add(st.overlap_skbs, Ordering::Relaxed);
                     c.cap_stops.fetch_add(st.cap_stops, Ordering::Relaxed);
                     c.linearized.fetch_add(st.linearized, Ordering::Relaxed);
-                    c.overlap_bytes
-                        .fetch_add(st.overlap_bytes, Ordering::Relaxed);
+                    c.overlap_bytes.fetch_add(st.overlap_bytes, Ordering::Relaxed);
                     if st.overlap_skbs != 0 {
                         // More than one loopback segment in one buffer: TCP merged retransmitted
                         // segments; rare enough to show.
@@ -338,7 +380,7 @@ impl Entries<'_> {
     }
 }
 
-impl Drop for Entries<'_> {
+impl Drop for Entries {
     fn drop(&mut self) {
         self.cleanup();
     }

@@ -37,7 +37,7 @@ use tokio::{io::Interest, time::Instant};
 use super::{
     Inner,
     lane::{COPY_BUF, Lane, lane_max},
-    session::Conn,
+    session::{Conn, NOT_IDLE},
     sock,
 };
 use crate::{
@@ -81,10 +81,13 @@ impl Conn<'_> {
         let wake = &self.wake[dir.src() as usize];
         let cap = self.eng.max_inflight;
         let lane_max = lane_max(cap);
+        // What earlier tasks of this connection copied (before it parked): the verdict
+        // redirects only while `user_copied` equals what it passed.
+        let copied = self.dirs[dir as usize].copied.load(Ordering::Relaxed);
         let mut flow = Flow {
-            ctl: SockCtl { wake_at: 1, paused: 0, user_copied: 0, stop_at: stop_at(self.eng, 0, 0) },
+            ctl: SockCtl { wake_at: 1, paused: 0, user_copied: copied, stop_at: stop_at(self.eng, 0, 0) },
             paused: false,
-            copied: 0,
+            copied,
             last_r: u64::MAX,
             recheck: None,
             interval: RECHECK_FIRST,
@@ -222,6 +225,8 @@ impl Conn<'_> {
     fn check(&self, dir: Dir, flow: &mut Flow, timer: bool) -> Result<(), Fault> {
         let reserved = &self.maps.reserved[dir as usize];
         let cap = self.eng.max_inflight;
+        let idle_at = &self.dirs[dir as usize].idle_at;
+        idle_at.store(NOT_IDLE, Ordering::Relaxed);
         self.check_no_duplicate(dir, flow.copied)?;
         loop {
             let (f, r) = self.inflight(dir)?;
@@ -267,6 +272,8 @@ impl Conn<'_> {
                 if self.stats(dir.src())?.bytes > r {
                     continue;
                 }
+                // The connection may park now (`Conn::parkable`).
+                idle_at.store(r, Ordering::Relaxed);
                 return Ok(());
             }
             let new = self.eng.budget.resize(old, f, high(cap).min(f + chunk(cap)));

@@ -59,6 +59,7 @@ pub(crate) use counters::Counters;
 pub use counters::{COUNTERS, KINDS, Kind, Snapshot};
 pub use kernel::ERROR_NAMES;
 pub use selftest::FionreadProbe;
+pub(crate) use session::Kept;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -72,7 +73,7 @@ use tokio::net::TcpStream;
 use super::splice::SpliceEngine;
 use crate::{
     config::file::Global,
-    lifecycle::{Outcome, RelayCtl},
+    lifecycle::{Progress, RelayCtl, Relayed},
 };
 
 /// Environment variable (test hook) naming trap fixes to switch off, comma separated, to
@@ -233,9 +234,19 @@ impl SockmapEngine {
         Ok(inner)
     }
 
-    /// Relays one connection: in the kernel where it can, in userspace where it must.
-    pub async fn relay(&self, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
-        session::relay(&self.inner, id, client, backend, ctl).await
+    /// Relays one connection: in the kernel where it can, in userspace where it must; with
+    /// `ctl.park_after`, parks it once idle (keeping it in the maps). `progress`: bytes moved
+    /// before; `kept`: what it kept if it comes back from the parker.
+    pub(crate) async fn relay(
+        &self,
+        id: u64,
+        client: TcpStream,
+        backend: TcpStream,
+        ctl: &RelayCtl,
+        progress: Progress,
+        kept: Option<Box<Kept>>,
+    ) -> Relayed {
+        session::relay_or_park(&self.inner, id, client, backend, ctl, progress, kept).await
     }
 
     /// The splice engine it falls back to for connections the kernel cannot take.

@@ -126,7 +126,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
 }
 
-async fn exercise(inner: &Inner) -> anyhow::Result<()> {
+async fn exercise(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await.context("self-test: bind 127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let mut user = TcpStream::connect(addr).await?;

@@ -31,7 +31,8 @@ use crate::{
         driver::{self, Session},
         run_session,
     },
-    lifecycle::{Dir, EngineKind, Fault, Outcome, Progress, RelayCtl, Relayed, Side},
+    lifecycle::{Dir, End, EngineKind, Fault, Outcome, Progress, RelayCtl, Relayed, Side},
+    park::Bell,
     sys::{clock::monotonic_ns, sock::shutdown_write},
 };
 
@@ -42,6 +43,103 @@ pub(super) struct DirShared {
     pub(super) kernel: AtomicBool,
     /// Bytes moved by the userspace copy.
     pub(super) copied: AtomicU64,
+    /// The redirected total at which the direction last went idle (nothing in flight, no
+    /// budget held, the next redirected byte raises an event), or [`NOT_IDLE`] since it did
+    /// anything else. Starts idle at 0: set-up leaves a source so.
+    pub(super) idle_at: AtomicU64,
+}
+
+/// [`DirShared::idle_at`] of a direction that is not idle.
+pub(super) const NOT_IDLE: u64 = u64::MAX;
+
+/// What a parked connection keeps besides its sockets: its map entries (the pair stays in
+/// the maps, so the kernel keeps forwarding while it is parked, and closing it still removes
+/// them) and what a new task needs to go on with the same counts.
+pub(crate) struct Kept {
+    maps: Entries,
+    base_written: [u64; 2],
+    base_consumed: [u64; 2],
+    copied: [u64; 2],
+    kernel: [bool; 2],
+    idle_at: [u64; 2],
+    /// Bytes moved before set-up (by the NTLM observer), which the outcome adds.
+    before: [u64; 2],
+    /// The wake-ups of the task that parked it, until [`Kept::parked`] hands the cookies'
+    /// events to the parker (taken then).
+    wake: Option<[Arc<Notify>; 2]>,
+}
+
+impl Kept {
+    /// The connection is parked under `key`: from now on a byte the kernel forwards for it
+    /// rings `bell`; if one was forwarded since it went idle (its event went to the task that
+    /// parked it), at once.
+    pub(crate) fn parked(&mut self, bell: &Arc<Bell>, key: u64) {
+        let Some(wake) = self.wake.take() else { return };
+        let eng = self.maps.engine();
+        for (i, task) in wake.iter().enumerate() {
+            if !eng.registry.park(self.maps.cookie()[i], task, bell, key) {
+                return; // it came back already: its new task has the events
+            }
+        }
+        let moved = |i: usize| eng.kernel.stats_of(self.maps.cookie()[i]).map_or(true, |s| s.bytes != self.idle_at[i]);
+        if moved(0) || moved(1) {
+            bell.ring(key);
+        }
+    }
+}
+
+/// A parked connection back from the parker: its sockets and what it kept, as a [`Conn`]
+/// that goes on from there (same entries, baselines and counts).
+fn resume<'e>(eng: &'e Inner, id: u64, client: TcpStream, backend: TcpStream, k: Kept, last_ns: u64) -> Conn<'e> {
+    let Kept { maps, base_written, base_consumed, copied, kernel, idle_at: _, before: _, wake: _ } = k;
+    let wake = maps.register();
+    // Both directions look at once: the event that woke the connection went to the parker.
+    for w in &wake {
+        w.notify_one();
+    }
+    // Not idle until each direction has looked again (its first check, then a quiet
+    // recheck): otherwise a connection woken by a FIN, whose last byte is long past, would
+    // park again before its direction saw the EOF, and again on the same FIN.
+    let dirs = [0, 1].map(|i| DirShared {
+        kernel: AtomicBool::new(kernel[i]),
+        copied: AtomicU64::new(copied[i]),
+        idle_at: AtomicU64::new(NOT_IDLE),
+    });
+    Conn {
+        eng,
+        id,
+        socks: [client, backend],
+        cookie: maps.cookie(),
+        maps,
+        base_written,
+        base_consumed,
+        wake,
+        dirs,
+        last_user: AtomicU64::new(last_ns),
+        reset: Default::default(),
+    }
+}
+
+/// Parks `conn` (its task decided to): its sockets stay open (dup'd out of the runtime) and
+/// in the maps, and its entries go into a [`Kept`]; the caller then drops `conn`, whose own
+/// descriptors close (the dup'd ones keep the sockets open) and which removes nothing.
+/// Fails (nothing handed over) if a descriptor cannot be dup'd.
+fn park(conn: &Conn<'_>, before: [u64; 2]) -> io::Result<Relayed> {
+    let socks = [conn.fd(Side::Client).try_clone_to_owned()?, conn.fd(Side::Backend).try_clone_to_owned()?];
+    let (up, down) = conn.bytes();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let kept = Kept {
+        maps: conn.maps.hand_over(),
+        base_written: conn.base_written,
+        base_consumed: conn.base_consumed,
+        copied: [load(&conn.dirs[0].copied), load(&conn.dirs[1].copied)],
+        kernel: [conn.dirs[0].kernel.load(Ordering::Relaxed), conn.dirs[1].kernel.load(Ordering::Relaxed)],
+        idle_at: [load(&conn.dirs[0].idle_at), load(&conn.dirs[1].idle_at)],
+        before,
+        wake: Some(conn.wake.clone()),
+    };
+    let progress = Progress { bytes: [before[0] + up, before[1] + down], last_ns: conn.last_activity_ns() };
+    Ok(Relayed::Parked { socks, progress, kept: Some(crate::engine::Kept(Box::new(kept))) })
 }
 
 /// One connection in the sockmap engine.
@@ -55,7 +153,7 @@ pub(super) struct Conn<'e> {
     /// The client and backend sockets.
     pub(super) socks: [TcpStream; 2],
     /// The map entries, registrations and budget, removed on drop.
-    pub(super) maps: Entries<'e>,
+    pub(super) maps: Entries,
     /// `SO_COOKIE` of the client and backend sockets.
     pub(super) cookie: [u64; 2],
     /// `bytes_written` of each socket at set-up (as a destination).
@@ -73,23 +171,60 @@ pub(super) struct Conn<'e> {
     pub(super) reset: driver::ResetOnClose,
 }
 
-/// Relays one connection (the engine's `relay`).
-pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
-    let conn = match setup(eng, id, client, backend) {
-        Ok(c) => c,
-        Err(Unpaired { client, backend, why }) => {
-            log::debug!("conn={id} sockmap: {}; handing the connection to the splice engine", Chain(&why));
-            eng.counters.splice_fallbacks.fetch_add(1, Ordering::Relaxed);
-            return match eng.splice.relay(id, client, backend, ctl, Progress::new()).await {
-                Relayed::Ended(o) => o,
-                // server.rs gives the sockmap engine's connections no --park-after.
-                Relayed::Parked { .. } => unreachable!("a sockmap-engine connection was parked"),
-            };
+/// Relays one connection (the engine's `relay`) to its end, never parking (`ctl` must have
+/// no `park_after`): for the self-test and tests.
+pub(super) async fn relay(eng: &Arc<Inner>, id: u64, client: TcpStream, backend: TcpStream, ctl: &RelayCtl) -> Outcome {
+    match relay_or_park(eng, id, client, backend, ctl, Progress::new(), None).await {
+        Relayed::Ended(o) => o,
+        Relayed::Parked { progress, .. } => {
+            progress.ended(End::Internal, Some(Fault::Internal(io::Error::other("parked"))), EngineKind::Sockmap)
+        }
+    }
+}
+
+/// Relays one connection until it ends or parks: a new one (`kept` `None`, `progress`: the
+/// bytes moved before), or one back from the parker with what it kept.
+pub(super) async fn relay_or_park(
+    eng: &Arc<Inner>,
+    id: u64,
+    client: TcpStream,
+    backend: TcpStream,
+    ctl: &RelayCtl,
+    progress: Progress,
+    kept: Option<Box<Kept>>,
+) -> Relayed {
+    let (conn, before) = match kept {
+        Some(k) => {
+            let before = k.before;
+            (resume(eng, id, client, backend, *k, progress.last_ns), before)
+        }
+        None => match setup(eng, id, client, backend) {
+            Ok(c) => {
+                eng.counters.kernel_conns.fetch_add(1, Ordering::Relaxed);
+                (c, progress.bytes)
+            }
+            Err(Unpaired { client, backend, why }) => {
+                log::debug!("conn={id} sockmap: {}; handing the connection to the splice engine", Chain(&why));
+                eng.counters.splice_fallbacks.fetch_add(1, Ordering::Relaxed);
+                // It may park there, and comes back to this engine, which tries the maps again.
+                return eng.splice.relay(id, client, backend, ctl, progress).await;
+            }
+        },
+    };
+    let pauses_before = eng.counters.pauses.load(Ordering::Relaxed);
+    let mut ctl = std::borrow::Cow::Borrowed(ctl);
+    let mut outcome = loop {
+        match run_session(&conn, &ctl, EngineKind::Sockmap).await {
+            Some(o) => break o,
+            None => match park(&conn, before) {
+                Ok(parked) => return parked,
+                Err(e) => {
+                    log::debug!("conn={id} sockmap: cannot park ({e}); relaying it on");
+                    ctl = std::borrow::Cow::Owned(RelayCtl { park_after: None, ..ctl.into_owned() });
+                }
+            },
         }
     };
-    eng.counters.kernel_conns.fetch_add(1, Ordering::Relaxed);
-    let pauses_before = eng.counters.pauses.load(Ordering::Relaxed);
-    let mut outcome = run_session(&conn, ctl, EngineKind::Sockmap).await;
     let copied = [conn.dirs[0].copied.load(Ordering::Relaxed), conn.dirs[1].copied.load(Ordering::Relaxed)];
     if copied != [0, 0] {
         log::info!(
@@ -102,8 +237,10 @@ pub(super) async fn relay(eng: &Inner, id: u64, client: TcpStream, backend: TcpS
     if !conn.dirs.iter().any(|d| d.kernel.load(Ordering::Relaxed)) {
         outcome.engine = EngineKind::Copy;
     }
+    outcome.bytes_up += before[0];
+    outcome.bytes_down += before[1];
     drop(conn);
-    outcome
+    Relayed::Ended(outcome)
 }
 
 impl Conn<'_> {
@@ -207,5 +344,20 @@ impl Session for Conn<'_> {
 
     fn socket(&self, side: Side) -> &TcpStream {
         &self.socks[side as usize]
+    }
+
+    /// Both directions idle in the kernel path: each went idle at the redirected total it
+    /// still shows, holds no budget, and every byte the verdict passed was written.
+    fn parkable(&self) -> bool {
+        [Dir::Up, Dir::Down].into_iter().all(|dir| {
+            let d = &self.dirs[dir as usize];
+            let idle_at = d.idle_at.load(Ordering::Relaxed);
+            idle_at != NOT_IDLE
+                && self.maps.in_fwd[dir as usize].load(Ordering::Relaxed)
+                && self.maps.reserved[dir as usize].load(Ordering::Relaxed) == 0
+                && self
+                    .stats(dir.src())
+                    .is_ok_and(|s| s.bytes == idle_at && s.passed == d.copied.load(Ordering::Relaxed))
+        })
     }
 }

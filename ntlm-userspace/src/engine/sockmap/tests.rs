@@ -66,7 +66,7 @@ fn ctl() -> RelayCtl {
     RelayCtl { idle_timeout: Some(Duration::from_secs(20)), ..RelayCtl::unlimited() }
 }
 
-async fn relay(e: &Inner, pc: TcpStream, pb: TcpStream) -> Outcome {
+async fn relay(e: &Arc<Inner>, pc: TcpStream, pb: TcpStream) -> Outcome {
     session::relay(e, 1, pc, pb, &ctl()).await
 }
 

@@ -106,7 +106,7 @@ impl SpliceEngine {
                     // Deregistering can fail only if epoll_ctl(2) does (out of memory); the
                     // socket is then closed, and the connection ends.
                     return match (client.into_std(), backend.into_std()) {
-                        (Ok(c), Ok(b)) => Relayed::Parked { socks: [c.into(), b.into()], progress },
+                        (Ok(c), Ok(b)) => Relayed::Parked { socks: [c.into(), b.into()], progress, kept: None },
                         (Err(e), _) | (_, Err(e)) => {
                             log::warn!("conn={id} cannot take the sockets out of the runtime to park them: {e}");
                             Relayed::Ended(progress.ended(End::Internal, Some(Fault::Internal(e)), EngineKind::Splice))
@@ -671,7 +671,7 @@ mod tests {
                 r = client_far.read_exact(&mut buf) => { r.unwrap(); }
             }
             assert_eq!(&buf, b"world");
-            let Relayed::Parked { socks: [cs, bs], progress: p } = relay.await else { panic!("an idle connection did not park") };
+            let Relayed::Parked { socks: [cs, bs], progress: p, .. } = relay.await else { panic!("an idle connection did not park") };
             assert!(t0.elapsed() >= Duration::from_millis(100), "parked before --park-after");
             assert_eq!(p.bytes, [5 * (round + 1); 2], "round {round}");
             c = TcpStream::from_std(std::net::TcpStream::from(cs)).unwrap();
