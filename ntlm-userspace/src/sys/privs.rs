@@ -286,6 +286,37 @@ fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), libc::
     Ok(())
 }
 
+/// Passes this thread's permitted capabilities among `caps` on to the program it is about to
+/// execute (a live upgrade's new binary): adds them to the inheritable set and raises them as
+/// ambient, which a process that is not root keeps across `execve` (with no_new_privs too).
+/// Only system calls, no allocation: it runs between `fork` and `execve`. An errno on failure.
+pub fn pass_on_exec(caps: u64) -> Result<(), libc::c_int> {
+    let (effective, permitted, inheritable) = capget()?;
+    let caps = caps & permitted;
+    if caps == 0 {
+        return Ok(());
+    }
+    capset(effective, permitted, inheritable | caps)?;
+    for cap in 0..=MAX_CAP {
+        if caps & bit(cap) != 0 {
+            // SAFETY: PR_CAP_AMBIENT takes integer arguments only.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    libc::c_ulong::from(cap),
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            };
+            if rc != 0 {
+                return Err(errno());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), libc::c_int> {
     // SAFETY: the options used here take integer arguments only.
     if unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) } != 0 {
