@@ -585,27 +585,55 @@ async fn live_upgrade_under_the_unit(name: &str, engine: &str, container_pid: u3
     let r = within(QUICK, "login", kept.login("/whoami", &alice)).await.expect("login on the kept connection");
     assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{engine}: login on the kept connection");
 
-    let (upgraded, text) = exec(name, &["/usr/local/bin/ntlm-splice", "upgrade", "--pid", &old]).await;
     let journal = || async {
         let (_, j) = exec(name, &["journalctl", "-u", "ntlm-splice", "--no-pager", "-n", "60"]).await;
         j
     };
     if engine == "sockmap" {
+        let (upgraded, text) = exec(name, &["/usr/local/bin/ntlm-splice", "upgrade", "--pid", &old]).await;
         assert!(!upgraded, "{engine}: the upgrade under the unit reported success: {text}");
         assert!(text.contains("sockmap engine is loaded") && text.contains("restart"), "{engine}: {text}");
         assert_eq!(unit_property(name, "MainPID").await, old, "{engine}: MainPID after a refused upgrade");
     } else {
-        assert!(upgraded, "{engine}: ntlm-splice upgrade under the unit: {text}\n{}", journal().await);
-        let new = number_after(&text, "pid=").unwrap_or_else(|| panic!("{engine}: no pid in {text:?}"));
-        assert!(number_after(&text, "moved=").is_some_and(|m| m >= 1), "{engine}: the kept connection moved: {text}");
-        assert_ne!(new.to_string(), old);
-        eventually(&format!("{engine}: the old process exits"), || async {
-            (!exec(name, &["test", "-d", &format!("/proc/{old}")]).await.0).then_some(())
-        })
-        .await;
-        let main = unit_property(name, "MainPID").await;
-        assert_eq!(main, new.to_string(), "{engine}: systemd's MainPID is the new process\n{}", journal().await);
-        main_process_is_unprivileged(name, &format!("{engine}, after the upgrade")).await;
+        // The command, then (the new process upgrading in turn) the signal, both as the unit's
+        // comment says.
+        let mut main = old.clone();
+        for how in ["ntlm-splice upgrade --pid", "systemctl kill -s USR2"] {
+            let what = format!("{engine}, {how}");
+            let before = main.clone();
+            let new = if how.starts_with("ntlm-splice") {
+                let (upgraded, text) = exec(name, &["/usr/local/bin/ntlm-splice", "upgrade", "--pid", &before]).await;
+                assert!(upgraded, "{what}: under the unit: {text}\n{}", journal().await);
+                number_after(&text, "pid=").unwrap_or_else(|| panic!("{what}: no pid in {text:?}")).to_string()
+            } else {
+                let (sent, text) =
+                    exec(name, &["systemctl", "kill", "-s", "USR2", "--kill-whom=main", "ntlm-splice"]).await;
+                assert!(sent, "{what}: {text}");
+                let line = eventually(&format!("{what}: the upgrade is done"), || async {
+                    journal()
+                        .await
+                        .lines()
+                        .find(|l| l.contains(&format!("ntlm-splice[{before}]")) && l.contains(" serves; moved="))
+                        .map(str::to_owned)
+                })
+                .await;
+                number_after(&line, "pid=").unwrap_or_else(|| panic!("{what}: no pid in {line:?}")).to_string()
+            };
+            let moved = journal().await.lines().find_map(|l| {
+                l.contains(&format!("pid={new} serves; moved=")).then(|| number_after(l, "moved=")).flatten()
+            });
+            assert!(moved.is_some_and(|m| m >= 1), "{what}: the kept connection moved\n{}", journal().await);
+            assert_ne!(new, before, "{what}");
+            eventually(&format!("{what}: the old process exits"), || async {
+                (!exec(name, &["test", "-d", &format!("/proc/{before}")]).await.0).then_some(())
+            })
+            .await;
+            main = unit_property(name, "MainPID").await;
+            assert_eq!(main, new, "{what}: systemd's MainPID is the new process\n{}", journal().await);
+            main_process_is_unprivileged(name, &format!("{what}: the new process")).await;
+            let r = within(QUICK, "request", kept.get("/whoami")).await.expect("the kept connection after the upgrade");
+            assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{what}: the kept connection, no new handshake");
+        }
     }
     let state = [unit_property(name, "ActiveState").await, unit_property(name, "SubState").await];
     assert_eq!(state, ["active", "running"], "{engine}: the service after the upgrade\n{}", journal().await);
