@@ -625,6 +625,35 @@ mod tests {
         assert!(t.iter().all(|c| c.uids[0] == uid), "{t:?}");
     }
 
+    /// A program started with [`pass_on_exec`] holds what was passed as ambient (and so
+    /// permitted and effective), and nothing this process holds beyond it; this process's own
+    /// ambient set is untouched.
+    #[test]
+    fn pass_on_exec_gives_the_new_program_those_capabilities_only() {
+        use std::os::unix::process::CommandExt as _;
+        let passed = crate::sys::caps::Cap::NetBindService.bit();
+        let me = current().unwrap();
+        if me.permitted & passed == 0 {
+            eprintln!("SKIPPED pass_on_exec_gives_the_new_program_those_capabilities_only: needs cap_net_bind_service");
+            return;
+        }
+        let mut cmd = std::process::Command::new("cat");
+        cmd.arg("/proc/self/status");
+        // SAFETY: pass_on_exec makes system calls only and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || pass_on_exec(passed).map_err(std::io::Error::from_raw_os_error));
+        }
+        let out = cmd.output().expect("cat /proc/self/status");
+        assert!(out.status.success());
+        let child = ThreadCreds::parse(0, &String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert_eq!(child.ambient, passed, "ambient: {child:?}");
+        if me.uids[1] != 0 {
+            // A root program gets its full sets from execve anyway.
+            assert_eq!((child.permitted, child.effective), (passed, passed), "{child:?}");
+        }
+        assert_eq!(current().unwrap().ambient, me.ambient, "this process's own ambient set");
+    }
+
     #[test]
     fn unknown_user_and_group_name_the_fix() {
         let e = lookup("ntlm-splice-no-such-user-xyz", None).unwrap_err();
