@@ -135,11 +135,12 @@ pub fn start(binary: &std::path::Path, caps: u64) -> anyhow::Result<Started> {
         });
     }
     let child = cmd.spawn().with_context(|| {
-        format!(
-            "cannot start {} (check the path and that it is executable; or passing it the capabilities {} failed)",
-            binary.display(),
-            crate::sys::caps::names(caps)
-        )
+        let passing = if caps == 0 {
+            String::new()
+        } else {
+            format!("; or passing it the capabilities {} failed", crate::sys::caps::names(caps))
+        };
+        format!("cannot start {} (check the path and that it is executable{passing})", binary.display())
     })?;
     drop(theirs);
     Ok(Started { link: Link::new(ours)?, child })
@@ -244,6 +245,9 @@ fn notify(msg: &str) {
         Ok(())
     })();
     if let Err(e) = sent {
-        log::warn!("cannot notify systemd at NOTIFY_SOCKET ({e}); with Type=notify, set NotifyAccess=all");
+        log::warn!(
+            "cannot notify systemd at NOTIFY_SOCKET ({e}), so with Type=notify it does not see this: the unit must \
+             allow AF_UNIX (RestrictAddressFamilies=)"
+        );
     }
 }
