@@ -509,19 +509,34 @@ impl Server {
     /// [`upgrade::HAND_OVER_TIMEOUT`]. `Err` (this process keeps everything) if the new one
     /// cannot start, fails, or is not ready within [`upgrade::READY_TIMEOUT`].
     async fn upgrade(&mut self, binary: Option<PathBuf>) -> anyhow::Result<String> {
+        // A process that narrowed its capabilities after start (--user, or started as another
+        // user than root, as under the systemd unit) passes what it kept to the new binary. That
+        // is enough unless the new one must switch user again or load eBPF programs.
+        let mut pass_on = 0;
         if let Some(d) = &self.dropped {
-            anyhow::bail!(
-                "privileges were dropped at start ({}): a new binary started from here could not load the \
-                 eBPF engine or bind privileged ports; restart the service instead, or run without --user \
-                 ([global] user) to upgrade live",
-                d.summary()
-            );
+            if d.account.is_some() {
+                anyhow::bail!(
+                    "privileges were dropped at start ({}): a new binary started from here could not switch \
+                     to the user again; restart the service instead, or start the proxy as that user itself \
+                     (systemd User= with AmbientCapabilities=, as the shipped unit does) to upgrade live",
+                    d.summary()
+                );
+            }
+            if self.engines.sockmap_loaded() {
+                anyhow::bail!(
+                    "the sockmap engine is loaded and this process gave up the capabilities that loading it \
+                     needs (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) after start ({}), so a new binary started from \
+                     here could not load it; restart the service instead (systemctl restart)",
+                    d.summary()
+                );
+            }
+            pass_on = d.caps;
         }
         let binary = binary
             .or_else(upgrade::default_binary)
             .context("cannot tell this program's path; pass the binary to start (ntlm-splice upgrade --binary PATH)")?;
         log::info!("upgrade: starting {}", binary.display());
-        let started = upgrade::start(&binary)?;
+        let started = upgrade::start(&binary, pass_on)?;
         let pid = match self.hand_listeners(&started.link).await {
             Ok(pid) => pid,
             Err(e) => {
@@ -532,6 +547,8 @@ impl Server {
         let link = started.link;
         // Committed: from here the new process serves. Its exit status is not ours to wait for.
         drop(started.child);
+        // systemd (Type=notify) follows the service to it before this process stops or exits.
+        upgrade::notify_main_pid(pid);
         log::info!("upgrade: the new process pid={pid} is ready; this one stops accepting and hands over");
         self.metrics.draining();
         self.metrics_task = None;

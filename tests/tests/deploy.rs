@@ -24,7 +24,7 @@ use std::{
 
 use ntlm_splice_tests::{
     harness::{self, Proxy, TempDir, config_head, config_route, stop_ok, within},
-    ntlm::{DEFAULT_DOMAIN, NtlmServer, demo_users},
+    ntlm::{Credentials, DEFAULT_DOMAIN, HttpConn, NtlmServer, demo_users},
 };
 use tokio::process::Command;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -208,7 +208,8 @@ async fn systemd_unit_verifies_and_has_what_the_readme_promises() {
         assert_eq!(v.len(), 1, "{key}= once in the unit: {v:?}");
         v[0].to_owned()
     };
-    assert_eq!(one("Type"), "exec");
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("NotifyAccess"), "all");
     assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_eq!(one("Restart"), "on-failure");
     assert_eq!(one("NoNewPrivileges"), "yes");
@@ -523,6 +524,130 @@ async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, mut f: impl Fn
     .await
 }
 
+/// `systemctl show -p PROPERTY --value ntlm-splice` in the container.
+async fn unit_property(name: &str, property: &str) -> String {
+    let (_, v) = exec(name, &["systemctl", "show", "-p", property, "--value", "ntlm-splice"]).await;
+    v.trim().to_owned()
+}
+
+/// The unit's main process: not root, no_new_privs, only CAP_NET_BIND_SERVICE.
+async fn main_process_is_unprivileged(name: &str, what: &str) {
+    let pid = unit_property(name, "MainPID").await;
+    let (_, status) = exec(name, &["cat", &format!("/proc/{pid}/status")]).await;
+    let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or_default().to_owned();
+    let uid = field("Uid:");
+    assert!(!uid.is_empty() && uid.split_whitespace().take(2).all(|u| u != "0"), "{what}: runs as root: {uid}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{what}: no_new_privs");
+    let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_eq!(cap_eff, 1 << 10, "{what}: CapEff is CAP_NET_BIND_SERVICE only:\n{status}");
+}
+
+/// A client connection to `addr` in the network namespace of host process `pid` (the
+/// container's), made by a thread that joins it; then served by tokio here.
+fn connect_in_netns_of(pid: u32, addr: SocketAddr) -> HttpConn {
+    use std::os::fd::AsRawFd as _;
+    let path = format!("/proc/{pid}/ns/net");
+    let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+    let stream = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a descriptor held open; it moves only this thread, which ends
+            // right after the connect.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            std::net::TcpStream::connect_timeout(&addr, QUICK)
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+    .unwrap_or_else(|e| panic!("connect to {addr} in the container: {e}"));
+    HttpConn::from_std(stream).expect("the connection, for tokio")
+}
+
+/// `N` after `key` in `text` (`pid=N`, `moved=N`).
+fn number_after(text: &str, key: &str) -> Option<u32> {
+    text.split(key).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// A live upgrade under the unit (docs/upgrade.md, systemd): a client logged in with NTLM
+/// on a kept-alive connection; `ntlm-splice upgrade --pid MainPID` as the unit's comment says.
+/// Splice engine: systemd's MainPID becomes the new process (sent by the proxy: without
+/// MAINPID systemd takes the old process's exit for the service's end and stops the new one),
+/// the service stays active in the same invocation, never restarted; the old process exits;
+/// the new one holds only what the old kept (CAP_NET_BIND_SERVICE, passed on); the kept
+/// connection is served as itself with no new handshake (a new backend connection would
+/// answer 401); a new login works. Sockmap engine (its drop-in): refused with the reason,
+/// the same process serving on.
+async fn live_upgrade_under_the_unit(name: &str, engine: &str, container_pid: u32, listen: SocketAddr, url: &str) {
+    let alice = Credentials { domain: "EXAMPLE", user: "alice", password: ALICE.1 };
+    let old = unit_property(name, "MainPID").await;
+    let invocation = unit_property(name, "InvocationID").await;
+    let mut kept = connect_in_netns_of(container_pid, listen);
+    let r = within(QUICK, "login", kept.login("/whoami", &alice)).await.expect("login on the kept connection");
+    assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{engine}: login on the kept connection");
+
+    let journal = || async {
+        let (_, j) = exec(name, &["journalctl", "-u", "ntlm-splice", "--no-pager", "-n", "60"]).await;
+        j
+    };
+    if engine == "sockmap" {
+        let (upgraded, text) = exec(name, &["/usr/local/bin/ntlm-splice", "upgrade", "--pid", &old]).await;
+        assert!(!upgraded, "{engine}: the upgrade under the unit reported success: {text}");
+        assert!(text.contains("sockmap engine is loaded") && text.contains("restart"), "{engine}: {text}");
+        assert_eq!(unit_property(name, "MainPID").await, old, "{engine}: MainPID after a refused upgrade");
+    } else {
+        // The command, then (the new process upgrading in turn) the signal, both as the unit's
+        // comment says.
+        let mut main = old.clone();
+        for how in ["ntlm-splice upgrade --pid", "systemctl kill -s USR2"] {
+            let what = format!("{engine}, {how}");
+            let before = main.clone();
+            let new = if how.starts_with("ntlm-splice") {
+                let (upgraded, text) = exec(name, &["/usr/local/bin/ntlm-splice", "upgrade", "--pid", &before]).await;
+                assert!(upgraded, "{what}: under the unit: {text}\n{}", journal().await);
+                number_after(&text, "pid=").unwrap_or_else(|| panic!("{what}: no pid in {text:?}")).to_string()
+            } else {
+                let (sent, text) =
+                    exec(name, &["systemctl", "kill", "-s", "USR2", "--kill-whom=main", "ntlm-splice"]).await;
+                assert!(sent, "{what}: {text}");
+                let line = eventually(&format!("{what}: the upgrade is done"), || async {
+                    journal()
+                        .await
+                        .lines()
+                        .find(|l| l.contains(&format!("ntlm-splice[{before}]")) && l.contains(" serves; moved="))
+                        .map(str::to_owned)
+                })
+                .await;
+                number_after(&line, "pid=").unwrap_or_else(|| panic!("{what}: no pid in {line:?}")).to_string()
+            };
+            let moved = journal().await.lines().find_map(|l| {
+                l.contains(&format!("pid={new} serves; moved=")).then(|| number_after(l, "moved=")).flatten()
+            });
+            assert!(moved.is_some_and(|m| m >= 1), "{what}: the kept connection moved\n{}", journal().await);
+            assert_ne!(new, before, "{what}");
+            eventually(&format!("{what}: the old process exits"), || async {
+                (!exec(name, &["test", "-d", &format!("/proc/{before}")]).await.0).then_some(())
+            })
+            .await;
+            main = unit_property(name, "MainPID").await;
+            assert_eq!(main, new, "{what}: systemd's MainPID is the new process\n{}", journal().await);
+            main_process_is_unprivileged(name, &format!("{what}: the new process")).await;
+            let r = within(QUICK, "request", kept.get("/whoami")).await.expect("the kept connection after the upgrade");
+            assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{what}: the kept connection, no new handshake");
+        }
+    }
+    let state = [unit_property(name, "ActiveState").await, unit_property(name, "SubState").await];
+    assert_eq!(state, ["active", "running"], "{engine}: the service after the upgrade\n{}", journal().await);
+    assert_eq!(unit_property(name, "InvocationID").await, invocation, "{engine}: the service was restarted");
+    assert_eq!(unit_property(name, "NRestarts").await, "0", "{engine}: NRestarts");
+    assert_eq!(unit_property(name, "Result").await, "success", "{engine}: Result");
+
+    let r = within(QUICK, "request", kept.get("/whoami")).await.expect("the kept connection after the upgrade");
+    assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{engine}: the kept connection, with no new handshake");
+    let user = format!("{}:{}", ALICE.0, ALICE.1);
+    let (done, body) = exec(name, &["curl", "-sS", "--max-time", "10", "--ntlm", "-u", &user, url]).await;
+    assert!(done && body.trim() == ALICE.2, "{engine}: a new login after the upgrade: {body}");
+}
+
 /// The unit for real: systemd as PID 1 in a podman container (the host's own root file
 /// system as an overlay, so systemd, curl and ntlm-testd are the host's; its own network
 /// namespace), the release binary installed as the unit says, the splice engine with the
@@ -577,6 +702,7 @@ async fn systemd_unit_serves_ntlm_under_systemd() {
         assert!(exec(&name, &["mkdir", "-p", dir]).await.0);
     }
     let listen = "127.0.0.1:443";
+    let container_pid: u32 = ok(&podman(&["inspect", "-f", "{{.State.Pid}}", &name]).await, "inspect").parse().unwrap();
     for engine in harness::engines() {
         let dir = TempDir::new("deploy-systemd");
         let toml = format!(
@@ -608,16 +734,8 @@ async fn systemd_unit_serves_ntlm_under_systemd() {
         let (_, journal) = exec(&name, &["journalctl", "-u", "ntlm-splice", "--no-pager", "-n", "40"]).await;
         assert!(journal.contains(&format!("engine={engine}")), "{engine}: the journal:\n{journal}");
 
-        // The main process: not root, no_new_privs, only CAP_NET_BIND_SERVICE.
-        let (_, pid) = exec(&name, &["systemctl", "show", "-p", "MainPID", "--value", "ntlm-splice"]).await;
-        let (_, status) = exec(&name, &["cat", &format!("/proc/{}/status", pid.trim())]).await;
-        let field =
-            |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or_default().to_owned();
-        let uid = field("Uid:");
-        assert!(!uid.is_empty() && uid.split_whitespace().take(2).all(|u| u != "0"), "{engine}: runs as root: {uid}");
-        assert_eq!(field("NoNewPrivs:"), "1", "{engine}: no_new_privs");
-        let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
-        assert_eq!(cap_eff, 1 << 10, "{engine}: CapEff is CAP_NET_BIND_SERVICE only:\n{status}");
+        main_process_is_unprivileged(&name, &engine).await;
+        live_upgrade_under_the_unit(&name, &engine, container_pid, listen.parse().unwrap(), &url).await;
 
         // systemctl reload: ExecReload's SIGHUP.
         let (reloaded, text) = exec(&name, &["systemctl", "reload", "ntlm-splice"]).await;

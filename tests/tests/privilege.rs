@@ -4,7 +4,9 @@
 //! byte-exact; a reload binds a new port below 1024 after the switch; a reload that first asks
 //! for the sockmap engine is refused with the fix. Started as that user with ambient
 //! capabilities (as systemd's AmbientCapabilities= or a container's cap_add would), it serves
-//! too. An unknown user, or a switch the process may not make, stops it with the fix.
+//! too, and a live upgrade passes what it kept to the new process (refused with the sockmap
+//! engine, which could not be loaded again). An unknown user, or a switch the process may not
+//! make, stops it with the fix.
 //!
 //! Needs root: it runs the proxy as another user, and creates that user
 //! (`ntlm-splice-test`, a system account without a home or shell) with useradd when missing.
@@ -333,6 +335,104 @@ async fn ambient_capabilities_start_without_root() {
         }
         ntlm_login(low, &what).await;
         stop_ok(proxy).await;
+    }
+}
+
+/// A process this test did not start itself (the proxy's successor after an upgrade): killed
+/// by its PID when dropped, also on panic.
+struct Successor(u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on the PID the old proxy named as its successor.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+/// A live upgrade of a proxy started as the user with ambient capabilities (as the systemd
+/// unit starts it): the new process gets what the old one kept (CAP_NET_BIND_SERVICE, passed
+/// on as ambient) and nothing else, runs as the same user, serves the kept NTLM connection
+/// as itself with no new handshake, and a reload in it binds another port below 1024 (what
+/// the capability is kept for). With the sockmap engine the upgrade is refused with the
+/// reason (loading it needs what the process gave up), and the same process serves on.
+#[tokio::test]
+async fn an_upgrade_started_with_ambient_capabilities_passes_them_on() {
+    use ntlm_splice_tests::ntlm::{Credentials, HttpConn};
+    if !privileged("an_upgrade_started_with_ambient_capabilities_passes_them_on") {
+        return;
+    }
+    let user = test_user();
+    let alice = Credentials { domain: "EXAMPLE", user: "alice", password: ALICE.1 };
+    for engine in harness::engines() {
+        let what = format!("[{engine}] upgrade, ambient");
+        let (ntlm, _echo) = backends().await;
+        let dir = TempDir::new("privilege-upgrade");
+        let binary = dir.path().join("ntlm-splice");
+        copy_binary(&binary);
+        let low = low_port_addr(3);
+        let route = |listen: &[&str]| config_head(&engine) + &config_route("ntlm", listen, &[ntlm.local_addr()], "");
+        let path = dir.write("proxy.toml", &route(&[&low.to_string()]));
+        let mut caps = vec!["net_bind_service"];
+        if engine == "sockmap" {
+            caps.extend(["bpf", "net_admin", "perfmon"]);
+        }
+        let caps: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+        let (reuid, regid) = (format!("--reuid={}", user.uid), format!("--regid={}", user.gid));
+        let (inh, amb) = (format!("--inh-caps={}", caps.join(",")), format!("--ambient-caps={}", caps.join(",")));
+        let wrapper = ["setpriv", &reuid, &regid, "--init-groups", &inh, &amb];
+        let args: Vec<String> = ["--config", path.to_str().unwrap()].map(String::from).to_vec();
+        let proxy = Proxy::start_wrapped(&wrapper, Some(&binary), &args).await;
+        let mut conn = within(QUICK, "connect", HttpConn::connect(low)).await.expect("connect");
+        let r = within(QUICK, "login", conn.login("/whoami", &alice)).await.expect("login");
+        assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{what}: login on the kept connection");
+
+        let out = Command::new(harness::bin())
+            .args(["upgrade", "--pid", &proxy.pid().to_string()])
+            .kill_on_drop(true)
+            .output();
+        let out = within(Duration::from_secs(60), "ntlm-splice upgrade", out).await.expect("run upgrade");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let logs = proxy.logs();
+        let new = logs
+            .lines()
+            .find(|l| l.contains("upgrade: the new process pid=") && l.contains(" is ready"))
+            .and_then(|l| l.split("pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .map(Successor);
+        if engine == "sockmap" {
+            assert!(!out.status.success(), "{what}: reported success: {text}");
+            assert!(text.contains("sockmap engine is loaded") && text.contains("restart"), "{what}: {text}");
+            assert!(new.is_none(), "{what}: a new process started:\n{logs}");
+            let r = within(QUICK, "request", conn.get("/whoami")).await.expect("the kept connection");
+            assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{what}: the kept connection after the refusal");
+            drop(conn);
+            stop_ok(proxy).await;
+            continue;
+        }
+        assert!(out.status.success(), "{what}: {text}\n{logs}");
+        let new = new.expect("the new process's pid in the old one's log");
+        check_tasks(new.0, &Want { user: &user, caps: kept(&engine), bounding: None }, &format!("{what}: new"));
+        let r = within(QUICK, "request", conn.get("/whoami")).await.expect("the kept connection after the upgrade");
+        assert_eq!((r.status, r.text().trim()), (200, ALICE.2), "{what}: the kept connection, no new handshake");
+        assert_eq!(ntlm.logins().len(), 1, "{what}: one handshake at the backend");
+
+        // A reload in the new process binds another port below 1024.
+        let low2 = low_port_addr(4);
+        dir.write("proxy.toml", &route(&[&low.to_string(), &low2.to_string()]));
+        // SAFETY: plain syscall on the new proxy's PID.
+        unsafe { libc::kill(new.0 as i32, libc::SIGHUP) };
+        let bound = tokio::time::timeout(QUICK, async {
+            loop {
+                if std::net::TcpStream::connect(low2).is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(bound.is_ok(), "{what}: the new process did not bind {low2} on reload:\n{}", proxy.logs());
+        ntlm_login(low2, &what).await;
+        // The old process exited after the hand-over; the new one is killed as `new` drops.
+        drop((conn, new, proxy));
     }
 }
 

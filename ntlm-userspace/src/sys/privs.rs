@@ -286,6 +286,37 @@ fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), libc::
     Ok(())
 }
 
+/// Passes this thread's permitted capabilities among `caps` on to the program it is about to
+/// execute (a live upgrade's new binary): adds them to the inheritable set and raises them as
+/// ambient, which a process that is not root keeps across `execve` (with no_new_privs too).
+/// Only system calls, no allocation: it runs between `fork` and `execve`. An errno on failure.
+pub fn pass_on_exec(caps: u64) -> Result<(), libc::c_int> {
+    let (effective, permitted, inheritable) = capget()?;
+    let caps = caps & permitted;
+    if caps == 0 {
+        return Ok(());
+    }
+    capset(effective, permitted, inheritable | caps)?;
+    for cap in 0..=MAX_CAP {
+        if caps & bit(cap) != 0 {
+            // SAFETY: PR_CAP_AMBIENT takes integer arguments only.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    libc::c_ulong::from(cap),
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            };
+            if rc != 0 {
+                return Err(errno());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), libc::c_int> {
     // SAFETY: the options used here take integer arguments only.
     if unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) } != 0 {
@@ -592,6 +623,35 @@ mod tests {
         let uid = unsafe { libc::getuid() };
         assert!(!t.is_empty());
         assert!(t.iter().all(|c| c.uids[0] == uid), "{t:?}");
+    }
+
+    /// A program started with [`pass_on_exec`] holds what was passed as ambient (and so
+    /// permitted and effective), and nothing this process holds beyond it; this process's own
+    /// ambient set is untouched.
+    #[test]
+    fn pass_on_exec_gives_the_new_program_those_capabilities_only() {
+        use std::os::unix::process::CommandExt as _;
+        let passed = crate::sys::caps::Cap::NetBindService.bit();
+        let me = current().unwrap();
+        if me.permitted & passed == 0 {
+            eprintln!("SKIPPED pass_on_exec_gives_the_new_program_those_capabilities_only: needs cap_net_bind_service");
+            return;
+        }
+        let mut cmd = std::process::Command::new("cat");
+        cmd.arg("/proc/self/status");
+        // SAFETY: pass_on_exec makes system calls only and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || pass_on_exec(passed).map_err(std::io::Error::from_raw_os_error));
+        }
+        let out = cmd.output().expect("cat /proc/self/status");
+        assert!(out.status.success());
+        let child = ThreadCreds::parse(0, &String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert_eq!(child.ambient, passed, "ambient: {child:?}");
+        if me.uids[1] != 0 {
+            // A root program gets its full sets from execve anyway.
+            assert_eq!((child.permitted, child.effective), (passed, passed), "{child:?}");
+        }
+        assert_eq!(current().unwrap().ambient, me.ambient, "this process's own ambient set");
     }
 
     #[test]

@@ -116,20 +116,32 @@ pub struct Started {
     pub child: std::process::Child,
 }
 
-/// Starts `binary` with this process's arguments and the other end of a new link.
-pub fn start(binary: &std::path::Path) -> anyhow::Result<Started> {
+/// Starts `binary` with this process's arguments and the other end of a new link, passing
+/// it the capabilities among `caps` this process holds (as ambient capabilities: a process
+/// that narrowed its own after start, e.g. under systemd's `AmbientCapabilities=`, has none
+/// left to pass on otherwise, so the new one would start with nothing).
+pub fn start(binary: &std::path::Path, caps: u64) -> anyhow::Result<Started> {
     use std::os::unix::process::CommandExt as _;
     let (ours, theirs) = fdpass::seqpacket_pair().context("cannot create the socket pair for the upgrade")?;
     let raw: RawFd = theirs.as_raw_fd();
     let mut cmd = std::process::Command::new(binary);
     cmd.args(std::env::args_os().skip(1)).env(FD_ENV, raw.to_string());
-    // SAFETY: the closure only calls fcntl(2), which is async-signal-safe.
+    // SAFETY: the closure only calls fcntl(2), capget(2), capset(2) and prctl(2), which are
+    // async-signal-safe, and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || fdpass::inheritable(raw));
+        cmd.pre_exec(move || {
+            fdpass::inheritable(raw)?;
+            crate::sys::privs::pass_on_exec(caps).map_err(io::Error::from_raw_os_error)
+        });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {} (check the path and that it is executable)", binary.display()))?;
+    let child = cmd.spawn().with_context(|| {
+        let passing = if caps == 0 {
+            String::new()
+        } else {
+            format!("; or passing it the capabilities {} failed", crate::sys::caps::names(caps))
+        };
+        format!("cannot start {} (check the path and that it is executable{passing})", binary.display())
+    })?;
     drop(theirs);
     Ok(Started { link: Link::new(ours)?, child })
 }
@@ -204,10 +216,22 @@ fn to_listener(fd: OwnedFd) -> io::Result<tokio::net::TcpListener> {
 }
 
 /// Tells systemd (`Type=notify`) that this process serves and is the service's main process
-/// (after an upgrade that needs `NotifyAccess=all`); nothing without `$NOTIFY_SOCKET`.
+/// (after an upgrade: also sent by the old process, see [`notify_main_pid`]; `NotifyAccess=all`
+/// lets this one through should that have failed); nothing without `$NOTIFY_SOCKET`.
 pub fn notify_systemd() {
+    notify(&format!("MAINPID={}\nREADY=1\n", std::process::id()));
+}
+
+/// Tells systemd that `pid` (the new process of an upgrade, which now serves) is the service's
+/// main process. Sent by the old one, the main process until then, as soon as the new one is
+/// ready: systemd has it before the old process exits, and does not take that exit for the
+/// service's end. Nothing without `$NOTIFY_SOCKET`.
+pub fn notify_main_pid(pid: u32) {
+    notify(&format!("MAINPID={pid}\n"));
+}
+
+fn notify(msg: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let msg = format!("MAINPID={}\nREADY=1\n", std::process::id());
     let sent = (|| -> io::Result<()> {
         let s = std::os::unix::net::UnixDatagram::unbound()?;
         let bytes = path.as_encoded_bytes();
@@ -221,6 +245,9 @@ pub fn notify_systemd() {
         Ok(())
     })();
     if let Err(e) = sent {
-        log::warn!("cannot notify systemd at NOTIFY_SOCKET ({e}); set NotifyAccess=all");
+        log::warn!(
+            "cannot notify systemd at NOTIFY_SOCKET ({e}), so with Type=notify it does not see this: the unit must \
+             allow AF_UNIX (RestrictAddressFamilies=)"
+        );
     }
 }

@@ -63,6 +63,15 @@ impl HttpConn {
         Ok(HttpConn::new(stream, addr))
     }
 
+    /// A connection made elsewhere (e.g. by a thread in another network namespace), for tokio.
+    pub fn from_std(stream: std::net::TcpStream) -> std::io::Result<HttpConn> {
+        let addr = stream.peer_addr()?;
+        stream.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(stream)?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConn::new(stream, addr))
+    }
+
     /// Connects to `addr` from `source` (a free port), e.g. a loopback address of its own
     /// such as 127.0.0.7, so that the client is recognisable by its address.
     pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<HttpConn> {
