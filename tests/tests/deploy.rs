@@ -689,8 +689,10 @@ async fn systemd_unit_serves_ntlm_under_systemd() {
     })
     .await;
 
-    // The backend, in the container's network namespace.
-    let testd = env!("CARGO_BIN_EXE_ntlm-testd");
+    // The backend, in the container's network namespace. Copied in: the build's own path can
+    // be hidden inside (a checkout under /tmp is, by the container's fresh /tmp).
+    let testd = "/usr/local/bin/ntlm-testd";
+    cp(&name, Path::new(env!("CARGO_BIN_EXE_ntlm-testd")), testd).await;
     let backend = "127.0.0.1:18080";
     let (started, text) = exec(&name, &["systemd-run", "--unit", "ntlm-testd", testd, "--listen", backend]).await;
     assert!(started, "systemd-run ntlm-testd: {text}");
